@@ -1,0 +1,272 @@
+r"""Gauss-Newton-vector products and the GN quadratic model.
+
+At parameters $\theta_0$ and a batch, let $z_0 = f(\theta_0, x)$ be the outputs,
+$J = \partial f / \partial\theta$ at $\theta_0$, $g_0 = \nabla_z L(z_0)$ and
+$H = \nabla_z^2 L(z_0)$. The GN quadratic model of the loss is
+
+$$q(d) = L(z_0) + g_0^\top J d + \tfrac12 (J d)^\top H (J d),
+\qquad \nabla q(d) = J^\top (g_0 + H J d) = g + G d,$$
+
+with $G = J^\top H J$. For a partition of the parameters into blocks
+$d = (d_1, \dots, d_n)$, the block-diagonal (layerwise) model keeps only the
+diagonal blocks $G_{bb} = J_b^\top H J_b$:
+
+$$q(d) = L(z_0) + g_0^\top J d + \tfrac12 \sum_b (J_b d_b)^\top H (J_b d_b).$$
+
+Both come from one code path: the model is linearized once (``jax.linearize``:
+one forward pass whose residuals every later product reuses), and for each block
+the tangent map is restricted to that block's parameters. The other blocks'
+tangents are symbolic zeros, so the restricted tangent pass and its transpose
+(``jax.linear_transpose``) only touch the part of the network downstream of the
+block, and a single block equals the plain full product.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, Scalar
+
+from ._blocks import Blocks
+from ._custom_types import ApplyFn, AxisName, Batch, Model, Params
+from ._losses import AbstractLoss
+from ._sharding import as_varying, psum
+
+
+def _tree_vdot(a, b) -> Array:
+    return sum(
+        (jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)),
+        start=jnp.zeros((), jnp.result_type(*jax.tree.leaves(a))),
+    )
+
+
+def check_like_params(tree: Any, params: Params, what: str) -> list[Array]:
+    """The leaves of ``tree``, after checking it has the structure, shapes and dtypes
+    of ``params``; the error names the first leaf that differs."""
+    ref, ref_def = jax.tree_util.tree_flatten_with_path(params)
+    try:
+        got, got_def = jax.tree_util.tree_flatten_with_path(tree)
+    except Exception as e:  # pragma: no cover - flattening arbitrary objects
+        raise ValueError(f"{what} is not a PyTree: {e}") from e
+    if got_def != ref_def:
+        ref_paths = [jax.tree_util.keystr(p) for p, _ in ref]
+        got_paths = [jax.tree_util.keystr(p) for p, _ in got]
+        missing = [p for p in ref_paths if p not in got_paths]
+        extra = [p for p in got_paths if p not in ref_paths]
+        detail = []
+        if missing:
+            detail.append(f"missing leaves {missing[:5]}")
+        if extra:
+            detail.append(f"unexpected leaves {extra[:5]}")
+        raise ValueError(
+            f"{what} must have the structure of eqx.filter(model, eqx.is_inexact_array)"
+            + (": " + "; ".join(detail) if detail else f"; got {got_def}, expected {ref_def}")
+            + "."
+        )
+    leaves = []
+    for (path, r), (_, g) in zip(ref, got, strict=True):
+        shape, dtype = jnp.shape(g), jnp.result_type(g)
+        if shape != r.shape or dtype != r.dtype:
+            raise ValueError(
+                f"{what} leaf {jax.tree_util.keystr(path)} has shape {shape} and dtype "
+                f"{dtype}; the parameter has shape {r.shape} and dtype {r.dtype}."
+            )
+        leaves.append(g)
+    return leaves
+
+
+def _split_batch(batch) -> tuple[Any, Any]:
+    if not (isinstance(batch, tuple) and len(batch) == 2):
+        raise ValueError(
+            "batch must be a pair (inputs, targets), got "
+            + (f"a tuple of length {len(batch)}." if isinstance(batch, tuple) else f"{type(batch).__name__}.")
+        )
+    return batch
+
+
+class QuadraticModel(eqx.Module):
+    r"""The GN quadratic model of a loss at $\theta_0$ on one batch.
+
+    Built by [`eqx_gn.quadratic_model`][]. It holds one linearization of the model and
+    reuses it for every product: no method runs the model forward again. Vectors
+    ``d`` have the structure of ``eqx.filter(model, eqx.is_inexact_array)``.
+    """
+
+    outputs: PyTree[Array]
+    targets: Any
+    loss: AbstractLoss
+    blocks: Blocks
+    loss_value: Scalar
+    params: Params
+    linear_map: Callable
+    axis_name: AxisName = eqx.field(static=True)
+
+    # ------------------------------------------------------------ internals
+    def _block_maps(self, b: int):
+        leaves, treedef = jax.tree.flatten(self.params)
+        index = self.blocks.leaf_indices(b)
+        if len(index) == len(leaves):
+            return index, True, lambda xs: self.linear_map(jax.tree.unflatten(treedef, xs))
+
+        def linear_b(xs):
+            full = [jnp.zeros_like(x) for x in leaves]
+            for i, x in zip(index, xs, strict=True):
+                full[i] = x
+            return self.linear_map(jax.tree.unflatten(treedef, full))
+
+        return index, False, linear_b
+
+    def _per_block(self, d: Any, output_fn, what: str):
+        """Sum over blocks of ``output_fn(J_b d_b) -> (value, r_b)``, and the
+        param-space vector whose block b is ``J_b^T r_b``."""
+        d_leaves = as_varying(check_like_params(d, self.params, what), self.axis_name)
+        out = [None] * len(d_leaves)
+        total = jnp.zeros((), self.loss_value.dtype)
+        for b in range(self.blocks.num_blocks):
+            index, whole, linear_b = self._block_maps(b)
+            d_b = [d_leaves[i] for i in index]
+            if whole:
+                u_b = linear_b(d_b)
+            else:
+                # linear_b is linear, so its JVP at any point is linear_b(d_b). The
+                # JVP sees the other blocks' tangents as symbolic zeros and prunes
+                # them; its primal half is dead code that jit removes.
+                _, u_b = jax.jvp(linear_b, (d_b,), (d_b,))
+            value_b, r_b = output_fn(u_b)
+            (ct_b,) = jax.linear_transpose(linear_b, d_b)(r_b)
+            for i, x in zip(index, ct_b, strict=True):
+                out[i] = x
+            total = total + value_b
+        out = psum(out, self.axis_name)
+        return total, jax.tree.unflatten(jax.tree.structure(self.params), out)
+
+    def _output_gradient(self):
+        return self.loss.grad(self.outputs, self.targets, axis_name=self.axis_name)
+
+    def _hvp(self, u):
+        return self.loss.hvp(self.outputs, self.targets, u, axis_name=self.axis_name)
+
+    # --------------------------------------------------------------- public
+    def jvp(self, d: Params) -> PyTree[Array]:
+        r"""The output-space tangent $J d$ (full Jacobian, all blocks)."""
+        leaves = as_varying(check_like_params(d, self.params, "d"), self.axis_name)
+        return self.linear_map(jax.tree.unflatten(jax.tree.structure(self.params), leaves))
+
+    def gradient(self) -> Params:
+        r"""The loss gradient $g = J^\top g_0$ at $\theta_0$ (equal to ``jax.grad``)."""
+        g0 = self._output_gradient()
+        primals = as_varying(self.params, self.axis_name)
+        (g,) = jax.linear_transpose(self.linear_map, primals)(g0)
+        return psum(g, self.axis_name)
+
+    def gnvp(self, v: Params) -> Params:
+        r"""The GN-vector product $G v$ (block-diagonal when there are several blocks)."""
+
+        def output_fn(u):
+            return jnp.zeros((), self.loss_value.dtype), self._hvp(u)
+
+        return self._per_block(v, output_fn, "tangent")[1]
+
+    def value_and_grad(self, d: Params) -> tuple[Scalar, Params]:
+        r"""$q(d)$ and $\nabla q(d) = g + G d$, sharing one tangent pass per block."""
+        g0 = self._output_gradient()
+
+        def output_fn(u):
+            hu = self._hvp(u)
+            value = _tree_vdot(g0, u) + 0.5 * _tree_vdot(u, hu)
+            return psum(value, self.axis_name), jax.tree.map(jnp.add, g0, hu)
+
+        value, grad = self._per_block(d, output_fn, "d")
+        return self.loss_value + value, grad
+
+    def value(self, d: Params) -> Scalar:
+        r"""$q(d)$."""
+        return self.value_and_grad(d)[0]
+
+    def grad(self, d: Params) -> Params:
+        r"""$\nabla q(d) = g + G d$."""
+        return self.value_and_grad(d)[1]
+
+    def linearized_loss_value_and_grad(self, d: Params) -> tuple[Scalar, Params]:
+        r"""The loss of the linearized model and its gradient (the prox-linear model).
+
+        $$\ell(d) = L(z_0 + J d), \qquad \nabla \ell(d) = J^\top \nabla L(z_0 + J d);$$
+
+        with several blocks, $\ell(d) = L(z_0) + \sum_b [L(z_0 + J_b d_b) - L(z_0)]$.
+        """
+
+        def output_fn(u):
+            z = jax.tree.map(jnp.add, self.outputs, u)
+            value = self.loss.value(z, self.targets, axis_name=self.axis_name)
+            grad = self.loss.grad(z, self.targets, axis_name=self.axis_name)
+            return value - self.loss_value, grad
+
+        value, grad = self._per_block(d, output_fn, "d")
+        return self.loss_value + value, grad
+
+
+def quadratic_model(
+    fn: ApplyFn,
+    model: Model,
+    batch: Batch,
+    *,
+    loss: AbstractLoss,
+    blocks: Blocks | None = None,
+    axis_name: AxisName = None,
+) -> QuadraticModel:
+    r"""Linearize ``fn(model, inputs)`` once at ``model`` and return the GN quadratic
+    model of ``loss`` on ``batch = (inputs, targets)``.
+
+    **Arguments:**
+
+    - ``fn``: applies the model, ``fn(model, inputs) -> outputs``.
+    - ``model``: the Equinox model at the linearization point $\theta_0$; its
+      parameters are its ``eqx.is_inexact_array`` leaves.
+    - ``batch``: ``(inputs, targets)``.
+    - ``loss``: an [`eqx_gn.AbstractLoss`][], a mean over positions.
+    - ``blocks``: an [`eqx_gn.Blocks`][] partition for the block-diagonal
+      (layerwise) model; ``None`` for the full one.
+    - ``axis_name``: inside ``shard_map``/``pmap`` over a batch axis, its name;
+      products are then summed over the shards exactly once.
+    """
+    inputs, targets = _split_batch(batch)
+    if blocks is None:
+        blocks = Blocks.full(model)
+    else:
+        blocks.check_model(model)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    params = as_varying(params, axis_name)
+
+    def apply(p):
+        return fn(eqx.combine(p, static), inputs)
+
+    outputs, linear_map = jax.linearize(apply, params)
+    loss_value = loss.value(outputs, targets, axis_name=axis_name)
+    return QuadraticModel(
+        outputs, targets, loss, blocks, loss_value, params, linear_map, axis_name
+    )
+
+
+@eqx.filter_jit
+def gnvp(
+    fn: ApplyFn,
+    model: Model,
+    batch: Batch,
+    tangent: PyTree[Float[Array, "..."]],
+    *,
+    loss: AbstractLoss,
+    blocks: Blocks | None = None,
+    axis_name: AxisName = None,
+) -> PyTree[Float[Array, "..."]]:
+    r"""The Gauss-Newton-vector product $G v = J^\top H J v$.
+
+    $G$ is the GN matrix of the mean ``loss`` of ``fn(model, inputs)`` on ``batch =
+    (inputs, targets)`` at ``model``; with ``blocks``, its block-diagonal part.
+    ``tangent`` and the result have the structure of ``eqx.filter(model,
+    eqx.is_inexact_array)``. Matrix-free: one linearization, one tangent pass and
+    one transpose per block. See [`eqx_gn.quadratic_model`][] for the arguments.
+    """
+    model_q = quadratic_model(fn, model, batch, loss=loss, blocks=blocks, axis_name=axis_name)
+    return model_q.gnvp(tangent)

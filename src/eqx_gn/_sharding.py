@@ -1,0 +1,98 @@
+"""Collectives for code running inside ``jax.shard_map`` or ``jax.pmap``.
+
+A GN product is a mean over positions, so data-parallel shards combine by a sum
+of per-shard partial sums divided by the global number of positions. Only the
+axis name is needed; nothing else about the mesh leaks into the maths.
+
+Inside ``shard_map`` (with ``check_vma``), the transpose of a computation on a
+replicated (device-invariant) value already sums over the axis; inside ``pmap`` it
+does not. To sum exactly once in every case, parameters and tangents are first
+marked device-varying, the per-shard contributions are computed, and one explicit
+``psum`` combines them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import PyTree
+
+from ._custom_types import AxisName
+
+
+def _axis_tuple(axis_name: AxisName) -> tuple:
+    if axis_name is None:
+        return ()
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        manual = getattr(aval, "manual_axis_type", None)
+        vma = getattr(manual, "varying", frozenset())
+    return frozenset(vma)
+
+
+def as_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """Mark every array leaf of ``tree`` as varying over ``axis_name``."""
+    axes = _axis_tuple(axis_name)
+    if not axes:
+        return tree
+
+    def cast(x):
+        if not isinstance(x, jax.Array):
+            return x
+        missing = tuple(a for a in axes if a not in _varying_axes(x))
+        if not missing:
+            return x
+        return jax.lax.pcast(x, missing, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
+def psum(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """``jax.lax.psum`` over ``axis_name``; the identity when it is ``None``."""
+    axes = _axis_tuple(axis_name)
+    if not axes:
+        return tree
+    return jax.lax.psum(tree, axes)
+
+
+def data_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
+    """A one-axis mesh over the first ``num_devices`` devices (all by default)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(
+            f"num_devices={n} but only {len(devices)} devices are visible "
+            f"({jax.default_backend()} backend)."
+        )
+    return Mesh(np.asarray(devices[:n]), (axis,))
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+    """Put every array leaf of ``batch`` on ``mesh``, split along its first axis."""
+    size = mesh.shape[axis]
+
+    def put(path, x):
+        x = jnp.asarray(x)
+        if x.ndim == 0 or x.shape[0] % size:
+            raise ValueError(
+                f"batch leaf {jax.tree_util.keystr(path)} has shape {x.shape}: its "
+                f"leading axis must be divisible by the {size} devices of mesh axis "
+                f"{axis!r}."
+            )
+        spec = PartitionSpec(axis, *([None] * (x.ndim - 1)))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Put every array leaf of ``tree`` on every device of ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.device_put(x, sharding) if isinstance(x, jax.Array) else x, tree
+    )

@@ -1,10 +1,21 @@
 """eqx_gn: Gauss-Newton optimization for Equinox models."""
 
 from ._blocks import Blocks as Blocks
+from ._gauss_newton import (
+    GaussNewton as GaussNewton,
+    GNState as GNState,
+    GNStats as GNStats,
+)
 from ._gnvp import (
     QuadraticModel as QuadraticModel,
     gnvp as gnvp,
     quadratic_model as quadratic_model,
+)
+from ._line_search import (
+    AbstractLineSearch as AbstractLineSearch,
+    BacktrackingArmijo as BacktrackingArmijo,
+    GridLineSearch as GridLineSearch,
+    LineSearchStats as LineSearchStats,
 )
 from ._losses import (
     AbstractLoss as AbstractLoss,
@@ -12,10 +23,21 @@ from ._losses import (
     MeanSquaredError as MeanSquaredError,
     SoftmaxCrossEntropy as SoftmaxCrossEntropy,
 )
+from ._optimizers import muon_adamw as muon_adamw
 from ._sharding import (
     data_mesh as data_mesh,
     replicate as replicate,
     shard_batch as shard_batch,
+)
+from ._solvers import (
+    CG as CG,
+    AbstractGNSolver as AbstractGNSolver,
+    CGState as CGState,
+    GNProblem as GNProblem,
+    InnerOptimizer as InnerOptimizer,
+    InnerState as InnerState,
+    ProxLinear as ProxLinear,
+    SolverStats as SolverStats,
 )
 
 __version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""Small PyTree helpers (``None`` leaves, as in filtered Equinox models, are skipped)."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+
+def tree_vdot(a, b) -> Array:
+    """The inner product of two PyTrees of the same structure."""
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    terms = [jnp.vdot(x, y) for x, y in pairs]
+    if not terms:
+        return jnp.zeros(())
+    return sum(terms[1:], start=terms[0])
+
+
+def tree_axpy(alpha, x, y):
+    """``alpha * x + y`` leaf by leaf."""
+    return jax.tree.map(lambda u, v: alpha * u + v, x, y)
+
+
+def tree_scale(alpha, x):
+    return jax.tree.map(lambda u: alpha * u, x)
+
+
+def tree_zeros_like(x):
+    return jax.tree.map(jnp.zeros_like, x)
+
+
+def tree_all_finite(x) -> Array:
+    """``True`` when every element of every leaf is finite."""
+    leaves = [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(x)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def tree_where(pred, on_true, on_false):
+    """Select whole PyTrees by a scalar predicate."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

@@ -1,0 +1,68 @@
+"""The optax optimizers the paper uses, for Equinox parameter trees."""
+
+import equinox as eqx
+import jax
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from ._custom_types import FilterSpec
+
+_is_none = lambda x: x is None  # noqa: E731
+
+
+def _muon_dimension_numbers(adam_filter: FilterSpec | None):
+    # Equinox stores linear weights as (out, in): reduce over the input axis.
+    dims = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
+
+    def dimension_numbers(params):
+        if adam_filter is None:
+            to_adam = jax.tree.map(lambda _: False, params)
+        else:
+            selected = eqx.filter(params, adam_filter)
+            to_adam = jax.tree.map(
+                lambda p, s: p is not None and s is not None,
+                params,
+                selected,
+                is_leaf=_is_none,
+            )
+        return jax.tree.map(
+            lambda p, a: dims if (p is not None and p.ndim == 2 and not a) else None,
+            params,
+            to_adam,
+            is_leaf=_is_none,
+        )
+
+    return dimension_numbers
+
+
+def muon_adamw(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    adam_filter: FilterSpec | None = None,
+    momentum: float = 0.95,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """Muon on 2-D weight matrices, AdamW on everything else.
+
+    Muon (``optax.contrib.muon``: Nesterov momentum orthogonalised by a Newton-Schulz
+    iteration) updates every 2-D parameter that ``adam_filter`` does not select;
+    AdamW updates 1-D parameters (norm scales, biases) and whatever ``adam_filter``
+    selects (an Equinox filter spec over the parameters, e.g. the embedding and the
+    output head, as in the paper). Gradients are first clipped to global norm
+    ``max_grad_norm`` (``None`` for no clipping).
+    """
+    muon = optax.contrib.muon(
+        learning_rate,
+        beta=momentum,
+        weight_decay=weight_decay,
+        adam_b1=adam_b1,
+        adam_b2=adam_b2,
+        adam_weight_decay=weight_decay,
+        muon_weight_dimension_numbers=_muon_dimension_numbers(adam_filter),
+    )
+    if max_grad_norm is None:
+        return muon
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), muon)

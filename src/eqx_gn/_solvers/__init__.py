@@ -1,0 +1,11 @@
+from .abstract import (
+    AbstractGNSolver as AbstractGNSolver,
+    GNProblem as GNProblem,
+    SolverStats as SolverStats,
+)
+from .cg import CG as CG, CGState as CGState
+from .inner import (
+    InnerOptimizer as InnerOptimizer,
+    InnerState as InnerState,
+    ProxLinear as ProxLinear,
+)

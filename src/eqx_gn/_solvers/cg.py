@@ -1,0 +1,153 @@
+r"""Hessian-free: conjugate gradient on the damped GN system, Levenberg-Marquardt
+damping."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from beartype import beartype
+from jaxtyping import Array, Float, Int, jaxtyped
+
+from .._custom_types import Model, Params
+from .._line_search import LineSearchStats
+from .._misc import tree_axpy, tree_scale, tree_vdot, tree_zeros_like
+from .abstract import AbstractGNSolver, GNProblem, SolverStats, num_batches
+
+_typechecked = jaxtyped(typechecker=beartype)
+
+
+class CGState(eqx.Module):
+    """The Levenberg-Marquardt damping and the previous CG solution."""
+
+    damping: Float[Array, ""]
+    previous: Params
+
+
+def _concatenate(batches):
+    return jax.tree.map(lambda x: jnp.reshape(x, (-1, *x.shape[2:])), batches)
+
+
+class CG(AbstractGNSolver):
+    r"""Conjugate gradient on $(G + \lambda I)\, d = -g$.
+
+    $G$ and $g$ are the GN matrix and gradient of the loss on all K micro-batches
+    together (one linearization, reused by every CG iteration). CG stops after
+    ``max_iterations`` or when $\lVert r \rVert \le$ ``tolerance`` $\lVert g \rVert$.
+    After the line search, $\lambda$ follows Levenberg-Marquardt: with
+    $\rho = (L(\theta_0) - L(\theta_0 + d)) / (q(0) - q(d))$ (actual over predicted
+    decrease at unit step), $\lambda \leftarrow \frac32\lambda$ if $\rho < \frac14$ and
+    $\lambda \leftarrow \frac23\lambda$ if $\rho > \frac34$, within
+    ``[min_damping, max_damping]``. ``adapt_damping=False`` keeps $\lambda$ fixed.
+    ``warm_start`` starts CG from the previous solution (scaled by
+    ``warm_start_decay``) instead of 0.
+    """
+
+    max_iterations: int = eqx.field(default=50, static=True)
+    tolerance: float = eqx.field(default=1e-6, static=True)
+    damping: float = eqx.field(default=1e-3, static=True)
+    adapt_damping: bool = eqx.field(default=True, static=True)
+    min_damping: float = eqx.field(default=1e-8, static=True)
+    max_damping: float = eqx.field(default=1e8, static=True)
+    warm_start: bool = eqx.field(default=False, static=True)
+    warm_start_decay: float = eqx.field(default=0.95, static=True)
+
+    def __check_init__(self):
+        if self.max_iterations < 1:
+            raise ValueError(
+                f"CG: max_iterations must be >= 1, got {self.max_iterations}."
+            )
+        if not self.tolerance >= 0:
+            raise ValueError(f"CG: tolerance must be >= 0, got {self.tolerance}.")
+        if not self.damping >= 0:
+            raise ValueError(f"CG: damping must be >= 0, got {self.damping}.")
+        if not 0 <= self.min_damping <= self.max_damping:
+            raise ValueError(
+                f"CG: need 0 <= min_damping <= max_damping, got {self.min_damping}, "
+                f"{self.max_damping}."
+            )
+
+    def init(self, model: Model) -> CGState:
+        params = eqx.filter(model, eqx.is_inexact_array)
+        leaves = jax.tree.leaves(params)
+        dtype = jnp.result_type(*leaves) if leaves else float
+        return CGState(jnp.asarray(self.damping, dtype), tree_zeros_like(params))
+
+    @_typechecked
+    def solve(
+        self,
+        problem: GNProblem,
+        model: Model,
+        batches: Any,
+        state: CGState,
+        step: Int[Array, ""],
+    ) -> tuple[Params, CGState, SolverStats]:
+        num_batches(batches, "batches")
+        model_q = problem.quadratic_model(model, _concatenate(batches))
+        g = model_q.gradient()
+        damping = state.damping
+
+        def operator(v):
+            return tree_axpy(damping, v, model_q.gnvp(v))
+
+        if self.warm_start:
+            x0 = tree_scale(self.warm_start_decay, state.previous)
+            r0 = jax.tree.map(lambda a, b: -a - b, g, operator(x0))
+        else:
+            x0 = tree_zeros_like(g)
+            r0 = tree_scale(-1.0, g)
+        rr0 = tree_vdot(r0, r0)
+        threshold = (self.tolerance**2) * tree_vdot(g, g)
+
+        def cond(carry):
+            i, _, _, _, rr, breakdown = carry
+            return (i < self.max_iterations) & (rr > threshold) & ~breakdown
+
+        def body(carry):
+            i, x, r, p, rr, _ = carry
+            ap = operator(p)
+            pap = tree_vdot(p, ap)
+            breakdown = ~(pap > 0)
+            alpha = jnp.where(breakdown, 0.0, rr / jnp.where(breakdown, 1.0, pap))
+            x = tree_axpy(alpha, p, x)
+            r = tree_axpy(-alpha, ap, r)
+            rr_new = tree_vdot(r, r)
+            beta = rr_new / jnp.where(rr > 0, rr, 1.0)
+            p = tree_axpy(beta, p, r)
+            return i + 1, x, r, p, rr_new, breakdown
+
+        init = (jnp.asarray(0), x0, r0, r0, rr0, jnp.asarray(False))
+        iterations, x, r, _, _, _ = jax.lax.while_loop(cond, body, init)
+        # (G + lambda I) x = -g - r, so x.Gx = -x.g - x.r - lambda x.x: the model value
+        # needs no extra product.
+        gx = tree_vdot(g, x)
+        xgx = -gx - tree_vdot(x, r) - damping * tree_vdot(x, x)
+        decrease = -(gx + 0.5 * xgx)
+        stats = SolverStats(
+            model_start=model_q.loss_value,
+            model_end=model_q.loss_value - decrease,
+            predicted_decrease=decrease,
+            damping=damping,
+            iterations=iterations,
+        )
+        return x, CGState(damping, x), stats
+
+    def accept(
+        self,
+        state: CGState,
+        direction: Params,
+        step_size: Float[Array, ""],
+        line_search: LineSearchStats,
+        stats: SolverStats,
+    ) -> CGState:
+        if not self.adapt_damping:
+            return state
+        actual = line_search.loss_before - line_search.loss_at_unit_step
+        predicted = stats.predicted_decrease
+        rho = jnp.where(
+            predicted > 0, actual / jnp.where(predicted > 0, predicted, 1.0), -jnp.inf
+        )
+        rho = jnp.where(jnp.isfinite(rho), rho, -jnp.inf)
+        factor = jnp.where(rho < 0.25, 1.5, jnp.where(rho > 0.75, 2.0 / 3.0, 1.0))
+        damping = jnp.clip(state.damping * factor, self.min_damping, self.max_damping)
+        return CGState(damping, state.previous)

@@ -1,0 +1,210 @@
+r"""The paper's solver: K steps of an optax optimizer on the GN model, each on a fresh
+micro-batch at the fixed linearization point."""
+
+import abc
+import math
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from beartype import beartype
+from jaxtyping import Array, Float, Int, PyTree, jaxtyped
+
+from .._custom_types import FilterSpec, Model, Params
+from .._gnvp import QuadraticModel
+from .._line_search import LineSearchStats
+from .._misc import tree_axpy, tree_scale, tree_zeros_like
+from .._optimizers import muon_adamw
+from .abstract import AbstractGNSolver, GNProblem, SolverStats, num_batches
+
+_typechecked = jaxtyped(typechecker=beartype)
+
+Schedule = Literal["constant", "cosine", "global_cosine"]
+
+
+class InnerState(eqx.Module):
+    """The inner iterate (relative to the linearization point) and the inner
+    optimizer's state; both carry across outer steps when warm-starting."""
+
+    direction: Params
+    opt_state: PyTree
+
+
+class _AbstractInnerLoop(AbstractGNSolver):
+    optimizer: eqx.AbstractVar[optax.GradientTransformation]
+    learning_rate: eqx.AbstractVar[float]
+    schedule: eqx.AbstractVar[Schedule]
+    total_steps: eqx.AbstractVar[int | None]
+    warm_start: eqx.AbstractVar[bool]
+
+    def _check(self, name: str):
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"{name}: learning_rate must be > 0, got {self.learning_rate}."
+            )
+        if self.schedule not in ("constant", "cosine", "global_cosine"):
+            raise ValueError(
+                f"{name}: schedule must be 'constant', 'cosine' or 'global_cosine', "
+                f"got {self.schedule!r}."
+            )
+        if self.schedule == "global_cosine" and (
+            self.total_steps is None or self.total_steps < 1
+        ):
+            raise ValueError(
+                f"{name}: schedule='global_cosine' needs total_steps >= 1 (the number of "
+                f"outer steps), got {self.total_steps}."
+            )
+
+    @abc.abstractmethod
+    def _objective(self, model_q: QuadraticModel, d: Params) -> tuple[Array, Params]:
+        """The subproblem's value and gradient at ``d`` on one micro-batch."""
+
+    def _rate(self, step, k, num_steps: int):
+        if self.schedule == "constant":
+            fraction = jnp.zeros(())
+        elif self.schedule == "cosine":
+            fraction = k / num_steps
+        else:
+            fraction = jnp.minimum(
+                (step * num_steps + k) / (self.total_steps * num_steps), 1.0
+            )
+        return self.learning_rate * 0.5 * (1.0 + jnp.cos(math.pi * fraction))
+
+    def init(self, model: Model) -> InnerState:
+        params = eqx.filter(model, eqx.is_inexact_array)
+        return InnerState(tree_zeros_like(params), self.optimizer.init(params))
+
+    @_typechecked
+    def solve(
+        self,
+        problem: GNProblem,
+        model: Model,
+        batches: Any,
+        state: InnerState,
+        step: Int[Array, ""],
+    ) -> tuple[Params, InnerState, SolverStats]:
+        num_steps = num_batches(batches, "batches")
+        params = eqx.filter(model, eqx.is_inexact_array)
+        if self.warm_start:
+            d, opt_state = state.direction, state.opt_state
+        else:
+            d, opt_state = tree_zeros_like(params), self.optimizer.init(params)
+
+        def inner_step(carry, xs):
+            d, opt_state = carry
+            batch, k = xs
+            model_q = problem.quadratic_model(model, batch)
+            value, grad = self._objective(model_q, d)
+            theta = jax.tree.map(jnp.add, params, d)
+            updates, opt_state = self.optimizer.update(grad, opt_state, theta)
+            d = tree_axpy(self._rate(step, k, num_steps), updates, d)
+            return (d, opt_state), (value, model_q.loss_value)
+
+        (d, opt_state), (values, losses) = jax.lax.scan(
+            inner_step, (d, opt_state), (batches, jnp.arange(num_steps))
+        )
+        stats = SolverStats(
+            model_start=values[0],
+            model_end=values[-1],
+            predicted_decrease=losses[-1] - values[-1],
+            damping=jnp.zeros((), values.dtype),
+            iterations=jnp.asarray(num_steps),
+        )
+        return d, InnerState(d, opt_state), stats
+
+    def accept(
+        self,
+        state: InnerState,
+        direction: Params,
+        step_size: Float[Array, ""],
+        line_search: LineSearchStats,
+        stats: SolverStats,
+    ) -> InnerState:
+        # The next linearization point is theta0 + s d; the inner iterate theta0 + d
+        # stays where it is, so relative to the new point it is (1 - s) d.
+        return InnerState(tree_scale(1.0 - step_size, direction), state.opt_state)
+
+
+class InnerOptimizer(_AbstractInnerLoop):
+    r"""Minimise the GN quadratic model with K steps of an optax optimizer.
+
+    Step $k$ linearizes at the fixed $\theta_0$ on the $k$-th micro-batch and updates
+    the inner iterate with the gradient $g_k + G_k d$ of that micro-batch's quadratic
+    model. ``optimizer`` gives the direction at unit learning rate; the step length is
+    ``learning_rate`` times the schedule: ``"cosine"`` decays to 0 inside each outer
+    step, ``"global_cosine"`` once over ``total_steps`` outer steps (the paper's best),
+    ``"constant"`` not at all. With ``warm_start`` the inner iterate and optimizer
+    state carry over to the next outer step. The default optimizer is the paper's:
+    Muon on hidden 2-D matrices, AdamW on the rest and on what ``adam_filter``
+    selects (embedding and head), after global-norm clipping at 1.
+    """
+
+    optimizer: optax.GradientTransformation
+    learning_rate: float = eqx.field(static=True)
+    schedule: Schedule = eqx.field(static=True)
+    total_steps: int | None = eqx.field(static=True)
+    warm_start: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        optimizer: optax.GradientTransformation | None = None,
+        *,
+        learning_rate: float = 1e-2,
+        schedule: Schedule = "cosine",
+        total_steps: int | None = None,
+        warm_start: bool = True,
+        adam_filter: FilterSpec | None = None,
+    ):
+        self.optimizer = (
+            muon_adamw(adam_filter=adam_filter) if optimizer is None else optimizer
+        )
+        self.learning_rate = learning_rate
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.warm_start = warm_start
+
+    def __check_init__(self):
+        self._check("InnerOptimizer")
+
+    def _objective(self, model_q, d):
+        return model_q.value_and_grad(d)
+
+
+class ProxLinear(_AbstractInnerLoop):
+    r"""Like [`eqx_gn.InnerOptimizer`][], on the exact loss of the linearized model.
+
+    Step $k$ minimises $L_k(z_0 + J_k d)$ (no Taylor expansion of the loss) on the
+    $k$-th micro-batch; everything else is as in [`eqx_gn.InnerOptimizer`][].
+    """
+
+    optimizer: optax.GradientTransformation
+    learning_rate: float = eqx.field(static=True)
+    schedule: Schedule = eqx.field(static=True)
+    total_steps: int | None = eqx.field(static=True)
+    warm_start: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        optimizer: optax.GradientTransformation | None = None,
+        *,
+        learning_rate: float = 1e-2,
+        schedule: Schedule = "cosine",
+        total_steps: int | None = None,
+        warm_start: bool = True,
+        adam_filter: FilterSpec | None = None,
+    ):
+        self.optimizer = (
+            muon_adamw(adam_filter=adam_filter) if optimizer is None else optimizer
+        )
+        self.learning_rate = learning_rate
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.warm_start = warm_start
+
+    def __check_init__(self):
+        self._check("ProxLinear")
+
+    def _objective(self, model_q, d):
+        return model_q.linearized_loss_value_and_grad(d)

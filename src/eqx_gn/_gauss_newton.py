@@ -143,7 +143,9 @@ class GaussNewton(eqx.Module):
             phi0, slope = phi(zero), None
         step_size, ls_stats = self.line_search.search(phi, phi0, slope)
 
-        nonfinite = ~(tree_all_finite(direction) & jnp.isfinite(phi0))
+        nonfinite = ~(
+            tree_all_finite(direction) & tree_all_finite(solver_stats) & jnp.isfinite(phi0)
+        )
         step_size = jnp.where(nonfinite, 0.0, step_size)
         accept = step_size > 0
         params = eqx.filter(model, eqx.is_inexact_array)

@@ -1,0 +1,347 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import eqx_gn
+
+
+def apply(model, x):
+    return jax.vmap(model)(x)
+
+
+def f64(model):
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model
+    )
+
+
+def exact_cg(**kwargs):
+    return eqx_gn.CG(
+        damping=0.0, adapt_damping=False, tolerance=1e-13, max_iterations=200, **kwargs
+    )
+
+
+def stacked(x, y, k):
+    return x.reshape(k, -1, *x.shape[1:]), y.reshape(k, -1, *y.shape[1:])
+
+
+def test_linear_least_squares_one_cg_step_is_the_minimiser(getkey):
+    model = f64(eqx.nn.Linear(6, 3, key=getkey()))
+    x = jax.random.normal(getkey(), (64, 6))
+    y = jax.random.normal(getkey(), (64, 3))
+    gn = eqx_gn.GaussNewton(
+        apply,
+        eqx_gn.MeanSquaredError(),
+        solver=exact_cg(),
+        line_search=eqx_gn.GridLineSearch(grid_size=1),
+    )
+    new, _, stats = eqx.filter_jit(gn.step)(
+        model, gn.init(model), stacked(x, y, 4), stacked(x, y, 2)
+    )
+    design = np.concatenate([np.asarray(x), np.ones((64, 1))], axis=1)
+    solution = np.linalg.lstsq(design, np.asarray(y), rcond=None)[0]
+    np.testing.assert_allclose(new.weight, solution[:6].T, atol=1e-10)
+    np.testing.assert_allclose(new.bias, solution[6], atol=1e-10)
+    assert stats.step_size == 1.0
+    # For a linear model the quadratic model is exact: predicted == actual.
+    assert stats.predicted_decrease == pytest.approx(
+        float(stats.actual_decrease), rel=1e-8
+    )
+
+
+def test_softmax_regression_cg_step_is_the_newton_step(getkey):
+    model = f64(eqx.nn.Linear(4, 3, key=getkey()))
+    x = jax.random.normal(getkey(), (48, 4))
+    y = jax.random.randint(getkey(), (48,), 0, 3)
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(params)
+
+    def total(theta):
+        return loss.value(apply(eqx.combine(unravel(theta), static), x), y)
+
+    hessian = jax.hessian(total)(flat)
+    newton = -np.linalg.pinv(np.asarray(hessian)) @ np.asarray(jax.grad(total)(flat))
+    problem = eqx_gn.GNProblem(apply, loss, None, None)
+    solver = exact_cg()
+    d, _, _ = solver.solve(
+        problem, model, stacked(x, y, 3), solver.init(model), jnp.asarray(0)
+    )
+    np.testing.assert_allclose(ravel_pytree(d)[0], newton, atol=1e-8)
+
+
+class TwoTowers(eqx.Module):
+    """Two MLPs on disjoint output coordinates: under MSE the GN matrix (and the true
+    Hessian's GN part) is block-diagonal over the towers."""
+
+    left: eqx.nn.MLP
+    right: eqx.nn.MLP
+
+    def __call__(self, x):
+        return jnp.concatenate([self.left(x), self.right(x)])
+
+
+@pytest.mark.parametrize("solver_kind", ["cg", "inner"])
+def test_layerwise_equals_full_when_blocks_do_not_interact(getkey, solver_kind):
+    k1, k2 = getkey(), getkey()
+    model = f64(
+        TwoTowers(eqx.nn.MLP(3, 2, 8, 1, key=k1), eqx.nn.MLP(3, 2, 8, 1, key=k2))
+    )
+    x = jax.random.normal(getkey(), (32, 3))
+    y = jax.random.normal(getkey(), (32, 4))
+    blocks = eqx_gn.Blocks.from_layers(model, lambda m: [m.left, m.right])
+    if solver_kind == "cg":
+        solver = exact_cg()
+    else:
+        solver = eqx_gn.InnerOptimizer(optax.sgd(1.0), learning_rate=0.05)
+    results = []
+    for b in (None, blocks):
+        gn = eqx_gn.GaussNewton(
+            apply, eqx_gn.MeanSquaredError(), solver=solver, blocks=b
+        )
+        state = gn.init(model)
+        m = model
+        for _ in range(2):
+            m, state, stats = eqx.filter_jit(gn.step)(
+                m, state, stacked(x, y, 4), stacked(x, y, 2)
+            )
+        results.append((m, stats))
+    (full, s_full), (layerwise, s_layer) = results
+    np.testing.assert_allclose(
+        ravel_pytree(eqx.filter(full, eqx.is_inexact_array))[0],
+        ravel_pytree(eqx.filter(layerwise, eqx.is_inexact_array))[0],
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    assert s_full.loss_after == pytest.approx(float(s_layer.loss_after), rel=1e-10)
+
+
+def test_layerwise_differs_from_full_when_blocks_interact(getkey):
+    """Sanity check of the previous test's premise: on a deep MLP the block-diagonal
+    model is a different model."""
+    model = f64(eqx.nn.MLP(3, 2, 8, 2, key=getkey(), activation=jnp.tanh))
+    x = jax.random.normal(getkey(), (32, 3))
+    y = jax.random.normal(getkey(), (32, 2))
+    blocks = eqx_gn.Blocks.from_layers(model, lambda m: m.layers)
+    problem = lambda b: eqx_gn.GNProblem(apply, eqx_gn.MeanSquaredError(), b, None)  # noqa: E731
+    solver = exact_cg()
+    d_full = solver.solve(
+        problem(None), model, stacked(x, y, 2), solver.init(model), jnp.asarray(0)
+    )[0]
+    d_layer = solver.solve(
+        problem(blocks), model, stacked(x, y, 2), solver.init(model), jnp.asarray(0)
+    )[0]
+    assert np.abs(ravel_pytree(d_full)[0] - ravel_pytree(d_layer)[0]).max() > 1e-3
+
+
+def _classification_task(key, n=4096):
+    k1, k2 = jax.random.split(key)
+    teacher = eqx.nn.MLP(8, 4, 16, 2, key=k1)
+    x = jax.random.normal(k2, (n, 8))
+    y = jnp.argmax(jax.vmap(teacher)(x), axis=-1)
+    return x, y
+
+
+def test_gn_needs_clearly_fewer_steps_than_adamw_on_mlp_classification():
+    x_all, y_all = _classification_task(jax.random.key(0))
+    x_all, y_all = x_all.astype(jnp.float32), y_all
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    model0 = eqx.nn.MLP(8, 4, 32, 2, key=jax.random.key(1))
+    k, b, steps, target = 8, 32, 40, 0.06
+    size = k * b
+
+    def batch(i):
+        index = (jnp.arange(size) + i * size) % x_all.shape[0]
+        return x_all[index], y_all[index]
+
+    @eqx.filter_jit
+    def train_loss(m):
+        return loss.value(apply(m, x_all), y_all)
+
+    def steps_to_target(history):
+        hits = [i + 1 for i, v in enumerate(history) if v <= target]
+        return hits[0] if hits else np.inf
+
+    def adamw(lr):
+        opt = optax.adamw(lr)
+        m, state = model0, opt.init(eqx.filter(model0, eqx.is_inexact_array))
+
+        @eqx.filter_jit
+        def step(m, state, x, y):
+            g = eqx.filter_grad(lambda m: loss.value(apply(m, x), y))(m)
+            u, state = opt.update(g, state, eqx.filter(m, eqx.is_inexact_array))
+            return eqx.apply_updates(m, u), state
+
+        history = []
+        for i in range(steps):
+            m, state = step(m, state, *batch(i))
+            history.append(float(train_loss(m)))
+        return history
+
+    best_adamw = min(steps_to_target(adamw(lr)) for lr in (3e-3, 1e-2, 3e-2, 1e-1))
+
+    gn = eqx_gn.GaussNewton(
+        apply,
+        loss,
+        solver=eqx_gn.InnerOptimizer(
+            learning_rate=0.03, schedule="global_cosine", total_steps=steps
+        ),
+    )
+    m, state = model0, gn.init(model0)
+    step = eqx.filter_jit(gn.step)
+    history = []
+    for i in range(steps):
+        x, y = batch(i)
+        xl, yl = batch(i + 1000)
+        m, state, _ = step(
+            m, state, stacked(x, y, k), stacked(xl[: 2 * b], yl[: 2 * b], 2)
+        )
+        history.append(float(train_loss(m)))
+    gn_steps = steps_to_target(history)
+    assert gn_steps * 2 <= best_adamw, (gn_steps, best_adamw)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        eqx_gn.InnerOptimizer(learning_rate=1e-2),
+        eqx_gn.ProxLinear(learning_rate=1e-2),
+        eqx_gn.CG(max_iterations=5),
+    ],
+    ids=["inner", "prox", "cg"],
+)
+def test_nonfinite_batch_is_rejected_and_changes_nothing(getkey, solver):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (5, 16, 3))
+    y = jax.random.randint(getkey(), (5, 16), 0, 4)
+    gn = eqx_gn.GaussNewton(apply, eqx_gn.SoftmaxCrossEntropy(), solver=solver)
+    step = eqx.filter_jit(gn.step)
+    state = gn.init(model)
+    clean = (x[:4], y[:4]), (x[4:], y[4:])
+    # A clean first step, so the solver state is non-trivial.
+    model, state, _ = step(model, state, *clean)
+    bad_x = x.at[2, 3, 1].set(jnp.nan)
+    bad = (bad_x[:4], y[:4]), (x[4:], y[4:])
+    new_model, new_state, stats = step(model, state, *bad)
+    assert bool(stats.nonfinite) and bool(stats.rejected)
+    assert float(stats.step_size) == 0.0
+    for a, b in zip(
+        jax.tree.leaves((model, state)),
+        jax.tree.leaves((new_model, new_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    # The next clean step proceeds exactly as if the bad one had never happened.
+    after_bad, _, stats_after = step(new_model, new_state, *clean)
+    reference, _, stats_ref = step(model, state, *clean)
+    assert not bool(stats_after.nonfinite)
+    assert float(stats_after.loss_after) == float(stats_ref.loss_after)
+    for a, b in zip(
+        jax.tree.leaves(after_bad), jax.tree.leaves(reference), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inner_warm_start_carries_the_unsearched_iterate(getkey):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (4, 16, 3))
+    y = jax.random.randint(getkey(), (4, 16), 0, 4)
+    solver = eqx_gn.InnerOptimizer(optax.sgd(1.0), learning_rate=0.5, warm_start=True)
+    gn = eqx_gn.GaussNewton(apply, eqx_gn.SoftmaxCrossEntropy(), solver=solver)
+    problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
+    state = gn.init(model)
+    d, _, _ = solver.solve(
+        problem, model, (x[:2], y[:2]), state.solver_state, jnp.asarray(0)
+    )
+    new_model, new_state, stats = gn.step(model, state, (x[:2], y[:2]), (x[2:], y[2:]))
+    s = float(stats.step_size)
+    assert s > 0
+    # theta0 + d (the inner iterate) == theta1 + carried direction.
+    inner = jax.tree.map(jnp.add, eqx.filter(model, eqx.is_inexact_array), d)
+    carried = jax.tree.map(
+        jnp.add,
+        eqx.filter(new_model, eqx.is_inexact_array),
+        new_state.solver_state.direction,
+    )
+    np.testing.assert_allclose(
+        ravel_pytree(inner)[0], ravel_pytree(carried)[0], atol=1e-12
+    )
+
+
+def test_inner_schedules():
+    def rates(schedule, step, k=4):
+        solver = eqx_gn.InnerOptimizer(
+            learning_rate=0.1, schedule=schedule, total_steps=10
+        )
+        return np.array(
+            [float(solver._rate(jnp.asarray(step), j, k)) for j in range(k)]
+        )
+
+    np.testing.assert_allclose(rates("constant", 3), 0.1)
+    np.testing.assert_allclose(rates("cosine", 0), rates("cosine", 7))
+    np.testing.assert_allclose(
+        rates("cosine", 0), 0.05 * (1 + np.cos(np.pi * np.arange(4) / 4))
+    )
+    expected = 0.05 * (1 + np.cos(np.pi * (5 * 4 + np.arange(4)) / 40))
+    np.testing.assert_allclose(rates("global_cosine", 5), expected)
+    np.testing.assert_allclose(rates("global_cosine", 12), 0.0, atol=1e-15)
+
+
+def test_cg_damping_follows_levenberg_marquardt():
+    cg = eqx_gn.CG(damping=1.0)
+    state = eqx_gn.CGState(jnp.asarray(1.0), {"w": jnp.zeros(2)})
+
+    def after(actual, predicted):
+        ls = eqx_gn.LineSearchStats(
+            jnp.asarray(1.0),
+            jnp.asarray(1.0 - actual),
+            jnp.asarray(1.0 - actual),
+            jnp.asarray(1),
+        )
+        st = eqx_gn.SolverStats(
+            jnp.asarray(1.0),
+            jnp.asarray(1.0),
+            jnp.asarray(predicted),
+            jnp.asarray(1.0),
+            jnp.asarray(1),
+        )
+        return float(cg.accept(state, state.previous, jnp.asarray(1.0), ls, st).damping)
+
+    assert after(0.1, 1.0) == pytest.approx(1.5)
+    assert after(0.9, 1.0) == pytest.approx(2 / 3)
+    assert after(0.5, 1.0) == pytest.approx(1.0)
+    assert after(-1.0, 1.0) == pytest.approx(1.5)
+    assert after(0.5, 0.0) == pytest.approx(1.5)
+
+
+def test_misconfiguration_raises_clear_errors(getkey):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (4, 16, 3))
+    y = jax.random.randint(getkey(), (4, 16), 0, 4)
+    gn = eqx_gn.GaussNewton(apply, eqx_gn.SoftmaxCrossEntropy())
+    state = gn.init(model)
+    with pytest.raises(ValueError, match="K must be >= 1"):
+        gn.step(model, state, (x[:0], y[:0]), (x, y))
+    with pytest.raises(ValueError, match="disagree on the number of micro-batches"):
+        gn.step(model, state, (x[:3], y), (x, y))
+    with pytest.raises(ValueError, match="pair"):
+        gn.step(model, state, x, (x, y))
+    # Under the jaxtyping test hook, beartype catches this first (a TypeError).
+    with pytest.raises((ValueError, TypeError), match=r"labels|targets"):
+        gn.step(model, state, (x, y[:, :8]), (x, y))
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        eqx_gn.CG(damping=-1.0)
+    with pytest.raises(ValueError, match="max_iterations"):
+        eqx_gn.CG(max_iterations=0)
+    with pytest.raises(ValueError, match="grid_size"):
+        eqx_gn.GridLineSearch(grid_size=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        eqx_gn.InnerOptimizer(learning_rate=0.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        eqx_gn.InnerOptimizer(schedule="global_cosine")
+    with pytest.raises((ValueError, TypeError), match="schedule"):
+        eqx_gn.ProxLinear(schedule="linear")

@@ -1,0 +1,123 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import eqx_gn
+
+FLOATS = st.floats(-10.0, 10.0, allow_nan=False)
+
+
+def _grid_function(values):
+    """phi(s) taking the given values on the default grid, by table lookup."""
+    grid = eqx_gn.GridLineSearch(grid_size=len(values)).grid
+    table = jnp.asarray(values)
+
+    def phi(s):
+        return table[jnp.argmin(jnp.abs(grid - s))]
+
+    return phi
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(FLOATS, min_size=1, max_size=10), FLOATS)
+def test_grid_returns_best_point_of_its_grid(values, phi0):
+    search = eqx_gn.GridLineSearch(grid_size=len(values))
+    step, stats = jax.jit(lambda p0: search.search(_grid_function(values), p0))(
+        jnp.asarray(phi0)
+    )
+    grid = np.asarray(search.grid)
+    below = [i for i, v in enumerate(values) if v < phi0]
+    if below:
+        best = min(below, key=lambda i: (values[i], i))
+        assert step == pytest.approx(grid[best])
+        assert stats.loss_after == pytest.approx(values[best])
+    else:
+        assert step == 0.0
+        assert stats.loss_after == pytest.approx(phi0)
+    assert stats.loss_at_unit_step == pytest.approx(values[0])
+    assert int(stats.num_evaluations) == len(values)
+
+
+def test_grid_never_accepts_nonfinite_or_worse():
+    search = eqx_gn.GridLineSearch(grid_size=4)
+    step, _ = search.search(_grid_function([jnp.nan, jnp.inf, 3.0, 2.0]), jnp.asarray(1.0))
+    assert step == 0.0
+    step, _ = search.search(_grid_function([jnp.nan, 0.5, 3.0, 2.0]), jnp.asarray(1.0))
+    assert step == pytest.approx(float(search.grid[1]))
+    step, _ = search.search(_grid_function([0.0, 0.0, 0.0, 0.0]), jnp.asarray(jnp.nan))
+    assert step == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.01, 2.0), st.floats(0.1, 5.0), st.integers(1, 10))
+def test_stop_on_increase_keeps_the_grid_decision_on_unimodal_profiles(
+    minimiser, curvature, grid_size
+):
+    def phi(s):
+        return curvature * (s - minimiser) ** 2
+
+    phi0 = jnp.asarray(curvature * minimiser**2)
+    full = eqx_gn.GridLineSearch(grid_size=grid_size)
+    walk = eqx_gn.GridLineSearch(grid_size=grid_size, stop_on_increase=True)
+    s_full, stats_full = full.search(phi, phi0)
+    s_walk, stats_walk = jax.jit(lambda p: walk.search(phi, p))(phi0)
+    assert s_walk == pytest.approx(float(s_full))
+    assert stats_walk.loss_after == pytest.approx(float(stats_full.loss_after))
+    assert int(stats_walk.num_evaluations) <= grid_size
+
+
+def test_stop_on_increase_evaluates_few_points_when_unit_step_is_best():
+    walk = eqx_gn.GridLineSearch(grid_size=8, stop_on_increase=True)
+    step, stats = walk.search(lambda s: (s - 1.5) ** 2, jnp.asarray(2.25))
+    assert step == 1.0
+    assert int(stats.num_evaluations) == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.floats(-5.0, 5.0),
+    st.floats(0.05, 10.0),
+    st.floats(-3.0, 3.0),
+    st.floats(-0.5, 0.5),
+)
+def test_armijo_satisfies_its_condition_or_returns_zero(slope, curvature, cubic, shift):
+    armijo = eqx_gn.BacktrackingArmijo(c=0.1)
+
+    def phi(s):
+        return 1.0 + slope * s + curvature * s**2 + cubic * s**3 + shift * jnp.sin(9 * s)
+
+    phi0 = phi(jnp.asarray(0.0))
+    slope0 = jax.grad(phi)(jnp.asarray(0.0))
+    step, stats = jax.jit(lambda: armijo.search(phi, phi0, slope0))()
+    step = float(step)
+    if step > 0:
+        assert float(phi(step)) <= float(phi0 + armijo.c * step * slope0) + 1e-12
+        assert float(phi(step)) < float(phi0)
+        assert stats.loss_after == pytest.approx(float(phi(step)))
+    else:
+        assert stats.loss_after == pytest.approx(float(phi0))
+    if float(slope0) >= 0:
+        assert step == 0.0
+        assert int(stats.num_evaluations) == 0
+
+
+def test_armijo_needs_slope():
+    with pytest.raises(ValueError, match="slope"):
+        eqx_gn.BacktrackingArmijo().search(lambda s: s, jnp.asarray(0.0))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: eqx_gn.GridLineSearch(grid_size=0), "grid_size"),
+        (lambda: eqx_gn.GridLineSearch(factor=1.5), "factor"),
+        (lambda: eqx_gn.BacktrackingArmijo(c=0.0), "c must"),
+        (lambda: eqx_gn.BacktrackingArmijo(shrink=1.0), "shrink"),
+        (lambda: eqx_gn.BacktrackingArmijo(max_steps=0), "max_steps"),
+    ],
+)
+def test_misconfigured_line_searches_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

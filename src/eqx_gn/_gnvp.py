@@ -32,14 +32,8 @@ from jaxtyping import Array, Float, PyTree, Scalar
 from ._blocks import Blocks
 from ._custom_types import ApplyFn, AxisName, Batch, Model, Params
 from ._losses import AbstractLoss
+from ._misc import tree_vdot
 from ._sharding import as_varying, psum
-
-
-def _tree_vdot(a, b) -> Array:
-    return sum(
-        (jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)),
-        start=jnp.zeros((), jnp.result_type(*jax.tree.leaves(a))),
-    )
 
 
 def check_like_params(tree: Any, params: Params, what: str) -> list[Array]:
@@ -175,7 +169,7 @@ class QuadraticModel(eqx.Module):
 
         def output_fn(u):
             hu = self._hvp(u)
-            value = _tree_vdot(g0, u) + 0.5 * _tree_vdot(u, hu)
+            value = tree_vdot(g0, u) + 0.5 * tree_vdot(u, hu)
             return psum(value, self.axis_name), jax.tree.map(jnp.add, g0, hu)
 
         value, grad = self._per_block(d, output_fn, "d")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from ._custom_types import AxisName
-from ._sharding import psum
+from ._sharding import error_if_any, psum
 
 
 class AbstractLoss(eqx.Module):
@@ -92,10 +92,14 @@ def _total_weight(weights, shape: tuple[int, ...], dtype, axis_name: AxisName):
     return psum(local, axis_name)
 
 
-def _scale(weights, total, dtype):
-    """Per-position factor w_n / W, shaped to broadcast against positions."""
+def _scale(weights, total, dtype, positions: tuple[int, ...]):
+    """Per-position factor w_n / W, shaped like the positions.
+
+    Never a bare scalar: callers append feature axes to it, and a scalar would then
+    broadcast against the outputs by rank promotion.
+    """
     if weights is None:
-        return (1.0 / total).astype(dtype)
+        return jnp.broadcast_to((1.0 / total).astype(dtype), positions)
     return weights.astype(dtype) / total
 
 
@@ -134,12 +138,12 @@ class SoftmaxCrossEntropy(AbstractLoss):
         bad = (labels < 0) | (labels >= num_classes)
         if weights is not None:
             bad = bad & (weights != 0)
-        labels = eqx.error_if(
-            labels,
-            jnp.any(bad),
-            f"SoftmaxCrossEntropy: a label is outside [0, {num_classes}).",
+        # Guard the logits, not the labels: hvp never reads the labels, and under jit
+        # a check on a value that nothing reads is dead code, removed silently.
+        outputs = error_if_any(
+            outputs, bad, f"SoftmaxCrossEntropy: a label is outside [0, {num_classes})."
         )
-        return labels, weights
+        return outputs, labels, weights
 
     def value(
         self,
@@ -148,12 +152,13 @@ class SoftmaxCrossEntropy(AbstractLoss):
         *,
         axis_name: AxisName = None,
     ) -> Scalar:
-        labels, weights = self._prepare(outputs, targets)
+        outputs, labels, weights = self._prepare(outputs, targets)
         logp = jax.nn.log_softmax(outputs, axis=-1)
         safe = jnp.clip(labels, 0, outputs.shape[-1] - 1)
         nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
         total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
-        return psum(jnp.sum(nll * _scale(weights, total, outputs.dtype)), axis_name)
+        scale = _scale(weights, total, outputs.dtype, labels.shape)
+        return psum(jnp.sum(nll * scale), axis_name)
 
     def grad(
         self,
@@ -162,11 +167,12 @@ class SoftmaxCrossEntropy(AbstractLoss):
         *,
         axis_name: AxisName = None,
     ) -> Float[Array, "*positions classes"]:
-        labels, weights = self._prepare(outputs, targets)
+        outputs, labels, weights = self._prepare(outputs, targets)
         p = jax.nn.softmax(outputs, axis=-1)
         onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
         total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
-        return (p - onehot) * _scale(weights, total, outputs.dtype)[..., None]
+        scale = _scale(weights, total, outputs.dtype, labels.shape)
+        return (p - onehot) * scale[..., None]
 
     def hvp(
         self,
@@ -176,12 +182,12 @@ class SoftmaxCrossEntropy(AbstractLoss):
         *,
         axis_name: AxisName = None,
     ) -> Float[Array, "*positions classes"]:
-        labels, weights = self._prepare(outputs, targets)
+        outputs, labels, weights = self._prepare(outputs, targets)
         p = jax.nn.softmax(outputs, axis=-1)
         pu = p * tangent
         hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
         total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
-        return hu * _scale(weights, total, outputs.dtype)[..., None]
+        return hu * _scale(weights, total, outputs.dtype, labels.shape)[..., None]
 
 
 class MeanSquaredError(AbstractLoss):
@@ -221,7 +227,7 @@ class MeanSquaredError(AbstractLoss):
 
     def _position_scale(self, outputs, weights, positions, axis_name):
         total = _total_weight(weights, positions, outputs.dtype, axis_name)
-        scale = _scale(weights, total, outputs.dtype)
+        scale = _scale(weights, total, outputs.dtype, positions)
         return jnp.reshape(scale, jnp.shape(scale) + (1,) * self.feature_ndim)
 
     def value(

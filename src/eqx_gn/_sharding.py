@@ -11,6 +11,7 @@ marked device-varying, the per-shard contributions are computed, and one explici
 ``psum`` combines them.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +51,24 @@ def as_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
         return jax.lax.pcast(x, missing, to="varying")
 
     return jax.tree.map(cast, tree)
+
+
+def error_if_any(x: jax.Array, bad: jax.Array, msg: str) -> jax.Array:
+    """``eqx.error_if(x, jnp.any(bad), msg)``, usable inside ``shard_map`` too.
+
+    ``eqx.error_if`` fails to trace on device-varying values under ``shard_map``
+    (its ``lax.cond`` branches disagree on the varying axes). So when ``bad`` varies
+    over mapped axes, it is reduced over them first (every shard then raises if any
+    shard has a bad entry), and the check runs on a device-invariant zero that is
+    added back to ``x`` to keep it alive.
+    """
+    pred = jnp.any(bad)
+    axes = tuple(sorted(_varying_axes(pred), key=str))
+    if axes:
+        pred = jax.lax.pmax(pred.astype(jnp.int32), axes) > 0
+    # The check runs on a scalar: routing ``x`` itself through the check's
+    # conditional would pin it to one device under jit with sharded inputs.
+    return x + eqx.error_if(jnp.zeros((), x.dtype), pred, msg)
 
 
 def psum(tree: PyTree, axis_name: AxisName) -> PyTree:

@@ -1,0 +1,325 @@
+"""Wall-clock of one Gauss-Newton outer step against one AdamW step, and what a
+cheaper line search does to the step sizes chosen.
+
+Part 1 (cost). On the LLaMA-style model of ``eqx_gn.lm`` and real text (the bundled
+Shakespeare corpus, byte tokens), every optimizer step sees the same training
+tokens: K micro-batches of b sequences (AdamW takes them as one batch of K*b).
+Timed, compile excluded, median over ``--reps`` steps taken round-robin:
+
+- ``adamw``: value_and_grad on K*b sequences + the AdamW update;
+- ``gn_solve``: the GN inner solve alone (K quadratic-model gradients at fresh
+  linearizations + K Muon/AdamW inner updates);
+- ``gn_paper``: a full GN step with the paper's line search: 8 grid points, each
+  on ``--ls-batches`` (default K) fresh micro-batches;
+- ``gn_cheap``: the same step with ``GridLineSearch(stop_on_increase=True)`` on
+  ``--cheap-ls-batches`` (default K/4) fresh micro-batches;
+- ``gn_layerwise_cheap``: layerwise GN (embedding, each block, head), cheap search.
+
+Ratios are to ``adamw``. Targets: full GN step at most 2x AdamW (the paper reports
+4-5x).
+
+Part 2 (decisions). Along one real GN run (AdamW warm-up, then ``--decision-steps``
+GN steps advanced with the paper's choice), every candidate line search sees the
+SAME direction at every step; the table reports how often each picks the paper's
+step size, and the loss its choice gives on the paper's batches relative to the
+paper's choice.
+
+Writes ``benchmarks/results/step_cost_<device>_<tag>.json``.
+
+    python benchmarks/step_cost.py                 # tiny model, K=8 of 8 sequences
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import eqx_gn
+from eqx_gn import lm
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--heads", type=int)
+    p.add_argument("--ffn", type=int)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro-batches", type=int, default=8, help="K")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="b")
+    p.add_argument("--ls-batches", type=int, help="paper's search batches (default K)")
+    p.add_argument(
+        "--cheap-ls-batches", type=int, help="cheap search batches (default K/4)"
+    )
+    p.add_argument("--inner-lr", type=float, default=0.02)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup-steps", type=int, default=60)
+    p.add_argument("--decision-steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return p.parse_args()
+
+
+def main():
+    args = parse()
+    k, b = args.micro_batches, args.micro_batch_size
+    m_paper = args.ls_batches or k
+    m_cheap = args.cheap_ls_batches or max(1, k // 4)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("width", "depth", "heads", "ffn")
+        if getattr(args, name) is not None
+    }
+    config = lm.get_config(args.model, seq_len=args.seq, **overrides)
+    model = lm.Transformer(config, jax.random.key(args.seed))
+    splits = lm.prepare_splits()
+    if splits.tokenizer.vocab_size != config.vocab_size:
+        raise SystemExit("the byte tokenizer needs a model with vocab_size 257")
+    train = lm.batch_iterator(splits.train, k * b, args.seq, seed=args.seed)
+    search = lm.batch_iterator(
+        splits.train, max(m_paper, m_cheap) * b, args.seq, seed=args.seed + 1
+    )
+
+    def stack(batch, n):
+        x, y = lm.inputs_and_targets(batch)
+        return jnp.asarray(x).reshape(n, -1, args.seq), jnp.asarray(y).reshape(
+            n, -1, args.seq
+        )
+
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    adam_filter = lm.embedding_and_head(model)
+
+    # ---------------------------------------------------------------- AdamW
+    adamw = optax.adamw(1e-3, b2=0.95)
+
+    @eqx.filter_jit
+    def adamw_step(model, opt_state, x, y):
+        value, grad = eqx.filter_value_and_grad(
+            lambda m: loss.value(lm.apply_lm(m, x), y)
+        )(model)
+        updates, opt_state = adamw.update(
+            grad, opt_state, eqx.filter(model, eqx.is_inexact_array)
+        )
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    opt_state = adamw.init(eqx.filter(model, eqx.is_inexact_array))
+    for _ in range(args.warmup_steps):  # a realistic point, not the random init
+        x, y = stack(next(train), 1)
+        model, opt_state, _ = adamw_step(model, opt_state, x[0], y[0])
+
+    def gn_with(line_search, blocks=None):
+        solver = eqx_gn.InnerOptimizer(
+            learning_rate=args.inner_lr, adam_filter=adam_filter
+        )
+        return eqx_gn.GaussNewton(
+            lm.apply_lm, loss, solver=solver, line_search=line_search, blocks=blocks
+        )
+
+    paper = eqx_gn.GridLineSearch(grid_size=8)
+    cheap = eqx_gn.GridLineSearch(grid_size=8, stop_on_increase=True)
+    variants = {
+        "gn_paper": (gn_with(paper), m_paper),
+        "gn_cheap": (gn_with(cheap), m_cheap),
+        "gn_layerwise_cheap": (gn_with(cheap, lm.layerwise_blocks(model)), m_cheap),
+    }
+    problem = eqx_gn.GNProblem(lm.apply_lm, loss, None, None)
+    solver = variants["gn_paper"][0].solver
+
+    @eqx.filter_jit
+    def solve_only(model, state, batches):
+        return solver.solve(problem, model, batches, state.solver_state, state.step)[0]
+
+    steps = {name: eqx.filter_jit(gn.step) for name, (gn, _) in variants.items()}
+    states = {name: gn.init(model) for name, (gn, _) in variants.items()}
+
+    def block(tree):
+        jax.block_until_ready(eqx.filter(tree, eqx.is_array))
+
+    timers = {}
+    adam_state = opt_state
+
+    def run_adamw(x, y, _):
+        out = adamw_step(model, adam_state, x.reshape(k * b, -1), y.reshape(k * b, -1))
+        block(out)
+
+    def run_solve(x, y, _):
+        block(solve_only(model, states["gn_paper"], (x, y)))
+
+    def runner(name):
+        def run(x, y, ls):
+            _, m = variants[name]
+            # Always from the same point, so every repetition times the same work.
+            out = steps[name](model, states[name], (x, y), (ls[0][:m], ls[1][:m]))
+            block(out)
+            evals.setdefault(name, []).append(int(out[2].line_search_evaluations))
+
+        return run
+
+    evals = {}
+    timers = {"adamw": run_adamw, "gn_solve": run_solve}
+    timers.update({name: runner(name) for name in variants})
+    samples = {name: [] for name in timers}
+    for rep in range(args.reps + 1):
+        x, y = stack(next(train), k)
+        ls = stack(next(search), max(m_paper, m_cheap))
+        for name, fn in timers.items():
+            start = time.perf_counter()
+            fn(x, y, ls)
+            elapsed = time.perf_counter() - start
+            if rep > 0:  # the first round compiles
+                samples[name].append(elapsed)
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    ratios = {name: medians[name] / medians["adamw"] for name in medians}
+
+    # ---------------------------------------------------------- decisions
+    candidates = {
+        "paper (exhaustive, M batches)": (paper, m_paper),
+        f"exhaustive, {m_cheap} batches": (paper, m_cheap),
+        "stop_on_increase, M batches": (cheap, m_paper),
+        f"stop_on_increase, {m_cheap} batches": (cheap, m_cheap),
+    }
+
+    @eqx.filter_jit
+    def decide(model, state, batches, ls):
+        d, provisional, solver_stats = solver.solve(
+            problem, model, batches, state.solver_state, state.step
+        )
+
+        def phi_on(m):
+            def phi(s):
+                moved = eqx.apply_updates(model, jax.tree.map(lambda u: s * u, d))
+                xs, ys = ls[0][:m], ls[1][:m]
+                return jnp.mean(
+                    jax.lax.map(
+                        lambda xy: loss.value(lm.apply_lm(moved, xy[0]), xy[1]),
+                        (xs, ys),
+                    )
+                )
+
+            return phi
+
+        choices = {}
+        for name, (search_rule, m) in candidates.items():
+            phi = phi_on(m)
+            choices[name] = search_rule.search(phi, phi(jnp.zeros(())))
+        paper_phi = phi_on(m_paper)
+        regret = {name: paper_phi(s) for name, (s, _) in choices.items()}
+        s_paper = choices["paper (exhaustive, M batches)"][0]
+        new_params = jax.tree.map(
+            lambda p, u: p + s_paper * u, eqx.filter(model, eqx.is_inexact_array), d
+        )
+        ls_stats = choices["paper (exhaustive, M batches)"][1]
+        new_solver_state = solver.accept(
+            provisional, d, s_paper, ls_stats, solver_stats
+        )
+        new_state = eqx_gn.GNState(state.step + 1, new_solver_state)
+        return (
+            eqx.combine(new_params, model),
+            new_state,
+            {n: c[0] for n, c in choices.items()},
+            {n: c[1].num_evaluations for n, c in choices.items()},
+            regret,
+        )
+
+    state = variants["gn_paper"][0].init(model)
+    m_model = model
+    records = []
+    for _ in range(args.decision_steps):
+        x, y = stack(next(train), k)
+        ls = stack(next(search), max(m_paper, m_cheap))
+        m_model, state, chosen, counts, regret = decide(m_model, state, (x, y), ls)
+        records.append(
+            {
+                "step_size": {n: float(v) for n, v in chosen.items()},
+                "evaluations": {n: int(v) for n, v in counts.items()},
+                "loss_on_paper_batches": {n: float(v) for n, v in regret.items()},
+            }
+        )
+    agreement = {}
+    for name in candidates:
+        same = [
+            r["step_size"][name] == r["step_size"]["paper (exhaustive, M batches)"]
+            for r in records
+        ]
+        excess = [
+            r["loss_on_paper_batches"][name]
+            - r["loss_on_paper_batches"]["paper (exhaustive, M batches)"]
+            for r in records
+        ]
+        agreement[name] = {
+            "same_step_size_fraction": float(np.mean(same)),
+            "mean_excess_loss": float(np.mean(excess)),
+            "max_excess_loss": float(np.max(excess)),
+            "mean_evaluations": float(
+                np.mean([r["evaluations"][name] for r in records])
+            ),
+            "evaluation_batches": candidates[name][1],
+        }
+
+    device = jax.devices()[0]
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+    )
+    print(f"model: {config}, {lm.count_params(model):,} parameters")
+    print(f"tokens per step: {k * b * args.seq:,} (K={k} micro-batches of b={b})")
+    print(f"\n{'step':<22}{'median ms':>12}{'x AdamW':>10}{'LS evals':>10}")
+    for name in timers:
+        mean_evals = f"{np.mean(evals[name]):.1f}" if name in evals else ""
+        print(
+            f"{name:<22}{1e3 * medians[name]:>12.1f}{ratios[name]:>10.2f}{mean_evals:>10}"
+        )
+    print("target: gn_paper/gn_cheap <= 2.0x AdamW")
+    print(
+        f"\nline-search decisions over {args.decision_steps} GN steps (same direction each step):"
+    )
+    print(f"{'search':<36}{'same s':>8}{'mean excess loss':>18}{'evals':>7}")
+    for name, a in agreement.items():
+        print(
+            f"{name:<36}{a['same_step_size_fraction']:>8.2f}{a['mean_excess_loss']:>18.2e}"
+            f"{a['mean_evaluations']:>7.1f}"
+        )
+
+    result = {
+        "benchmark": "step_cost",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device.device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "host": platform.node(),
+        "args": vars(args),
+        "model": {
+            **{
+                f: getattr(config, f)
+                for f in ("vocab_size", "width", "depth", "heads", "ffn", "seq_len")
+            },
+            "params": lm.count_params(model),
+        },
+        "tokens_per_step": k * b * args.seq,
+        "median_seconds": medians,
+        "ratio_to_adamw": ratios,
+        "mean_line_search_evaluations": {
+            n: float(np.mean(v)) for n, v in evals.items()
+        },
+        "line_search_decisions": agreement,
+        "decision_records": records,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.model}-w{config.width}-d{config.depth}-s{args.seq}-K{k}b{b}"
+    path = out / f"step_cost_{jax.default_backend()}_{tag}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

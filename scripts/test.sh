@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The project's test command: lint, tests (slow ones included), docs, quickstart.
+# The project's test command: lint, the whole test suite (slow tests included),
+# the docs (strict) and the quickstart example.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ruff check src tests benchmarks examples
-ruff format --check src tests benchmarks examples
+ruff check src tests benchmarks examples scripts
+ruff format --check src tests benchmarks examples scripts
 python -m pytest -n 2 --dist loadfile -q
-mkdocs build --strict --quiet --site-dir /tmp/eqx_gn_site
+python scripts/check_api_docs.py
+mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/eqx_gn_site"
+python examples/quickstart.py

@@ -3,9 +3,9 @@
 # the docs (strict) and the quickstart example.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ruff check src tests benchmarks examples scripts
-ruff format --check src tests benchmarks examples scripts
+ruff check src tests benchmarks examples scripts docs
+ruff format --check src tests benchmarks examples scripts docs
 python -m pytest -n 2 --dist loadfile -q
 python scripts/check_api_docs.py
-mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/eqx_gn_site"
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/eqx_gn_site"
 python examples/quickstart.py

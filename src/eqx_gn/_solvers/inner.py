@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int, PyTree, jaxtyped
 from .._custom_types import FilterSpec, Model, Params
 from .._gnvp import QuadraticModel
 from .._line_search import LineSearchStats
-from .._misc import tree_axpy, tree_scale, tree_zeros_like
+from .._misc import tree_scale, tree_zeros_like
 from .._optimizers import muon_adamw
 from .abstract import AbstractGNSolver, GNProblem, SolverStats, num_batches
 
@@ -99,7 +99,10 @@ class _AbstractInnerLoop(AbstractGNSolver):
             value, grad = self._objective(model_q, d)
             theta = jax.tree.map(jnp.add, params, d)
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
-            d = tree_axpy(self._rate(step, k, num_steps), updates, d)
+            # The schedule is computed in the default float type (float64 with x64
+            # on); the iterate keeps the parameters' dtype.
+            rate = self._rate(step, k, num_steps)
+            d = jax.tree.map(lambda u, v: rate.astype(v.dtype) * u + v, updates, d)
             return (d, opt_state), (value, model_q.loss_value)
 
         (d, opt_state), (values, losses) = jax.lax.scan(

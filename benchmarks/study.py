@@ -1,0 +1,245 @@
+"""The study: steps, tokens and time to a target validation loss, per optimizer and
+batch size, on real text (the bundled Shakespeare corpus), driven by the runner.
+
+1. AdamW at the largest batch size, over its learning-rate grid: the target is the
+   best validation loss it reaches within the step budget.
+2. Every method at every batch size, over its learning-rate grid (the same grid
+   size and step budget for every method; GN's grid is its inner learning rate),
+   with the same AdamW warm-up, stopping at the target. For each (method, batch
+   size) the best learning rate is the one reaching the target in the fewest steps.
+3. A table (stdout and JSON) and plots: steps-to-target against tokens per step on
+   log-log axes (the critical-batch-size picture), and validation loss against
+   steps and time at the largest batch.
+
+Every run lives in its own directory under ``--out``; a run whose ``summary.json``
+exists is not run again, so the study resumes where it stopped (across sessions
+too) and partial results can be committed as they come.
+
+    python benchmarks/study.py                                  # CPU, tiny model
+    python benchmarks/study.py --model small --seq 256 --batch-sizes 64,128,256,1024
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+
+from eqx_gn import lm
+
+DEFAULT_GRIDS = {
+    "adamw": (3e-3, 1e-2, 3e-2),
+    "muon": (1e-2, 3e-2, 1e-1),
+    "soap": (3e-3, 1e-2, 3e-2),
+    "gn": (1e-2, 3e-2, 1e-1),
+    "gn-layerwise": (1e-2, 3e-2, 1e-1),
+    "gn-prox": (1e-2, 3e-2, 1e-1),
+}
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch-sizes", default="32,64,128,512", help="sequences per step")
+    p.add_argument("--methods", default=",".join(DEFAULT_GRIDS))
+    p.add_argument(
+        "--steps", type=int, default=120, help="step budget, warm-up included"
+    )
+    p.add_argument("--warmup-fraction", type=float, default=0.05)
+    p.add_argument("--micro-batches", type=int, default=8, help="GN: K")
+    p.add_argument("--ls-batches", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--grid-size", type=int, default=3, help="learning rates per method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
+    p.add_argument("--report-only", action="store_true", help="tabulate existing runs")
+    return p.parse_args()
+
+
+def run_dir(out: Path, method: str, batch: int, lr: float) -> Path:
+    return out / f"{method}_b{batch}_lr{lr:g}"
+
+
+def run(args, out, method, batch, lr, target):
+    path = run_dir(out, method, batch, lr)
+    summary_file = path / "summary.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("completed", True) and summary.get("target_loss") == target:
+            return summary
+    config = lm.TrainConfig(
+        model=args.model,
+        seq_len=args.seq,
+        optimizer=method,
+        steps=args.steps,
+        batch_size=batch,
+        micro_batches=args.micro_batches,
+        ls_batches=args.ls_batches,
+        lr=lr,
+        warmup_fraction=args.warmup_fraction,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        target_loss=target,
+        seed=args.seed,
+        out=str(path),
+        checkpoint_every=0,
+        overwrite=True,
+        progress=False,
+    )
+    start = time.perf_counter()
+    summary = lm.train(config)
+    print(
+        f"{method:>13} b={batch:<5} lr={lr:<7g} final {summary['final_val_loss']:.4f} "
+        f"target@{summary['steps_to_target']} ({time.perf_counter() - start:.0f}s)",
+        flush=True,
+    )
+    return summary
+
+
+def curves(path: Path):
+    steps, times, losses = [], [], []
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("val_loss") is not None:
+            steps.append(record["step"])
+            times.append(record["time_s"])
+            losses.append(record["val_loss"])
+    return steps, times, losses
+
+
+def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in methods:
+        xs, ys = [], []
+        for batch in batches:
+            entry = table[method][str(batch)]
+            if entry["steps_to_target"] is not None:
+                xs.append(batch * tokens_per_seq)
+                ys.append(entry["steps_to_target"])
+        if xs:
+            ax.plot(xs, ys, "o-", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per step")
+    ax.set_ylabel("steps to target validation loss")
+    ax.set_title("Steps to target against batch size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "steps_to_target.png", dpi=120)
+    plt.close(fig)
+
+    largest = str(max(batches))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in methods:
+        path = best_dirs.get((method, largest))
+        if path is None:
+            continue
+        steps, times, losses = curves(path)
+        a1.plot(steps, losses, label=method)
+        a2.plot(times, losses, label=method)
+    for a, xlabel in ((a1, "step"), (a2, "training time (s)")):
+        a.set_xlabel(xlabel)
+        a.set_ylabel("validation loss")
+        a.grid(True, alpha=0.3)
+    a1.set_title(f"Validation loss, batch {largest} sequences")
+    a1.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main():
+    args = parse()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    batches = sorted(int(b) for b in args.batch_sizes.split(","))
+    grids = {m: DEFAULT_GRIDS[m][: args.grid_size] for m in methods}
+    largest = batches[-1]
+
+    # 1. The target: AdamW's best validation loss at the largest batch.
+    adamw = [run(args, out, "adamw", largest, lr, None) for lr in grids["adamw"]]
+    target = min(s["best_val_loss"] for s in adamw)
+    print(
+        f"target validation loss (AdamW's best at batch {largest}): {target:.4f}",
+        flush=True,
+    )
+
+    # 2. Every method and batch size, stopping at the target.
+    runs, table, best_dirs = [], {}, {}
+    for batch in reversed(batches):
+        for method in methods:
+            entries = []
+            for lr in grids[method]:
+                summary = run(args, out, method, batch, lr, target)
+                entries.append((lr, summary))
+                runs.append(
+                    {"method": method, "batch_size": batch, "lr": lr, **summary}
+                )
+            reached = [
+                (s["steps_to_target"], s["final_val_loss"], lr, s)
+                for lr, s in entries
+                if s["target_reached"]
+            ]
+            if reached:
+                steps, _, lr, s = min(reached, key=lambda r: (r[0], r[1]))
+            else:
+                lr, s = min(entries, key=lambda e: e[1]["best_val_loss"])
+                steps = None
+            best_dirs[(method, str(batch))] = run_dir(out, method, batch, lr)
+            table.setdefault(method, {})[str(batch)] = {
+                "lr": lr,
+                "steps_to_target": steps,
+                "tokens_to_target": s["tokens_to_target"],
+                "time_to_target": s["time_to_target"],
+                "best_val_loss": s["best_val_loss"],
+                "time_per_step": s["time_s"] / max(s["steps"], 1),
+                "lr_sweep": {f"{lr:g}": e["steps_to_target"] for lr, e in entries},
+            }
+
+    tokens_per_seq = args.seq
+    print(
+        f"\nsteps to validation loss {target:.4f} (None: not within {args.steps} steps)"
+    )
+    header = f"{'method':<14}" + "".join(f"{b * tokens_per_seq:>12,}" for b in batches)
+    print(header + "   <- tokens per step")
+    for method in methods:
+        row = "".join(
+            f"{table[method][str(b)]['steps_to_target']!s:>12}" for b in batches
+        )
+        print(f"{method:<14}{row}")
+    print("\ntime to target (s):")
+    for method in methods:
+        row = "".join(
+            f"{(lambda t: 'None' if t is None else f'{t:.1f}')(table[method][str(b)]['time_to_target']):>12}"
+            for b in batches
+        )
+        print(f"{method:<14}{row}")
+
+    result = {
+        "benchmark": "study",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "args": vars(args),
+        "target_loss": target,
+        "tokens_per_sequence": tokens_per_seq,
+        "table": table,
+        "runs": runs,
+    }
+    (out / "study.json").write_text(json.dumps(result, indent=2))
+    plot(out, table, best_dirs, methods, batches, tokens_per_seq)
+    print(f"\nwrote {out / 'study.json'}, steps_to_target.png, loss_curves.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,10 +10,7 @@ from ._custom_types import FilterSpec
 _is_none = lambda x: x is None  # noqa: E731
 
 
-def _muon_dimension_numbers(adam_filter: FilterSpec | None):
-    # Equinox stores linear weights as (out, in): reduce over the input axis.
-    dims = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
-
+def _muon_dimension_numbers(adam_filter: FilterSpec | None, dims: MuonDimensionNumbers):
     def dimension_numbers(params):
         if adam_filter is None:
             to_adam = jax.tree.map(lambda _: False, params)
@@ -44,6 +41,7 @@ def muon_adamw(
     adam_b2: float = 0.95,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
+    weight_layout: str = "out_in",
 ) -> optax.GradientTransformation:
     """Muon on 2-D weight matrices, AdamW on everything else.
 
@@ -52,8 +50,17 @@ def muon_adamw(
     AdamW updates 1-D parameters (norm scales, biases) and whatever ``adam_filter``
     selects (an Equinox filter spec over the parameters, e.g. the embedding and the
     output head, as in the paper). Gradients are first clipped to global norm
-    ``max_grad_norm`` (``None`` for no clipping).
+    ``max_grad_norm`` (``None`` for no clipping). ``weight_layout`` says how 2-D
+    weights are stored: ``"out_in"`` (``eqx.nn.Linear``'s ``(out, in)``, the
+    default) or ``"in_out"`` (``x @ W`` layouts); Muon's shape-dependent scale
+    depends on it.
     """
+    if weight_layout not in ("out_in", "in_out"):
+        raise ValueError(
+            f"weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}."
+        )
+    reduction = 1 if weight_layout == "out_in" else 0
+    dims = MuonDimensionNumbers(reduction_axis=reduction, output_axis=1 - reduction)
     muon = optax.contrib.muon(
         learning_rate,
         beta=momentum,
@@ -61,7 +68,7 @@ def muon_adamw(
         adam_b1=adam_b1,
         adam_b2=adam_b2,
         adam_weight_decay=weight_decay,
-        muon_weight_dimension_numbers=_muon_dimension_numbers(adam_filter),
+        muon_weight_dimension_numbers=_muon_dimension_numbers(adam_filter, dims),
     )
     if max_grad_norm is None:
         return muon

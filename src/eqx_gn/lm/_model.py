@@ -1,0 +1,381 @@
+r"""The paper's LLaMA-style decoder-only language model, in Equinox.
+
+Token embedding, ``depth`` pre-norm transformer blocks, a final RMSNorm and an
+untied output head. Each block is
+
+$$x \leftarrow x + \mathrm{Attn}(\mathrm{RMSNorm}(x)), \qquad
+  x \leftarrow x + W_2\,\mathrm{gelu}(W_1\,\mathrm{RMSNorm}(x)),$$
+
+with causal multi-head attention whose queries and keys are rotated by RoPE. There
+are no biases anywhere; RMSNorm has a learnable scale. Matrices are stored
+``(fan_out, fan_in)``, as in ``eqx.nn.Linear``, and applied as ``x @ weight.T``.
+
+The blocks are a Python tuple of [`TransformerBlock`][eqx_gn.lm.TransformerBlock]
+modules (not a scanned stack), so that each block is its own subtree and the
+layerwise partition of the paper is a plain Equinox filter: see
+[`layerwise_blocks`][eqx_gn.lm.layerwise_blocks].
+"""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, Integer, PRNGKeyArray, PyTree
+
+from .._blocks import Blocks
+from .._custom_types import Model
+
+#: The standard deviation of the normal initialisation of every matrix.
+INIT_STD = 0.02
+
+
+class LMConfig(eqx.Module):
+    """The shape of a [`Transformer`][eqx_gn.lm.Transformer].
+
+    A Module whose fields are all static: it has no PyTree leaves, so a model can
+    carry it without it ever being mistaken for a parameter. Named configurations
+    come from [`get_config`][eqx_gn.lm.get_config].
+    """
+
+    vocab_size: int = eqx.field(static=True)
+    width: int = eqx.field(static=True)
+    depth: int = eqx.field(static=True)
+    heads: int = eqx.field(static=True)
+    ffn: int = eqx.field(static=True)
+    seq_len: int = eqx.field(static=True)
+    rope_base: float = eqx.field(default=10000.0, static=True)
+    norm_eps: float = eqx.field(default=1e-6, static=True)
+
+    def __check_init__(self):
+        for name in ("vocab_size", "width", "depth", "heads", "ffn", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"LMConfig.{name} must be a positive int, got {value!r}."
+                )
+        if self.width % self.heads:
+            raise ValueError(
+                f"LMConfig: width {self.width} is not divisible by heads {self.heads}."
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"LMConfig: RoPE needs an even head dimension, got width / heads = "
+                f"{self.head_dim}."
+            )
+        if self.rope_base <= 0 or self.norm_eps <= 0:
+            raise ValueError("LMConfig: rope_base and norm_eps must be positive.")
+
+    @property
+    def head_dim(self) -> int:
+        """``width // heads``."""
+        return self.width // self.heads
+
+    @property
+    def num_params(self) -> int:
+        """The number of parameters of a model of this shape (no model is built)."""
+        w, f = self.width, self.ffn
+        block = 4 * w * w + 2 * w * f + 2 * w
+        return 2 * self.vocab_size * w + self.depth * block + w
+
+
+#: Named configurations. ``tiny``, ``prototype`` and ``small`` are byte-level
+#: (vocabulary 257: 256 bytes and the end-of-document id of ``ByteTokenizer``) and
+#: meant for CPU tests and quick experiments; ``prototype`` is the 0.85M-parameter
+#: model of the paper notes' Shakespeare prototype; ``45m`` and ``150m`` are the
+#: paper's models (T5 vocabulary of 32000, context 1024).
+CONFIGS: dict[str, LMConfig] = {
+    "tiny": LMConfig(vocab_size=257, width=64, depth=2, heads=4, ffn=256, seq_len=64),
+    "prototype": LMConfig(
+        vocab_size=257, width=128, depth=4, heads=4, ffn=512, seq_len=128
+    ),
+    "small": LMConfig(
+        vocab_size=257, width=256, depth=4, heads=4, ffn=1024, seq_len=256
+    ),
+    "45m": LMConfig(
+        vocab_size=32000, width=512, depth=4, heads=8, ffn=2048, seq_len=1024
+    ),
+    "150m": LMConfig(
+        vocab_size=32000, width=768, depth=12, heads=16, ffn=3072, seq_len=1024
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> LMConfig:
+    """The named configuration (a key of ``CONFIGS``), with ``overrides`` applied.
+
+    ``get_config("tiny", vocab_size=512, seq_len=32)`` is the tiny model with a larger
+    vocabulary and a shorter context.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}.")
+    fields = {f.name for f in dataclasses.fields(LMConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown LMConfig fields {unknown}; the fields are {sorted(fields)}."
+        )
+    return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def _normal(key: PRNGKeyArray, shape: tuple[int, ...], dtype) -> Array:
+    return INIT_STD * jax.random.normal(key, shape, dtype)
+
+
+class Linear(eqx.Module):
+    """A bias-free linear map ``x @ weight.T``.
+
+    The weight is stored ``(fan_out, fan_in)``, as in ``eqx.nn.Linear``, which is the
+    layout [`eqx_gn.muon_adamw`][] orthogonalises for.
+    """
+
+    weight: Float[Array, "fan_out fan_in"]
+
+    def __init__(self, fan_in: int, fan_out: int, *, key: PRNGKeyArray, dtype):
+        self.weight = _normal(key, (fan_out, fan_in), dtype)
+
+    def __call__(
+        self, x: Float[Array, "*batch fan_in"]
+    ) -> Float[Array, "*batch fan_out"]:
+        return x @ self.weight.T
+
+
+class Embedding(eqx.Module):
+    """A token embedding table."""
+
+    weight: Float[Array, "vocab width"]
+
+    def __init__(self, vocab_size: int, width: int, *, key: PRNGKeyArray, dtype):
+        self.weight = _normal(key, (vocab_size, width), dtype)
+
+    def __call__(self, tokens: Integer[Array, " seq"]) -> Float[Array, "seq width"]:
+        return jnp.take(self.weight, tokens, axis=0)
+
+
+class RMSNorm(eqx.Module):
+    r"""$x / \sqrt{\mathrm{mean}(x^2) + \epsilon} \odot s$ with a learnable scale $s$."""
+
+    scale: Float[Array, " width"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, width: int, *, eps: float, dtype):
+        self.scale = jnp.ones((width,), dtype)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
+        inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return x * inv * self.scale[None, :]
+
+
+def rope_angles(
+    positions: Int[Array, " seq"] | Float[Array, " seq"], head_dim: int, base: float
+) -> Float[Array, "seq half"]:
+    r"""RoPE rotation angles $p\,\omega_i$, $\omega_i = \mathrm{base}^{-2i/d}$, in float32."""
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    return positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+
+
+def apply_rope(
+    x: Float[Array, "seq heads head_dim"],
+    positions: Int[Array, " seq"] | Float[Array, " seq"],
+    base: float = 10000.0,
+) -> Float[Array, "seq heads head_dim"]:
+    r"""Rotate each head vector of ``x`` by its position (rotary embedding).
+
+    The head dimension is split into halves $(x_1, x_2)$ and pair $i$ is rotated by
+    the angle $p\,\omega_i$. Rotations compose, so the score of a query at position
+    $m$ and a key at position $n$ depends only on $m - n$.
+    """
+    head_dim = x.shape[-1]
+    angles = rope_angles(positions, head_dim, base)
+    cos = jnp.cos(angles).astype(x.dtype)[:, None, :]
+    sin = jnp.sin(angles).astype(x.dtype)[:, None, :]
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+class Attention(eqx.Module):
+    """Causal multi-head self-attention with RoPE, no biases."""
+
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
+    heads: int = eqx.field(static=True)
+    rope_base: float = eqx.field(static=True)
+
+    def __init__(self, config: LMConfig, *, key: PRNGKeyArray, dtype):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        w = config.width
+        self.wq = Linear(w, w, key=kq, dtype=dtype)
+        self.wk = Linear(w, w, key=kk, dtype=dtype)
+        self.wv = Linear(w, w, key=kv, dtype=dtype)
+        self.wo = Linear(w, w, key=ko, dtype=dtype)
+        self.heads = config.heads
+        self.rope_base = config.rope_base
+
+    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
+        seq, width = x.shape
+        head_dim = width // self.heads
+        shape = (seq, self.heads, head_dim)
+        positions = jnp.arange(seq)
+        q = apply_rope(self.wq(x).reshape(shape), positions, self.rope_base)
+        k = apply_rope(self.wk(x).reshape(shape), positions, self.rope_base)
+        v = self.wv(x).reshape(shape)
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+        scores = jnp.where(causal[None, :, :], scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(seq, width)
+        return self.wo(out)
+
+
+class MLP(eqx.Module):
+    r"""$W_2\,\mathrm{gelu}(W_1 x)$ (tanh-approximate GELU), no biases."""
+
+    w1: Linear
+    w2: Linear
+
+    def __init__(self, config: LMConfig, *, key: PRNGKeyArray, dtype):
+        k1, k2 = jax.random.split(key)
+        self.w1 = Linear(config.width, config.ffn, key=k1, dtype=dtype)
+        self.w2 = Linear(config.ffn, config.width, key=k2, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
+        return self.w2(jax.nn.gelu(self.w1(x)))
+
+
+class TransformerBlock(eqx.Module):
+    """One pre-norm block: attention and MLP, each behind an RMSNorm and a residual."""
+
+    attention_norm: RMSNorm
+    attention: Attention
+    mlp_norm: RMSNorm
+    mlp: MLP
+
+    def __init__(self, config: LMConfig, *, key: PRNGKeyArray, dtype):
+        ka, km = jax.random.split(key)
+        self.attention_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=dtype)
+        self.attention = Attention(config, key=ka, dtype=dtype)
+        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=dtype)
+        self.mlp = MLP(config, key=km, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(eqx.Module):
+    """The decoder-only language model.
+
+    ``Transformer(config, key)`` initialises every matrix from
+    $\\mathcal N(0, 0.02^2)$ and every RMSNorm scale to one, in ``dtype`` (float32
+    by default). Calling it on one sequence of token ids gives next-token logits;
+    [`apply_lm`][eqx_gn.lm.apply_lm] applies it to a batch.
+    """
+
+    embedding: Embedding
+    blocks: tuple[TransformerBlock, ...]
+    final_norm: RMSNorm
+    head: Linear
+    config: LMConfig
+
+    def __init__(self, config: LMConfig, key: PRNGKeyArray, *, dtype=jnp.float32):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"Transformer: dtype must be floating, got {dtype}.")
+        ke, kh, *kb = jax.random.split(key, 2 + config.depth)
+        self.embedding = Embedding(config.vocab_size, config.width, key=ke, dtype=dtype)
+        self.blocks = tuple(TransformerBlock(config, key=k, dtype=dtype) for k in kb)
+        self.final_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=dtype)
+        self.head = Linear(config.width, config.vocab_size, key=kh, dtype=dtype)
+        self.config = config
+
+    def __call__(
+        self, tokens: Integer[Array | np.ndarray, " seq"]
+    ) -> Float[Array, "seq vocab"]:
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"Transformer takes one sequence of shape (seq,), got {tokens.shape}; "
+                "use apply_lm for a batch."
+            )
+        if tokens.shape[0] > self.config.seq_len:
+            raise ValueError(
+                f"sequence of length {tokens.shape[0]} exceeds the context "
+                f"seq_len={self.config.seq_len}."
+            )
+        x = self.embedding(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+
+def apply_lm(
+    model: Transformer, tokens: Integer[Array | np.ndarray, "batch seq"]
+) -> Float[Array, "batch seq vocab"]:
+    """Logits for a batch of sequences: the ``fn(model, inputs)`` of eqx_gn."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"apply_lm takes tokens of shape (batch, seq), got {tokens.shape}."
+        )
+    return jax.vmap(model)(tokens)
+
+
+def layerwise_blocks(model: Transformer) -> Blocks:
+    """The paper's layerwise partition of a [`Transformer`][eqx_gn.lm.Transformer].
+
+    Blocks ``embedding``, ``block0``, ..., ``block{depth-1}``, ``head``: one per
+    transformer block (attention, MLP and their norms), with the final RMSNorm in
+    the last transformer block's group. ``depth + 2`` blocks in all.
+    """
+    nothing = jax.tree.map(lambda _: False, model)
+
+    def only(where):
+        return eqx.tree_at(
+            where, nothing, replace_fn=lambda node: jax.tree.map(lambda _: True, node)
+        )
+
+    depth = len(model.blocks)
+    specs = [only(lambda m: m.embedding)]
+    specs += [only(lambda m, i=i: m.blocks[i]) for i in range(depth - 1)]
+    specs.append(only(lambda m: (m.blocks[-1], m.final_norm)))
+    specs.append(only(lambda m: m.head))
+    names = ["embedding", *(f"block{i}" for i in range(depth)), "head"]
+    return Blocks.from_filters(model, specs, names=names)
+
+
+def _is_param(x) -> bool:
+    return (
+        hasattr(x, "shape")
+        and hasattr(x, "dtype")
+        and jnp.issubdtype(x.dtype, jnp.inexact)
+    )
+
+
+def count_params(model: Model) -> int:
+    """The number of parameters (inexact-array entries) of ``model``.
+
+    Works on real models and on the ``jax.ShapeDtypeStruct`` trees that
+    ``jax.eval_shape`` / ``eqx.filter_eval_shape`` return, so the big configurations
+    can be counted without allocating them.
+    """
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model) if _is_param(x))
+
+
+def embedding_and_head(model: Transformer) -> PyTree[bool]:
+    """A filter spec selecting the embedding and the output head.
+
+    The paper's optimizers treat these 2-D matrices like vectors: AdamW, not Muon.
+    Pass it as ``adam_filter`` to [`eqx_gn.muon_adamw`][] or
+    [`eqx_gn.InnerOptimizer`][].
+    """
+    nothing = jax.tree.map(lambda _: False, model)
+    return eqx.tree_at(
+        lambda m: (m.embedding, m.head),
+        nothing,
+        replace_fn=lambda node: jax.tree.map(lambda _: True, node),
+    )

@@ -307,3 +307,9 @@ def test_blocks_are_static_under_jit():
 
     expected = jnp.sum(model.layers[0].weight) + jnp.sum(model.layers[0].bias)
     np.testing.assert_allclose(first_leaf_sum(blocks, model), expected)
+
+
+def test_from_layers_rejects_duplicate_block_names(getkey):
+    model = eqx.nn.MLP(2, 2, 4, 1, key=getkey())
+    with pytest.raises(ValueError, match="unique"):
+        eqx_gn.Blocks.from_layers(model, lambda m: m.layers[:1], rest="layer0")

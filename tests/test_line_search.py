@@ -42,7 +42,9 @@ def test_grid_returns_best_point_of_its_grid(values, phi0):
 
 def test_grid_never_accepts_nonfinite_or_worse():
     search = eqx_gn.GridLineSearch(grid_size=4)
-    step, _ = search.search(_grid_function([jnp.nan, jnp.inf, 3.0, 2.0]), jnp.asarray(1.0))
+    step, _ = search.search(
+        _grid_function([jnp.nan, jnp.inf, 3.0, 2.0]), jnp.asarray(1.0)
+    )
     assert step == 0.0
     step, _ = search.search(_grid_function([jnp.nan, 0.5, 3.0, 2.0]), jnp.asarray(1.0))
     assert step == pytest.approx(float(search.grid[1]))
@@ -86,7 +88,9 @@ def test_armijo_satisfies_its_condition_or_returns_zero(slope, curvature, cubic,
     armijo = eqx_gn.BacktrackingArmijo(c=0.1)
 
     def phi(s):
-        return 1.0 + slope * s + curvature * s**2 + cubic * s**3 + shift * jnp.sin(9 * s)
+        return (
+            1.0 + slope * s + curvature * s**2 + cubic * s**3 + shift * jnp.sin(9 * s)
+        )
 
     phi0 = phi(jnp.asarray(0.0))
     slope0 = jax.grad(phi)(jnp.asarray(0.0))

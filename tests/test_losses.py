@@ -347,3 +347,29 @@ def test_out_of_range_label_raises(bad_label, how, method):
     # The same label with zero weight is padding, and fine.
     weights = jnp.ones(3).at[1].set(0.0)
     jax.block_until_ready(call(z34, (labels, weights)))
+
+
+@pytest.mark.parametrize(
+    "loss, targets",
+    [
+        (ce, labels3),
+        (eqx_gn.MeanSquaredError(), jnp.ones((3, 4))),
+        (eqx_gn.AutodiffLoss(lambda z, y: jnp.mean((z - y) ** 4)), jnp.ones((3, 4))),
+    ],
+    ids=["ce", "mse", "autodiff"],
+)
+def test_curvature_is_grad_and_hvp(loss, targets):
+    u = jnp.cos(jnp.arange(12.0)).reshape(3, 4)
+    z = jnp.sin(jnp.arange(12.0)).reshape(3, 4)
+    grad, hvp = loss.curvature(z, targets)
+    np.testing.assert_allclose(grad, loss.grad(z, targets), rtol=1e-12)
+    np.testing.assert_allclose(hvp(u), loss.hvp(z, targets, u), rtol=1e-12)
+    np.testing.assert_allclose(hvp(2 * u), 2 * hvp(u), rtol=1e-12)
+
+
+def test_mse_keeps_the_outputs_dtype_with_float64_targets():
+    z = jnp.ones((3, 2), jnp.float32)
+    y = np.zeros((3, 2))  # numpy float64
+    loss = eqx_gn.MeanSquaredError()
+    assert loss.grad(z, y).dtype == jnp.float32
+    assert loss.hvp(z, y, z).dtype == jnp.float32

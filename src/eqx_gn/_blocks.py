@@ -87,8 +87,6 @@ class Blocks(eqx.Module):
         names = [str(n) for n in names]
         if len(names) != len(filters):
             raise ValueError(f"got {len(filters)} filters but {len(names)} names.")
-        if len(set(names)) != len(names):
-            raise ValueError(f"block names must be unique, got {names}.")
         if not filters:
             raise ValueError("at least one block is needed.")
         return cls._from_masks(model, [_filter_mask(model, f) for f in filters], names)
@@ -146,6 +144,9 @@ class Blocks(eqx.Module):
         paths, treedef = _params_with_paths(model)
         if not paths:
             raise ValueError("the model has no inexact-array leaves (no parameters).")
+        names = [str(n) for n in names]
+        if len(set(names)) != len(names):
+            raise ValueError(f"block names must be unique, got {names}.")
         masks = np.stack(masks)
         for name, mask in zip(names, masks, strict=True):
             if not mask.any():

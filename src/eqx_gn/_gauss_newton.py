@@ -26,7 +26,7 @@ from ._blocks import Blocks
 from ._custom_types import ApplyFn, AxisName, Model
 from ._line_search import AbstractLineSearch, GridLineSearch
 from ._losses import AbstractLoss
-from ._misc import tree_all_finite, tree_where
+from ._misc import tree_all_finite, tree_scale, tree_where
 from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer
 from ._solvers.abstract import num_batches
 
@@ -74,7 +74,7 @@ def _mean_loss(fn, loss, model, batches, axis_name):
 
 
 def _moved(model, direction, step_size):
-    return eqx.apply_updates(model, jax.tree.map(lambda u: step_size * u, direction))
+    return eqx.apply_updates(model, tree_scale(step_size, direction))
 
 
 class GaussNewton(eqx.Module):
@@ -144,13 +144,17 @@ class GaussNewton(eqx.Module):
         step_size, ls_stats = self.line_search.search(phi, phi0, slope)
 
         nonfinite = ~(
-            tree_all_finite(direction) & tree_all_finite(solver_stats) & jnp.isfinite(phi0)
+            tree_all_finite(direction)
+            & tree_all_finite(solver_stats)
+            & jnp.isfinite(phi0)
         )
         step_size = jnp.where(nonfinite, 0.0, step_size)
         accept = step_size > 0
         params = eqx.filter(model, eqx.is_inexact_array)
         new_params = jax.tree.map(
-            lambda p, u: jnp.where(accept, p + step_size * u, p), params, direction
+            lambda p, u: jnp.where(accept, p + (step_size * u).astype(p.dtype), p),
+            params,
+            direction,
         )
         new_model = eqx.combine(new_params, model)
 

@@ -56,7 +56,11 @@ def check_like_params(tree: Any, params: Params, what: str) -> list[Array]:
             detail.append(f"unexpected leaves {extra[:5]}")
         raise ValueError(
             f"{what} must have the structure of eqx.filter(model, eqx.is_inexact_array)"
-            + (": " + "; ".join(detail) if detail else f"; got {got_def}, expected {ref_def}")
+            + (
+                ": " + "; ".join(detail)
+                if detail
+                else f"; got {got_def}, expected {ref_def}"
+            )
             + "."
         )
     leaves = []
@@ -75,7 +79,11 @@ def _split_batch(batch) -> tuple[Any, Any]:
     if not (isinstance(batch, tuple) and len(batch) == 2):
         raise ValueError(
             "batch must be a pair (inputs, targets), got "
-            + (f"a tuple of length {len(batch)}." if isinstance(batch, tuple) else f"{type(batch).__name__}.")
+            + (
+                f"a tuple of length {len(batch)}."
+                if isinstance(batch, tuple)
+                else f"{type(batch).__name__}."
+            )
         )
     return batch
 
@@ -102,7 +110,11 @@ class QuadraticModel(eqx.Module):
         leaves, treedef = jax.tree.flatten(self.params)
         index = self.blocks.leaf_indices(b)
         if len(index) == len(leaves):
-            return index, True, lambda xs: self.linear_map(jax.tree.unflatten(treedef, xs))
+            return (
+                index,
+                True,
+                lambda xs: self.linear_map(jax.tree.unflatten(treedef, xs)),
+            )
 
         def linear_b(xs):
             full = [jnp.zeros_like(x) for x in leaves]
@@ -112,9 +124,11 @@ class QuadraticModel(eqx.Module):
 
         return index, False, linear_b
 
-    def _per_block(self, d: Any, output_fn, what: str):
+    def _per_block(self, d: Any, output_fn, what: str, local_values: bool):
         """Sum over blocks of ``output_fn(J_b d_b) -> (value, r_b)``, and the
-        param-space vector whose block b is ``J_b^T r_b``."""
+        param-space vector whose block b is ``J_b^T r_b``. With ``local_values``,
+        the values are per-shard partial sums, summed over the axis once at the end.
+        """
         d_leaves = as_varying(check_like_params(d, self.params, what), self.axis_name)
         out = [None] * len(d_leaves)
         total = jnp.zeros((), self.loss_value.dtype)
@@ -134,23 +148,24 @@ class QuadraticModel(eqx.Module):
                 out[i] = x
             total = total + value_b
         out = psum(out, self.axis_name)
+        if local_values:
+            total = psum(total, self.axis_name)
         return total, jax.tree.unflatten(jax.tree.structure(self.params), out)
 
-    def _output_gradient(self):
-        return self.loss.grad(self.outputs, self.targets, axis_name=self.axis_name)
-
-    def _hvp(self, u):
-        return self.loss.hvp(self.outputs, self.targets, u, axis_name=self.axis_name)
+    def _curvature(self):
+        return self.loss.curvature(self.outputs, self.targets, axis_name=self.axis_name)
 
     # --------------------------------------------------------------- public
     def jvp(self, d: Params) -> PyTree[Array]:
         r"""The output-space tangent $J d$ (full Jacobian, all blocks)."""
         leaves = as_varying(check_like_params(d, self.params, "d"), self.axis_name)
-        return self.linear_map(jax.tree.unflatten(jax.tree.structure(self.params), leaves))
+        return self.linear_map(
+            jax.tree.unflatten(jax.tree.structure(self.params), leaves)
+        )
 
     def gradient(self) -> Params:
         r"""The loss gradient $g = J^\top g_0$ at $\theta_0$ (equal to ``jax.grad``)."""
-        g0 = self._output_gradient()
+        g0 = self.loss.grad(self.outputs, self.targets, axis_name=self.axis_name)
         primals = as_varying(self.params, self.axis_name)
         (g,) = jax.linear_transpose(self.linear_map, primals)(g0)
         return psum(g, self.axis_name)
@@ -158,21 +173,23 @@ class QuadraticModel(eqx.Module):
     def gnvp(self, v: Params) -> Params:
         r"""The GN-vector product $G v$ (block-diagonal when there are several blocks)."""
 
-        def output_fn(u):
-            return jnp.zeros((), self.loss_value.dtype), self._hvp(u)
+        _, hvp = self._curvature()
 
-        return self._per_block(v, output_fn, "tangent")[1]
+        def output_fn(u):
+            return jnp.zeros((), self.loss_value.dtype), hvp(u)
+
+        return self._per_block(v, output_fn, "tangent", local_values=True)[1]
 
     def value_and_grad(self, d: Params) -> tuple[Scalar, Params]:
         r"""$q(d)$ and $\nabla q(d) = g + G d$, sharing one tangent pass per block."""
-        g0 = self._output_gradient()
+        g0, hvp = self._curvature()
 
         def output_fn(u):
-            hu = self._hvp(u)
+            hu = hvp(u)
             value = tree_vdot(g0, u) + 0.5 * tree_vdot(u, hu)
-            return psum(value, self.axis_name), jax.tree.map(jnp.add, g0, hu)
+            return value, jax.tree.map(jnp.add, g0, hu)
 
-        value, grad = self._per_block(d, output_fn, "d")
+        value, grad = self._per_block(d, output_fn, "d", local_values=True)
         return self.loss_value + value, grad
 
     def value(self, d: Params) -> Scalar:
@@ -197,7 +214,7 @@ class QuadraticModel(eqx.Module):
             grad = self.loss.grad(z, self.targets, axis_name=self.axis_name)
             return value - self.loss_value, grad
 
-        value, grad = self._per_block(d, output_fn, "d")
+        value, grad = self._per_block(d, output_fn, "d", local_values=False)
         return self.loss_value + value, grad
 
 
@@ -262,5 +279,7 @@ def gnvp(
     eqx.is_inexact_array)``. Matrix-free: one linearization, one tangent pass and
     one transpose per block. See [`eqx_gn.quadratic_model`][] for the arguments.
     """
-    model_q = quadratic_model(fn, model, batch, loss=loss, blocks=blocks, axis_name=axis_name)
+    model_q = quadratic_model(
+        fn, model, batch, loss=loss, blocks=blocks, axis_name=axis_name
+    )
     return model_q.gnvp(tangent)

@@ -57,6 +57,18 @@ class AbstractLoss(eqx.Module):
     ) -> PyTree[Array]:
         r"""The output-space Hessian-vector product $\nabla_z^2 L\, u$."""
 
+    def curvature(
+        self, outputs: PyTree[Array], targets: Any, *, axis_name: AxisName = None
+    ) -> tuple[PyTree[Array], Callable[[PyTree[Array]], PyTree[Array]]]:
+        r"""$\nabla_z L$ and the map $u \mapsto \nabla_z^2 L\, u$ at ``outputs``.
+
+        What the GN quadratic model evaluates once per batch: subclasses share the
+        work the two have in common (the softmax, the normaliser, input checks)
+        across every product the map is applied to.
+        """
+        grad = self.grad(outputs, targets, axis_name=axis_name)
+        return grad, lambda u: self.hvp(outputs, targets, u, axis_name=axis_name)
+
 
 def _check_weights(weights, positions: tuple[int, ...], what: str):
     weights = jnp.asarray(weights)
@@ -160,6 +172,33 @@ class SoftmaxCrossEntropy(AbstractLoss):
         scale = _scale(weights, total, outputs.dtype, labels.shape)
         return psum(jnp.sum(nll * scale), axis_name)
 
+    def _curvature(self, outputs, targets, axis_name):
+        outputs, labels, weights = self._prepare(outputs, targets)
+        p = jax.nn.softmax(outputs, axis=-1)
+        total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
+        scale = _scale(weights, total, outputs.dtype, labels.shape)[..., None]
+        onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
+
+        def hvp(u):
+            pu = p * u
+            return (pu - p * jnp.sum(pu, axis=-1, keepdims=True)) * scale
+
+        return (p - onehot) * scale, hvp
+
+    def curvature(
+        self,
+        outputs: Float[Array, "*positions classes"],
+        targets: Int[Array, "*positions"] | tuple[Array, Array],
+        *,
+        axis_name: AxisName = None,
+    ) -> tuple[
+        Float[Array, "*positions classes"],
+        Callable[
+            [Float[Array, "*positions classes"]], Float[Array, "*positions classes"]
+        ],
+    ]:
+        return self._curvature(outputs, targets, axis_name)
+
     def grad(
         self,
         outputs: Float[Array, "*positions classes"],
@@ -167,12 +206,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
         *,
         axis_name: AxisName = None,
     ) -> Float[Array, "*positions classes"]:
-        outputs, labels, weights = self._prepare(outputs, targets)
-        p = jax.nn.softmax(outputs, axis=-1)
-        onehot = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
-        total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
-        scale = _scale(weights, total, outputs.dtype, labels.shape)
-        return (p - onehot) * scale[..., None]
+        return self._curvature(outputs, targets, axis_name)[0]
 
     def hvp(
         self,
@@ -182,12 +216,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
         *,
         axis_name: AxisName = None,
     ) -> Float[Array, "*positions classes"]:
-        outputs, labels, weights = self._prepare(outputs, targets)
-        p = jax.nn.softmax(outputs, axis=-1)
-        pu = p * tangent
-        hu = pu - p * jnp.sum(pu, axis=-1, keepdims=True)
-        total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
-        return hu * _scale(weights, total, outputs.dtype, labels.shape)[..., None]
+        return self._curvature(outputs, targets, axis_name)[1](tangent)
 
 
 class MeanSquaredError(AbstractLoss):
@@ -217,7 +246,7 @@ class MeanSquaredError(AbstractLoss):
         y, weights = _split_targets(targets, "MeanSquaredError")
         if weights is not None:
             weights = _check_weights(weights, positions, "MeanSquaredError")
-        y = jnp.asarray(y)
+        y = jnp.asarray(y, outputs.dtype)
         if y.shape != outputs.shape:
             raise ValueError(
                 f"MeanSquaredError: targets have shape {y.shape} but outputs have "

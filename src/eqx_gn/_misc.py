@@ -15,12 +15,13 @@ def tree_vdot(a, b) -> Array:
 
 
 def tree_axpy(alpha, x, y):
-    """``alpha * x + y`` leaf by leaf."""
-    return jax.tree.map(lambda u, v: alpha * u + v, x, y)
+    """``alpha * x + y`` leaf by leaf, in the dtype of each leaf of ``y``."""
+    return jax.tree.map(lambda u, v: (alpha * u).astype(v.dtype) + v, x, y)
 
 
 def tree_scale(alpha, x):
-    return jax.tree.map(lambda u: alpha * u, x)
+    """``alpha * x`` leaf by leaf, in the dtype of each leaf of ``x``."""
+    return jax.tree.map(lambda u: (alpha * u).astype(u.dtype), x)
 
 
 def tree_zeros_like(x):

@@ -91,20 +91,27 @@ def data_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
     return Mesh(np.asarray(devices[:n]), (axis,))
 
 
-def shard_batch(batch: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
-    """Put every array leaf of ``batch`` on ``mesh``, split along its first axis."""
+def shard_batch(
+    batch: PyTree, mesh: Mesh, axis: str = "data", *, batch_axis: int = 0
+) -> PyTree:
+    """Put every array leaf of ``batch`` on ``mesh``, split along ``batch_axis``.
+
+    Use ``batch_axis=1`` for micro-batches stacked along a leading axis, as
+    [`eqx_gn.GaussNewton.step`][] takes them.
+    """
     size = mesh.shape[axis]
 
     def put(path, x):
-        x = jnp.asarray(x)
-        if x.ndim == 0 or x.shape[0] % size:
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim <= batch_axis or x.shape[batch_axis] % size:
             raise ValueError(
                 f"batch leaf {jax.tree_util.keystr(path)} has shape {x.shape}: its "
-                f"leading axis must be divisible by the {size} devices of mesh axis "
-                f"{axis!r}."
+                f"axis {batch_axis} must be divisible by the {size} devices of mesh "
+                f"axis {axis!r}."
             )
-        spec = PartitionSpec(axis, *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        spec = [None] * x.ndim
+        spec[batch_axis] = axis
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
     return jax.tree_util.tree_map_with_path(put, batch)
 

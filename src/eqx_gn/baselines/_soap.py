@@ -310,7 +310,8 @@ def soap(
     optax.scale_by_learning_rate(learning_rate))`: the parameters move by
     $-\eta\,(U_t + \lambda W)$, with $U_t$ the update of
     [`scale_by_soap`][eqx_gn.baselines.scale_by_soap] (where the maths is). The
-    defaults are the reference's. The first call makes no Adam step (its update is
+    defaults are the reference's, except `weight_decay` (0 here, 0.01 there). The
+    first call makes no Adam step (its update is
     $-\eta \lambda W$); with every rotation off (`max_precond_dim=0`) the
     later calls are exactly `optax.adamw`'s.
 

@@ -345,3 +345,50 @@ def test_misconfiguration_raises_clear_errors(getkey):
         eqx_gn.InnerOptimizer(schedule="global_cosine")
     with pytest.raises((ValueError, TypeError), match="schedule"):
         eqx_gn.ProxLinear(schedule="linear")
+
+
+def test_float32_model_stays_float32_with_float64_loss_values(getkey):
+    model = eqx.nn.MLP(3, 2, 8, 1, key=getkey(), dtype=jnp.float32)
+    x = jax.random.normal(getkey(), (3, 16, 3), jnp.float32)
+    # Learnable float64 targets (numpy): a fixed smooth map of the inputs.
+    y = np.tanh(np.asarray(x, np.float64) @ np.ones((3, 2)))
+    loss = eqx_gn.AutodiffLoss(lambda z, t: jnp.mean((z - t) ** 2))
+    for solver in (eqx_gn.InnerOptimizer(learning_rate=0.05), exact_cg()):
+        gn = eqx_gn.GaussNewton(apply, loss, solver=solver)
+        m, state = model, gn.init(model)
+        for _ in range(2):
+            m, state, stats = eqx.filter_jit(gn.step)(
+                m, state, (x[:2], y[:2]), (x[2:], y[2:])
+            )
+        assert not bool(stats.nonfinite)
+        carried = getattr(state.solver_state, "direction", None)
+        if carried is None:
+            carried = state.solver_state.previous
+        for leaf in jax.tree.leaves(eqx.filter((m, carried), eqx.is_inexact_array)):
+            assert leaf.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_inner_rejected_step_restarts_the_inner_loop(getkey, reset):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (2, 16, 3))
+    y = jax.random.randint(getkey(), (2, 16), 0, 4)
+    solver = eqx_gn.InnerOptimizer(learning_rate=0.1, reset_on_reject=reset)
+    problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
+    state = solver.init(model)
+    d, provisional, stats = solver.solve(problem, model, (x, y), state, jnp.asarray(0))
+    ls = eqx_gn.LineSearchStats(
+        *(jnp.asarray(v) for v in (1.0, 1.0, 2.0)), jnp.asarray(8)
+    )
+    after = solver.accept(provisional, d, jnp.asarray(0.0), ls, stats)
+    if reset:
+        expected = solver.init(model)
+    else:
+        expected = provisional
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # An accepted step always carries (1 - s) d and the optimizer state.
+    kept = solver.accept(provisional, d, jnp.asarray(0.25), ls, stats)
+    np.testing.assert_allclose(
+        ravel_pytree(kept.direction)[0], 0.75 * ravel_pytree(d)[0], rtol=1e-12
+    )

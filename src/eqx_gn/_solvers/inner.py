@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int, PyTree, jaxtyped
 from .._custom_types import FilterSpec, Model, Params
 from .._gnvp import QuadraticModel
 from .._line_search import LineSearchStats
-from .._misc import tree_scale, tree_zeros_like
+from .._misc import tree_axpy, tree_scale, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .abstract import AbstractGNSolver, GNProblem, SolverStats, num_batches
 
@@ -38,6 +38,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
     schedule: eqx.AbstractVar[Schedule]
     total_steps: eqx.AbstractVar[int | None]
     warm_start: eqx.AbstractVar[bool]
+    reset_on_reject: eqx.AbstractVar[bool]
 
     def _check(self, name: str):
         if not self.learning_rate > 0:
@@ -99,10 +100,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
             value, grad = self._objective(model_q, d)
             theta = jax.tree.map(jnp.add, params, d)
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
-            # The schedule is computed in the default float type (float64 with x64
-            # on); the iterate keeps the parameters' dtype.
-            rate = self._rate(step, k, num_steps)
-            d = jax.tree.map(lambda u, v: rate.astype(v.dtype) * u + v, updates, d)
+            d = tree_axpy(self._rate(step, k, num_steps), updates, d)
             return (d, opt_state), (value, model_q.loss_value)
 
         (d, opt_state), (values, losses) = jax.lax.scan(
@@ -127,7 +125,13 @@ class _AbstractInnerLoop(AbstractGNSolver):
     ) -> InnerState:
         # The next linearization point is theta0 + s d; the inner iterate theta0 + d
         # stays where it is, so relative to the new point it is (1 - s) d.
-        return InnerState(tree_scale(1.0 - step_size, direction), state.opt_state)
+        carried = InnerState(tree_scale(1.0 - step_size, direction), state.opt_state)
+        if not self.reset_on_reject:
+            return carried
+        # A rejected direction would otherwise seed the next inner loop, which then
+        # keeps growing the same rejected step: start afresh instead.
+        fresh = InnerState(tree_zeros_like(direction), self.optimizer.init(direction))
+        return tree_where(step_size > 0, carried, fresh)
 
 
 class InnerOptimizer(_AbstractInnerLoop):
@@ -136,10 +140,12 @@ class InnerOptimizer(_AbstractInnerLoop):
     Step $k$ linearizes at the fixed $\theta_0$ on the $k$-th micro-batch and updates
     the inner iterate with the gradient $g_k + G_k d$ of that micro-batch's quadratic
     model. ``optimizer`` gives the direction at unit learning rate; the step length is
-    ``learning_rate`` times the schedule: ``"cosine"`` decays to 0 inside each outer
+    ``learning_rate`` times the schedule: ``"cosine"`` decays towards 0 inside each outer
     step, ``"global_cosine"`` once over ``total_steps`` outer steps (the paper's best),
     ``"constant"`` not at all. With ``warm_start`` the inner iterate and optimizer
-    state carry over to the next outer step. The default optimizer is the paper's:
+    state carry over to the next outer step; after a rejected step (line-search step
+    size 0) they restart from zero and a fresh optimizer state, unless
+    ``reset_on_reject=False``. The default optimizer is the paper's:
     Muon on hidden 2-D matrices, AdamW on the rest and on what ``adam_filter``
     selects (embedding and head), after global-norm clipping at 1.
     """
@@ -149,6 +155,7 @@ class InnerOptimizer(_AbstractInnerLoop):
     schedule: Schedule = eqx.field(static=True)
     total_steps: int | None = eqx.field(static=True)
     warm_start: bool = eqx.field(static=True)
+    reset_on_reject: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -158,6 +165,7 @@ class InnerOptimizer(_AbstractInnerLoop):
         schedule: Schedule = "cosine",
         total_steps: int | None = None,
         warm_start: bool = True,
+        reset_on_reject: bool = True,
         adam_filter: FilterSpec | None = None,
     ):
         self.optimizer = (
@@ -167,6 +175,7 @@ class InnerOptimizer(_AbstractInnerLoop):
         self.schedule = schedule
         self.total_steps = total_steps
         self.warm_start = warm_start
+        self.reset_on_reject = reset_on_reject
 
     def __check_init__(self):
         self._check("InnerOptimizer")
@@ -187,6 +196,7 @@ class ProxLinear(_AbstractInnerLoop):
     schedule: Schedule = eqx.field(static=True)
     total_steps: int | None = eqx.field(static=True)
     warm_start: bool = eqx.field(static=True)
+    reset_on_reject: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -196,6 +206,7 @@ class ProxLinear(_AbstractInnerLoop):
         schedule: Schedule = "cosine",
         total_steps: int | None = None,
         warm_start: bool = True,
+        reset_on_reject: bool = True,
         adam_filter: FilterSpec | None = None,
     ):
         self.optimizer = (
@@ -205,6 +216,7 @@ class ProxLinear(_AbstractInnerLoop):
         self.schedule = schedule
         self.total_steps = total_steps
         self.warm_start = warm_start
+        self.reset_on_reject = reset_on_reject
 
     def __check_init__(self):
         self._check("ProxLinear")

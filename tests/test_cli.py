@@ -1,0 +1,151 @@
+"""The ``eqx-gn`` command line, run in subprocesses as a user would."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "",
+        "EQX_GN_CACHE": str(cache),
+    }
+
+
+def eqx_gn(env, *args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "eqx_gn.lm._cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_commands_and_options(env):
+    top = eqx_gn(env, "--help")
+    assert top.returncode == 0
+    for command in ("train", "compare", "plot"):
+        assert command in top.stdout
+    train = eqx_gn(env, "train", "--help")
+    assert train.returncode == 0
+    for flag in (
+        "--text",
+        "--tokenizer",
+        "--vocab-size",
+        "--optimizer",
+        "--model",
+        "--steps",
+        "--batch-size",
+        "--micro-batches",
+        "--ls-batches",
+        "--seq-len",
+        "--lr",
+        "--warmup-fraction",
+        "--eval-every",
+        "--checkpoint-every",
+        "--target-loss",
+        "--seed",
+        "--out",
+        "--resume",
+        "--mesh",
+        "--distributed",
+        "--coordinator-address",
+        "--no-progress",
+    ):
+        assert flag in train.stdout, flag
+
+
+def test_train_defaults_on_a_cut_down_budget(env, tmp_path):
+    out = tmp_path / "run"
+    result = eqx_gn(
+        env, "train", "--steps", 3, "--eval-every", 3, "--batch-size", 8,
+        "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gn on the tiny model" in result.stdout
+    assert "final validation loss" in result.stdout
+    assert str(out) in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer"] == "gn" and summary["steps"] == 3
+    assert summary["final_val_loss"] < 5.55  # below the uniform loss, log(257)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["phase"] for line in lines] == ["warmup", "main", "main"]
+    assert (out / "checkpoints" / "3").is_dir()
+    config = json.loads((out / "config.json").read_text())
+    assert config["resolved"]["micro_batch_size"] == 1
+
+    # The finished run resumes to the same summary; a second plain run refuses.
+    again = eqx_gn(env, "train", "--out", out, "--resume", "--no-progress",
+                   "--steps", 3, "--eval-every", 3, "--batch-size", 8)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    taken = eqx_gn(env, "train", "--out", out, "--no-progress")
+    assert taken.returncode == 2
+    assert "already holds a run" in taken.stderr
+
+
+def test_compare_two_optimizers_then_plot(env, tmp_path):
+    out = tmp_path / "cmp"
+    result = eqx_gn(
+        env, "compare", "--optimizers", "adamw,gn", "--steps", 3,
+        "--batch-size", 8, "--micro-batches", 4, "--eval-every", 3,
+        "--eval-batches", 2, "--seq-len", 32, "--target-loss", 1.0,
+        "--lr", "adamw=0.003,gn=0.03", "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, _, *rows = result.stdout.splitlines()[:4]
+    assert header.split()[:3] == ["optimizer", "final", "val"]
+    assert "steps to target" in header
+    assert [row.split()[0] for row in rows] == ["adamw", "gn"]
+    for name in ("adamw", "gn"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["steps"] == 3 and not summary["target_reached"]
+        config = json.loads((out / name / "config.json").read_text())["config"]
+        assert config["batch_size"] == 8 and config["optimizer"] == name
+    assert len(json.loads((out / "compare.json").read_text())) == 2
+    for axis in ("steps", "tokens", "time"):
+        assert (out / f"loss_vs_{axis}.png").read_bytes().startswith(PNG_MAGIC)
+
+    plots = tmp_path / "plots"
+    result = eqx_gn(env, "plot", out / "adamw", out / "gn", "--out", plots)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for axis in ("steps", "tokens", "time"):
+        png = plots / f"loss_vs_{axis}.png"
+        assert png.stat().st_size > 1000
+        assert png.read_bytes().startswith(PNG_MAGIC)
+        assert str(png) in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+        (["train", "--text", "/no/such/corpus.txt"], "does not exist"),
+        (
+            ["train", "--batch-size", 10, "--micro-batches", 4],
+            "batch_size=10 is not divisible by micro_batches=4",
+        ),
+        (["train", "--steps", "many"], "--steps: expected an integer"),
+        (["train", "--mesh", "model=2"], "--mesh: expected data=N"),
+        (["compare", "--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
+        (["plot", "/no/such/run"], "not a run directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(env, tmp_path, args, message):
+    result = eqx_gn(env, *args, "--out" if args[0] != "plot" else "--title",
+                    tmp_path / "out")  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"eqx-gn {args[0]}: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr

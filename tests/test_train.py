@@ -1,0 +1,292 @@
+"""The training runner: configuration, resuming bit for bit, data parallelism over a
+mesh and over processes, the target loss."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from eqx_gn.lm import ConfigError, TrainConfig, train
+from eqx_gn.lm._checkpoint import Checkpointer
+
+# Cut-down budget on the tiny model: a few seconds of compute per run; most of a
+# run's time is compilation.
+SMALL = dict(
+    model="tiny",
+    seq_len=32,
+    steps=6,
+    batch_size=16,
+    micro_batches=2,
+    ls_batches=1,
+    warmup_fraction=0.34,  # 2 AdamW steps, then 4 of the chosen optimizer
+    eval_every=2,
+    eval_batches=2,
+    eval_batch_size=8,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def small(tmp_path, cache_dir, name, **changes):
+    return TrainConfig(
+        **{**SMALL, "cache_dir": cache_dir, "out": str(tmp_path / name)}
+    ).replace(**changes)
+
+
+def records(run_dir, drop=("time_s",)):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in drop} for r in lines]
+
+
+def final_arrays(run_dir):
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        return checkpointer.latest_step(), checkpointer.restore_arrays()
+    finally:
+        checkpointer.close()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(optimizer="sgd"), "unknown optimizer 'sgd'"),
+        (dict(batch_size=10, micro_batches=4), "not divisible by micro_batches=4"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(warmup_fraction=1.0), "warmup_fraction must be in [0, 1)"),
+        (dict(lr=-1.0), "lr must be > 0"),
+        (dict(tokenizer="bpe"), "needs a vocab_size"),
+        (dict(resume=True, overwrite=True), "exclude each other"),
+    ],
+)
+def test_config_rejects_bad_values(changes, message):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")
+    ):
+        TrainConfig(**changes)
+
+
+def test_config_derived_sizes():
+    config = TrainConfig()
+    assert (config.steps, config.batch_size, config.micro_batches) == (200, 64, 8)
+    assert (config.warmup_steps, config.main_steps) == (20, 180)
+    config = config.replace(steps=100, warmup_fraction=0.05)
+    assert (config.warmup_steps, config.main_steps) == (5, 95)
+    assert config.micro_batch_size == config.line_search_batch_size == 8
+    assert config.learning_rate == 3e-2
+    assert TrainConfig(warmup_fraction=0.0).warmup_steps == 0
+    assert TrainConfig(steps=3, warmup_fraction=0.01).warmup_steps == 1
+    assert TrainConfig(steps=1).warmup_steps == 0
+    # First-order optimizers ignore micro_batches.
+    assert (
+        TrainConfig(optimizer="adamw", batch_size=10, micro_batches=4).batch_size == 10
+    )
+    config = TrainConfig(optimizer="muon", lr=0.01)
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "gn"])
+def test_resume_gives_the_same_run_bit_for_bit(tmp_path, cache_dir, optimizer):
+    whole = small(tmp_path, cache_dir, "whole", optimizer=optimizer, checkpoint_every=2)
+    summary = train(whole)
+    assert summary["completed"] and summary["steps"] == 6
+    # Each step function is compiled once, however many steps run.
+    assert summary["compiled"] == ["eval", "main", "warmup"]
+
+    # Killed after step 5 (the last checkpoint is at step 4), then resumed: steps 5
+    # and 6 are redone and the metrics file is cut back to step 4 first.
+    cut = whole.replace(out=str(tmp_path / "cut"), stop_after=5)
+    partial = train(cut)
+    assert not partial["completed"] and partial["steps"] == 5
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    assert len(records(cut.out)) == 5
+    resumed = train(cut.replace(stop_after=None, resume=True))
+    assert resumed["completed"] and resumed["steps"] == 6
+    assert resumed["compiled"] == ["eval", "main"]  # no warm-up step after step 4
+
+    assert records(cut.out) == records(whole.out)
+    step_a, arrays_a = final_arrays(whole.out)
+    step_b, arrays_b = final_arrays(cut.out)
+    assert step_a == step_b == 6
+    assert len(arrays_a) == len(arrays_b)
+    for a, b in zip(arrays_a, arrays_b, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+    run = records(whole.out)
+    assert [r["phase"] for r in run] == ["warmup"] * 2 + ["main"] * 4
+    assert [r["tokens"] for r in run] == [16 * 32 * i for i in range(1, 7)]
+    assert [r["step"] for r in run if "val_loss" in r] == [2, 4, 6]
+    assert run[-1]["val_loss"] < run[1]["val_loss"]
+    if optimizer == "gn":
+        main = run[2:]
+        assert [r["ls_tokens"] for r in main] == [8 * 32 * i for i in range(1, 5)]
+        for name in ("step_size", "loss_before", "loss_after", "predicted_decrease"):
+            assert all(name in r for r in main)
+        assert resumed["ls_tokens"] == 4 * 8 * 32
+        assert all(r["loss_after"] <= r["loss_before"] for r in main)
+
+
+def test_target_loss_stops_the_run_and_resume_after_the_end(tmp_path, cache_dir):
+    config = small(
+        tmp_path,
+        cache_dir,
+        "target",
+        optimizer="adamw",
+        steps=5,
+        warmup_fraction=0.0,
+        eval_every=1,
+        target_loss=5.45,
+    )
+    summary = train(config)
+    assert summary["target_reached"] and summary["completed"]
+    assert summary["steps"] == summary["steps_to_target"] < 5
+    assert summary["tokens_to_target"] == summary["steps"] * 16 * 32
+    assert summary["time_to_target"] == summary["time_s"]
+    assert summary["final_val_loss"] <= 5.45
+    assert (
+        json.loads((tmp_path / "target" / "summary.json").read_text())[
+            "steps_to_target"
+        ]
+        == summary["steps"]
+    )
+    # The run is over: resuming it runs no step and reports the same outcome.
+    again = train(config.replace(resume=True))
+    assert again["compiled"] == []
+    for key in ("steps", "steps_to_target", "final_val_loss", "tokens_to_target"):
+        assert again[key] == summary[key]
+
+
+def test_an_existing_run_is_not_overwritten_or_resumed_differently(tmp_path, cache_dir):
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    config = small(tmp_path, cache_dir, "taken")
+    (run_dir / "config.json").write_text(json.dumps({"config": config.to_dict()}))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config)
+    with pytest.raises(ConfigError, match=r"different configuration \(steps: 6 -> 7"):
+        train(config.replace(steps=7, resume=True))
+
+
+def test_missing_text_is_a_config_error(tmp_path, cache_dir):
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(small(tmp_path, cache_dir, "x", text=str(tmp_path / "missing.txt")))
+
+
+def test_data_parallel_mesh_matches_one_device(tmp_path, cache_dir):
+    # 8 simulated CPU devices (tests/conftest.py): every micro-batch, line-search
+    # batch and evaluation batch of 8 sequences is split one sequence per device.
+    # The one-device run is the configuration of the resume test, so its steps are
+    # already compiled when the tests run in order.
+    config = small(tmp_path, cache_dir, "one", optimizer="gn", checkpoint_every=0)
+    train(config)
+    summary = train(config.replace(out=str(tmp_path / "eight"), data_parallel=8))
+    resolved = json.loads((tmp_path / "eight" / "config.json").read_text())["resolved"]
+    assert resolved["devices"] == 8
+    one, eight = records(config.out), records(summary["out"])
+    assert len(one) == len(eight) == 6
+    for a, b in zip(one, eight, strict=True):
+        for name in ("train_loss", "val_loss", "loss_before", "loss_after"):
+            if name in a:
+                np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=name)
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+
+    process_id, num_processes, port, out, cache, changes = sys.argv[1:7]
+    num_processes, process_id = int(num_processes), int(process_id)
+    if num_processes > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
+        )
+    from eqx_gn.lm import TrainConfig, train
+
+    config = TrainConfig(**json.loads(changes), out=out, cache_dir=cache)
+    summary = train(config.replace(distributed=num_processes > 1))
+    print("SUMMARY", json.dumps(summary), flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir):
+    # Two processes with one CPU device each (gloo collectives), each reading only
+    # its half of every batch; stopped after step 3 and resumed from the checkpoint
+    # at step 2, against one process that ran straight through.
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    base = dict(SMALL, optimizer="gn", steps=4, checkpoint_every=2, eval_every=1)
+
+    def launch(process_id, num_processes, port, out, **changes):
+        return subprocess.Popen(
+            [sys.executable, str(script), str(process_id), str(num_processes),
+             str(port), str(out), cache_dir, json.dumps({**base, **changes})],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+
+    def summaries(processes):
+        outputs = [p.communicate(timeout=600)[0] for p in processes]
+        for p, output in zip(processes, outputs, strict=True):
+            # Python's shutdown noise (orbax coroutines) would bury the real error.
+            lines = [line for line in output.splitlines() if "meta_path" not in line]
+            assert p.returncode == 0, "\n".join(lines)[-5000:]
+        return [
+            json.loads(line.split(" ", 1)[1])
+            for output in outputs
+            for line in output.splitlines()
+            if line.startswith("SUMMARY ")
+        ]
+
+    two = tmp_path / "two"
+    single = launch(0, 1, 0, tmp_path / "one")
+    port = _free_port()
+    cut = summaries([launch(i, 2, port, two, stop_after=3) for i in range(2)])
+    assert [s["steps"] for s in cut] == [3, 3]
+    assert not any(s["completed"] for s in cut)
+    port = _free_port()
+    resumed = summaries([launch(i, 2, port, two, resume=True) for i in range(2)])
+    (reference,) = summaries([single])
+
+    assert [s["steps"] for s in resumed] == [4, 4]
+    assert resumed[0]["final_val_loss"] == resumed[1]["final_val_loss"]
+    resolved = json.loads((two / "config.json").read_text())["resolved"]
+    assert resolved["processes"] == 2 and resolved["devices"] == 2
+    one, two_records = records(tmp_path / "one"), records(two)
+    assert len(one) == len(two_records) == 4
+    for a, b in zip(one, two_records, strict=True):
+        for name in ("train_loss", "val_loss", "loss_before", "loss_after"):
+            if name in a:
+                np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(
+        resumed[0]["final_val_loss"], reference["final_val_loss"], rtol=1e-5
+    )
+    # Each process saved its own position in its shard of the data.
+    iterator_states = (two / "checkpoints" / "4" / "train_iter").glob("process_*")
+    assert sorted(p.name for p in iterator_states) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    _, arrays_one = final_arrays(tmp_path / "one")
+    _, arrays_two = final_arrays(two)
+    for a, b in zip(arrays_one, arrays_two, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5)

@@ -63,13 +63,42 @@ def run_dir(out: Path, method: str, batch: int, lr: float) -> Path:
     return out / f"{method}_b{batch}_lr{lr:g}"
 
 
+def reached(path: Path, target: float | None) -> dict:
+    """Step, tokens and training time of the first evaluation at or below target."""
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        loss = record.get("val_loss")
+        if target is not None and loss is not None and loss <= target:
+            return {
+                "target_reached": True,
+                "steps_to_target": record["step"],
+                "tokens_to_target": record["tokens"],
+                "time_to_target": record["time_s"],
+            }
+    return {
+        "target_reached": False,
+        "steps_to_target": None,
+        "tokens_to_target": None,
+        "time_to_target": None,
+    }
+
+
 def run(args, out, method, batch, lr, target):
+    """The run's summary, with steps/tokens/time to ``target`` read off its metrics.
+
+    A finished run is reused when it ran its whole step budget, or stopped at a target
+    no higher than this one (so its metrics show when it crossed this one).
+    """
     path = run_dir(out, method, batch, lr)
     summary_file = path / "summary.json"
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())
-        if summary.get("completed", True) and summary.get("target_loss") == target:
-            return summary
+        stopped_at = summary.get("target_loss")
+        whole_budget = summary.get("steps") == args.steps
+        if summary.get("completed", True) and (
+            whole_budget or (target is not None and stopped_at <= target)
+        ):
+            return {**summary, **reached(path, target)}
     config = lm.TrainConfig(
         model=args.model,
         seq_len=args.seq,
@@ -90,7 +119,7 @@ def run(args, out, method, batch, lr, target):
         progress=False,
     )
     start = time.perf_counter()
-    summary = lm.train(config)
+    summary = {**lm.train(config), **reached(path, target)}
     print(
         f"{method:>13} b={batch:<5} lr={lr:<7g} final {summary['final_val_loss']:.4f} "
         f"target@{summary['steps_to_target']} ({time.perf_counter() - start:.0f}s)",

@@ -9,6 +9,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_gn
 
+# Collectives over 8 simulated CPU devices: run apart from other load (see
+# scripts/test.sh), since a starved device thread aborts the process.
+pytestmark = pytest.mark.multidevice
+
 
 def apply(model, x):
     return jax.vmap(model)(x)

@@ -39,6 +39,10 @@ from eqx_gn import (
     shard_batch,
 )
 
+# Collectives over 8 simulated CPU devices: run apart from other load (see
+# scripts/test.sh), since a starved device thread aborts the process.
+pytestmark = pytest.mark.multidevice
+
 NDEV = 8
 AXIS = "data"
 RTOL, ATOL = 1e-10, 1e-12

@@ -182,6 +182,7 @@ def test_missing_text_is_a_config_error(tmp_path, cache_dir):
         train(small(tmp_path, cache_dir, "x", text=str(tmp_path / "missing.txt")))
 
 
+@pytest.mark.multidevice
 def test_data_parallel_mesh_matches_one_device(tmp_path, cache_dir):
     # 8 simulated CPU devices (tests/conftest.py): every micro-batch, line-search
     # batch and evaluation batch of 8 sequences is split one sequence per device.
@@ -228,6 +229,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir):
     # Two processes with one CPU device each (gloo collectives), each reading only
     # its half of every batch; stopped after step 3 and resumed from the checkpoint

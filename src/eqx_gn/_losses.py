@@ -21,6 +21,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from ._custom_types import AxisName
@@ -262,7 +263,7 @@ class MeanSquaredError(AbstractLoss):
     def value(
         self,
         outputs: Float[Array, "..."],
-        targets: Float[Array, "..."] | tuple[Array, Array],
+        targets: Float[Array | np.ndarray, "..."] | tuple[Array, Array],
         *,
         axis_name: AxisName = None,
     ) -> Scalar:
@@ -273,7 +274,7 @@ class MeanSquaredError(AbstractLoss):
     def grad(
         self,
         outputs: Float[Array, "..."],
-        targets: Float[Array, "..."] | tuple[Array, Array],
+        targets: Float[Array | np.ndarray, "..."] | tuple[Array, Array],
         *,
         axis_name: AxisName = None,
     ) -> Float[Array, "..."]:
@@ -285,7 +286,7 @@ class MeanSquaredError(AbstractLoss):
     def hvp(
         self,
         outputs: Float[Array, "..."],
-        targets: Float[Array, "..."] | tuple[Array, Array],
+        targets: Float[Array | np.ndarray, "..."] | tuple[Array, Array],
         tangent: Float[Array, "..."],
         *,
         axis_name: AxisName = None,

@@ -6,7 +6,9 @@ batch size, on real text (the bundled Shakespeare corpus), driven by the runner.
 2. Every method at every batch size, over its learning-rate grid (the same grid
    size and step budget for every method; GN's grid is its inner learning rate),
    with the same AdamW warm-up, stopping at the target. For each (method, batch
-   size) the best learning rate is the one reaching the target in the fewest steps.
+   size) the best learning rate is the one reaching the target in the fewest steps;
+   where it is at an edge of the grid, one more learning rate 3x further out is
+   tried (the same rule for every method).
 3. A table (stdout and JSON) and plots: steps-to-target against tokens per step on
    log-log axes (the critical-batch-size picture), and validation loss against
    steps and time at the largest batch.
@@ -81,6 +83,11 @@ def reached(path: Path, target: float | None) -> dict:
         "tokens_to_target": None,
         "time_to_target": None,
     }
+
+
+def _rank(summary):
+    steps = summary["steps_to_target"]
+    return (steps if steps is not None else float("inf"), summary["best_val_loss"])
 
 
 def run(args, out, method, batch, lr, target):
@@ -207,10 +214,15 @@ def main():
     runs, table, best_dirs = [], {}, {}
     for batch in reversed(batches):
         for method in methods:
-            entries = []
-            for lr in grids[method]:
-                summary = run(args, out, method, batch, lr, target)
-                entries.append((lr, summary))
+            grid = list(grids[method])
+            entries = [(lr, run(args, out, method, batch, lr, target)) for lr in grid]
+            # The same rule for every method: when the best learning rate sits at an
+            # edge of the grid, try one more, 3x further out.
+            best = min(entries, key=lambda e: _rank(e[1]))[0]
+            if best in (grid[0], grid[-1]):
+                extra = best / 3 if best == grid[0] else best * 3
+                entries.append((extra, run(args, out, method, batch, extra, target)))
+            for lr, summary in entries:
                 runs.append(
                     {"method": method, "batch_size": batch, "lr": lr, **summary}
                 )

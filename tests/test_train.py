@@ -292,3 +292,30 @@ def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir):
     _, arrays_two = final_arrays(two)
     for a, b in zip(arrays_one, arrays_two, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "optimizer", ["adamw", "muon", "soap", "gn", "gn-layerwise", "gn-prox"]
+)
+def test_a_short_run_of_each_optimizer_lowers_the_validation_loss(
+    tmp_path, cache_dir, optimizer
+):
+    # One AdamW warm-up step, then 9 of the optimizer under test: its own progress
+    # is the drop from the evaluation after the warm-up to the end.
+    config = small(
+        tmp_path,
+        cache_dir,
+        optimizer,
+        optimizer=optimizer,
+        steps=10,
+        warmup_fraction=0.1,
+        eval_every=0,
+        checkpoint_every=0,
+    )
+    summary = train(config)
+    evaluated = [r for r in records(tmp_path / optimizer) if r.get("val_loss")]
+    after_warmup = next(r for r in evaluated if r["step"] == config.warmup_steps)
+    assert summary["final_val_loss"] < after_warmup["val_loss"] - 0.05, (
+        after_warmup["val_loss"],
+        summary["final_val_loss"],
+    )

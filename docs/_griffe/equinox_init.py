@@ -106,6 +106,18 @@ def _has_explicit_init(cls: Class, explicit: set[str]) -> bool:
     return any(c.path in explicit for c in chain)
 
 
+def _inherited_init(cls: Class, explicit: set[str], by_path: dict[str, Class]):
+    """The ``__init__`` of the nearest private base, when ``cls`` has none itself."""
+    if "__init__" in cls.members:
+        return None
+    for base in cls.bases:
+        path = getattr(base, "canonical_path", str(base))
+        parent = by_path.get(path)
+        if parent is not None and parent.name.startswith("_") and path in explicit:
+            return parent.members["__init__"]
+    return None
+
+
 def _classes(obj: Module | Class, seen: set[str]):
     if obj.path in seen:
         return
@@ -126,8 +138,23 @@ class EquinoxInit(griffe.Extension):
     def on_package(self, *, pkg: Module, **kwargs: Any) -> None:
         classes = list(_classes(pkg, set()))
         explicit = {c.path for c in classes if "__init__" in c.members}
+        by_path = {c.path: c for c in classes}
         for cls in classes:
             if _has_explicit_init(cls, explicit):
+                inherited = _inherited_init(cls, explicit, by_path)
+                if inherited is not None:
+                    # Show the __init__ a private base defines on its public subclass.
+                    cls.set_member(
+                        "__init__",
+                        Function(
+                            "__init__",
+                            lineno=cls.lineno,
+                            endlineno=cls.lineno,
+                            parent=cls,
+                            parameters=inherited.parameters,
+                            returns=inherited.returns,
+                        ),
+                    )
                 continue
             obj = _runtime_class(cls)
             if not _is_equinox_module(obj):
@@ -159,7 +186,6 @@ class EquinoxInit(griffe.Extension):
                 returns="None",
             )
             cls.set_member("__init__", init)
-        by_path = {c.path: c for c in classes}
         for cls in classes:
             cls.bases = _public_bases(cls.bases, by_path)
 

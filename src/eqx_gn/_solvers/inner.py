@@ -33,12 +33,38 @@ class InnerState(eqx.Module):
 
 
 class _AbstractInnerLoop(AbstractGNSolver):
-    optimizer: eqx.AbstractVar[optax.GradientTransformation]
-    learning_rate: eqx.AbstractVar[float]
-    schedule: eqx.AbstractVar[Schedule]
-    total_steps: eqx.AbstractVar[int | None]
-    warm_start: eqx.AbstractVar[bool]
-    reset_on_reject: eqx.AbstractVar[bool]
+    """K steps of an optax optimizer on a model of the loss at a fixed point; the
+    final classes choose the model (``_objective``)."""
+
+    optimizer: optax.GradientTransformation
+    learning_rate: float = eqx.field(static=True)
+    schedule: Schedule = eqx.field(static=True)
+    total_steps: int | None = eqx.field(static=True)
+    warm_start: bool = eqx.field(static=True)
+    reset_on_reject: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        optimizer: optax.GradientTransformation | None = None,
+        *,
+        learning_rate: float = 1e-2,
+        schedule: Schedule = "cosine",
+        total_steps: int | None = None,
+        warm_start: bool = True,
+        reset_on_reject: bool = True,
+        adam_filter: FilterSpec | None = None,
+    ):
+        self.optimizer = (
+            muon_adamw(adam_filter=adam_filter) if optimizer is None else optimizer
+        )
+        self.learning_rate = learning_rate
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.warm_start = warm_start
+        self.reset_on_reject = reset_on_reject
+
+    def __check_init__(self):
+        self._check(type(self).__name__)
 
     def _check(self, name: str):
         if not self.learning_rate > 0:
@@ -150,36 +176,6 @@ class InnerOptimizer(_AbstractInnerLoop):
     selects (embedding and head), after global-norm clipping at 1.
     """
 
-    optimizer: optax.GradientTransformation
-    learning_rate: float = eqx.field(static=True)
-    schedule: Schedule = eqx.field(static=True)
-    total_steps: int | None = eqx.field(static=True)
-    warm_start: bool = eqx.field(static=True)
-    reset_on_reject: bool = eqx.field(static=True)
-
-    def __init__(
-        self,
-        optimizer: optax.GradientTransformation | None = None,
-        *,
-        learning_rate: float = 1e-2,
-        schedule: Schedule = "cosine",
-        total_steps: int | None = None,
-        warm_start: bool = True,
-        reset_on_reject: bool = True,
-        adam_filter: FilterSpec | None = None,
-    ):
-        self.optimizer = (
-            muon_adamw(adam_filter=adam_filter) if optimizer is None else optimizer
-        )
-        self.learning_rate = learning_rate
-        self.schedule = schedule
-        self.total_steps = total_steps
-        self.warm_start = warm_start
-        self.reset_on_reject = reset_on_reject
-
-    def __check_init__(self):
-        self._check("InnerOptimizer")
-
     def _objective(self, model_q, d):
         return model_q.value_and_grad(d)
 
@@ -190,36 +186,6 @@ class ProxLinear(_AbstractInnerLoop):
     Step $k$ minimises $L_k(z_0 + J_k d)$ (no Taylor expansion of the loss) on the
     $k$-th micro-batch; everything else is as in [`eqx_gn.InnerOptimizer`][].
     """
-
-    optimizer: optax.GradientTransformation
-    learning_rate: float = eqx.field(static=True)
-    schedule: Schedule = eqx.field(static=True)
-    total_steps: int | None = eqx.field(static=True)
-    warm_start: bool = eqx.field(static=True)
-    reset_on_reject: bool = eqx.field(static=True)
-
-    def __init__(
-        self,
-        optimizer: optax.GradientTransformation | None = None,
-        *,
-        learning_rate: float = 1e-2,
-        schedule: Schedule = "cosine",
-        total_steps: int | None = None,
-        warm_start: bool = True,
-        reset_on_reject: bool = True,
-        adam_filter: FilterSpec | None = None,
-    ):
-        self.optimizer = (
-            muon_adamw(adam_filter=adam_filter) if optimizer is None else optimizer
-        )
-        self.learning_rate = learning_rate
-        self.schedule = schedule
-        self.total_steps = total_steps
-        self.warm_start = warm_start
-        self.reset_on_reject = reset_on_reject
-
-    def __check_init__(self):
-        self._check("ProxLinear")
 
     def _objective(self, model_q, d):
         return model_q.linearized_loss_value_and_grad(d)

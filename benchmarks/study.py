@@ -9,7 +9,10 @@ batch size, on real text (the bundled Shakespeare corpus), driven by the runner.
    size) the best learning rate is the one reaching the target in the fewest steps;
    where it is at an edge of the grid, one more learning rate 3x further out is
    tried (the same rule for every method).
-3. A table (stdout and JSON) and plots: steps-to-target against tokens per step on
+3. With ``--seeds N > 1``: each method's chosen learning rate at the largest batch
+   again with N - 1 more seeds (model initialisation and data order), against the
+   same target, to show how far steps-to-target moves with the seed alone.
+4. A table (stdout and JSON) and plots: steps-to-target against tokens per step on
    log-log axes (the critical-batch-size picture), and validation loss against
    steps and time at the largest batch.
 
@@ -56,13 +59,20 @@ def parse():
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--grid-size", type=int, default=3, help="learning rates per method")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds for each method's chosen learning rate at the largest batch",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
     p.add_argument("--report-only", action="store_true", help="tabulate existing runs")
     return p.parse_args()
 
 
-def run_dir(out: Path, method: str, batch: int, lr: float) -> Path:
-    return out / f"{method}_b{batch}_lr{lr:g}"
+def run_dir(out: Path, method: str, batch: int, lr: float, seed_offset=0) -> Path:
+    suffix = f"_seed+{seed_offset}" if seed_offset else ""
+    return out / f"{method}_b{batch}_lr{lr:g}{suffix}"
 
 
 def reached(path: Path, target: float | None) -> dict:
@@ -90,13 +100,14 @@ def _rank(summary):
     return (steps if steps is not None else float("inf"), summary["best_val_loss"])
 
 
-def run(args, out, method, batch, lr, target):
+def run(args, out, method, batch, lr, target, seed_offset=0):
     """The run's summary, with steps/tokens/time to ``target`` read off its metrics.
 
     A finished run is reused when it ran its whole step budget, or stopped at a target
-    no higher than this one (so its metrics show when it crossed this one).
+    no higher than this one (so its metrics show when it crossed this one). With
+    ``--report-only``, a run that would have to be trained gives None.
     """
-    path = run_dir(out, method, batch, lr)
+    path = run_dir(out, method, batch, lr, seed_offset)
     summary_file = path / "summary.json"
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())
@@ -106,6 +117,8 @@ def run(args, out, method, batch, lr, target):
             whole_budget or (target is not None and stopped_at <= target)
         ):
             return {**summary, **reached(path, target)}
+    if args.report_only:
+        return None
     config = lm.TrainConfig(
         model=args.model,
         seq_len=args.seq,
@@ -119,7 +132,7 @@ def run(args, out, method, batch, lr, target):
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
         target_loss=target,
-        seed=args.seed,
+        seed=args.seed + seed_offset,
         out=str(path),
         checkpoint_every=0,
         overwrite=True,
@@ -128,7 +141,7 @@ def run(args, out, method, batch, lr, target):
     start = time.perf_counter()
     summary = {**lm.train(config), **reached(path, target)}
     print(
-        f"{method:>13} b={batch:<5} lr={lr:<7g} final {summary['final_val_loss']:.4f} "
+        f"{method:>13} b={batch:<5} lr={lr:<7g} seed={args.seed + seed_offset} final {summary['final_val_loss']:.4f} "
         f"target@{summary['steps_to_target']} ({time.perf_counter() - start:.0f}s)",
         flush=True,
     )
@@ -156,8 +169,8 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq):
     for method in methods:
         xs, ys = [], []
         for batch in batches:
-            entry = table[method][str(batch)]
-            if entry["steps_to_target"] is not None:
+            entry = table.get(method, {}).get(str(batch))
+            if entry is not None and entry["steps_to_target"] is not None:
                 xs.append(batch * tokens_per_seq)
                 ys.append(entry["steps_to_target"])
         if xs:
@@ -204,6 +217,9 @@ def main():
 
     # 1. The target: AdamW's best validation loss at the largest batch.
     adamw = [run(args, out, "adamw", largest, lr, None) for lr in grids["adamw"]]
+    adamw = [s for s in adamw if s is not None]
+    if not adamw:
+        raise SystemExit(f"no finished AdamW run at batch {largest} under {out}")
     target = min(s["best_val_loss"] for s in adamw)
     print(
         f"target validation loss (AdamW's best at batch {largest}): {target:.4f}",
@@ -216,15 +232,26 @@ def main():
         for method in methods:
             grid = list(grids[method])
             entries = [(lr, run(args, out, method, batch, lr, target)) for lr in grid]
+            entries = [(lr, s) for lr, s in entries if s is not None]
+            if not entries:  # --report-only, and none of these has run yet
+                continue
             # The same rule for every method: when the best learning rate sits at an
             # edge of the grid, try one more, 3x further out.
             best = min(entries, key=lambda e: _rank(e[1]))[0]
             if best in (grid[0], grid[-1]):
                 extra = best / 3 if best == grid[0] else best * 3
-                entries.append((extra, run(args, out, method, batch, extra, target)))
+                summary = run(args, out, method, batch, extra, target)
+                if summary is not None:
+                    entries.append((extra, summary))
             for lr, summary in entries:
                 runs.append(
-                    {"method": method, "batch_size": batch, "lr": lr, **summary}
+                    {
+                        "method": method,
+                        "batch_size": batch,
+                        "lr": lr,
+                        "seed": args.seed,
+                        **summary,
+                    }
                 )
             reached = [
                 (s["steps_to_target"], s["final_val_loss"], lr, s)
@@ -247,24 +274,58 @@ def main():
                 "lr_sweep": {f"{lr:g}": e["steps_to_target"] for lr, e in entries},
             }
 
+    # 3. More seeds for each method's chosen learning rate at the largest batch.
+    if args.seeds > 1:
+        for method in methods:
+            entry = table.get(method, {}).get(str(largest))
+            if entry is None:
+                continue
+            per_seed = {str(args.seed): entry["steps_to_target"]}
+            for offset in range(1, args.seeds):
+                s = run(args, out, method, largest, entry["lr"], target, offset)
+                if s is None:
+                    continue
+                per_seed[str(args.seed + offset)] = s["steps_to_target"]
+                runs.append(
+                    {
+                        "method": method,
+                        "batch_size": largest,
+                        "lr": entry["lr"],
+                        "seed": args.seed + offset,
+                        **s,
+                    }
+                )
+            entry["steps_to_target_by_seed"] = per_seed
+
     tokens_per_seq = args.seq
-    print(
-        f"\nsteps to validation loss {target:.4f} (None: not within {args.steps} steps)"
+
+    def cell(method, batch, key, fmt="{}"):
+        entry = table.get(method, {}).get(str(batch))
+        if entry is None:
+            return "not run"
+        value = entry[key]
+        return "None" if value is None else fmt.format(value)
+
+    def print_table(title, key, fmt="{}"):
+        print(f"\n{title}")
+        header = "".join(f"{b * tokens_per_seq:>12,}" for b in batches)
+        print(f"{'method':<14}{header}   <- tokens per step")
+        for method in methods:
+            row = "".join(f"{cell(method, b, key, fmt):>12}" for b in batches)
+            print(f"{method:<14}{row}")
+
+    print_table(
+        f"steps to validation loss {target:.4f} (None: not within {args.steps} steps)",
+        "steps_to_target",
     )
-    header = f"{'method':<14}" + "".join(f"{b * tokens_per_seq:>12,}" for b in batches)
-    print(header + "   <- tokens per step")
-    for method in methods:
-        row = "".join(
-            f"{table[method][str(b)]['steps_to_target']!s:>12}" for b in batches
-        )
-        print(f"{method:<14}{row}")
-    print("\ntime to target (s):")
-    for method in methods:
-        row = "".join(
-            f"{(lambda t: 'None' if t is None else f'{t:.1f}')(table[method][str(b)]['time_to_target']):>12}"
-            for b in batches
-        )
-        print(f"{method:<14}{row}")
+    print_table("time to target (s):", "time_to_target", "{:.1f}")
+    print_table("learning rate chosen:", "lr", "{:g}")
+    if args.seeds > 1:
+        print(f"\nsteps to target at batch {largest}, by seed:")
+        for method in methods:
+            entry = table.get(method, {}).get(str(largest), {})
+            by_seed = entry.get("steps_to_target_by_seed", {})
+            print(f"{method:<14}" + "".join(f"{v!s:>8}" for v in by_seed.values()))
 
     result = {
         "benchmark": "study",

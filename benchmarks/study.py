@@ -9,10 +9,15 @@ batch size, on real text (the bundled Shakespeare corpus), driven by the runner.
    size) the best learning rate is the one reaching the target in the fewest steps;
    where it is at an edge of the grid, one more learning rate 3x further out is
    tried (the same rule for every method).
-3. With ``--seeds N > 1``: each method's chosen learning rate at the largest batch
+3. With ``--refine``: two more runs per method at the largest batch, the same extra
+   budget for every method. A baseline tries its best learning rate times and
+   divided by 3^(1/2); GN keeps its learning rate and tries 2x and 4x the
+   micro-batches K at the same tokens per step (more, smaller inner steps, which
+   the paper's notes found to matter).
+4. With ``--seeds N > 1``: each method's chosen configuration at the largest batch
    again with N - 1 more seeds (model initialisation and data order), against the
    same target, to show how far steps-to-target moves with the seed alone.
-4. A table (stdout and JSON) and plots: steps-to-target against tokens per step on
+5. A table (stdout and JSON) and plots: steps-to-target against tokens per step on
    log-log axes (the critical-batch-size picture), and validation loss against
    steps and time at the largest batch.
 
@@ -21,6 +26,7 @@ exists is not run again, so the study resumes where it stopped (across sessions
 too) and partial results can be committed as they come.
 
     python benchmarks/study.py                                  # CPU, tiny model
+    python benchmarks/study.py --steps 300 --eval-batches 16 --refine --seeds 3
     python benchmarks/study.py --model small --seq 256 --batch-sizes 64,128,256,1024
 """
 
@@ -60,19 +66,31 @@ def parse():
     p.add_argument("--grid-size", type=int, default=3, help="learning rates per method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--refine",
+        action="store_true",
+        help="two more runs per method at the largest batch: learning rate x/÷ 3^(1/2) "
+        "for the baselines, 2x and 4x the micro-batches K for GN",
+    )
+    p.add_argument(
         "--seeds",
         type=int,
         default=1,
-        help="seeds for each method's chosen learning rate at the largest batch",
+        help="seeds for each method's chosen configuration at the largest batch",
     )
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
     p.add_argument("--report-only", action="store_true", help="tabulate existing runs")
     return p.parse_args()
 
 
-def run_dir(out: Path, method: str, batch: int, lr: float, seed_offset=0) -> Path:
-    suffix = f"_seed+{seed_offset}" if seed_offset else ""
-    return out / f"{method}_b{batch}_lr{lr:g}{suffix}"
+def run_dir(out: Path, method, batch, lr, seed_offset=0, k=None) -> Path:
+    """``{method}_b{batch}_lr{lr}``, then ``_K{k}`` for a GN run whose number of
+    micro-batches is not the study's default, and ``_seed+{offset}`` for a repeat."""
+    name = f"{method}_b{batch}_lr{lr:g}"
+    if k is not None:
+        name += f"_K{k}"
+    if seed_offset:
+        name += f"_seed+{seed_offset}"
+    return out / name
 
 
 def reached(path: Path, target: float | None) -> dict:
@@ -95,19 +113,26 @@ def reached(path: Path, target: float | None) -> dict:
     }
 
 
+def _summary_of(entry):
+    """The fields of a run summary that ``_rank`` and the tables read, from a table
+    entry."""
+    keys = ("steps_to_target", "tokens_to_target", "time_to_target", "best_val_loss")
+    return {key: entry[key] for key in keys}
+
+
 def _rank(summary):
     steps = summary["steps_to_target"]
     return (steps if steps is not None else float("inf"), summary["best_val_loss"])
 
 
-def run(args, out, method, batch, lr, target, seed_offset=0):
+def run(args, out, method, batch, lr, target, seed_offset=0, k=None):
     """The run's summary, with steps/tokens/time to ``target`` read off its metrics.
 
     A finished run is reused when it ran its whole step budget, or stopped at a target
     no higher than this one (so its metrics show when it crossed this one). With
     ``--report-only``, a run that would have to be trained gives None.
     """
-    path = run_dir(out, method, batch, lr, seed_offset)
+    path = run_dir(out, method, batch, lr, seed_offset, k)
     summary_file = path / "summary.json"
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())
@@ -125,7 +150,7 @@ def run(args, out, method, batch, lr, target, seed_offset=0):
         optimizer=method,
         steps=args.steps,
         batch_size=batch,
-        micro_batches=args.micro_batches,
+        micro_batches=args.micro_batches if k is None else k,
         ls_batches=args.ls_batches,
         lr=lr,
         warmup_fraction=args.warmup_fraction,
@@ -141,7 +166,9 @@ def run(args, out, method, batch, lr, target, seed_offset=0):
     start = time.perf_counter()
     summary = {**lm.train(config), **reached(path, target)}
     print(
-        f"{method:>13} b={batch:<5} lr={lr:<7g} seed={args.seed + seed_offset} final {summary['final_val_loss']:.4f} "
+        f"{method:>13} b={batch:<5} lr={lr:<7g} "
+        + (f"K={config.micro_batches} " if method.startswith("gn") else "")
+        + f"seed={config.seed} final {summary['final_val_loss']:.4f} "
         f"target@{summary['steps_to_target']} ({time.perf_counter() - start:.0f}s)",
         flush=True,
     )
@@ -159,7 +186,7 @@ def curves(path: Path):
     return steps, times, losses
 
 
-def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq):
+def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,12 +201,21 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq):
                 xs.append(batch * tokens_per_seq)
                 ys.append(entry["steps_to_target"])
         if xs:
-            ax.plot(xs, ys, "o-", label=method)
+            (line,) = ax.plot(xs, ys, "o-", label=method)
+            refined = table[method].get(str(max(batches)), {}).get("refined")
+            if refined is not None and refined["steps_to_target"] is not None:
+                ax.plot(
+                    [max(batches) * tokens_per_seq],
+                    [refined["steps_to_target"]],
+                    "*",
+                    markersize=11,
+                    color=line.get_color(),
+                )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tokens per step")
     ax.set_ylabel("steps to target validation loss")
-    ax.set_title("Steps to target against batch size")
+    ax.set_title("Steps to target against batch size (*: refined)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -189,7 +225,7 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq):
     largest = str(max(batches))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in methods:
-        path = best_dirs.get((method, largest))
+        path = best_dirs.get((method, "refined"), best_dirs.get((method, largest)))
         if path is None:
             continue
         steps, times, losses = curves(path)
@@ -199,6 +235,7 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq):
         a.set_xlabel(xlabel)
         a.set_ylabel("validation loss")
         a.grid(True, alpha=0.3)
+        a.axhline(target, color="grey", linestyle=":", linewidth=1)
     a1.set_title(f"Validation loss, batch {largest} sequences")
     a1.legend()
     fig.tight_layout()
@@ -274,15 +311,68 @@ def main():
                 "lr_sweep": {f"{lr:g}": e["steps_to_target"] for lr, e in entries},
             }
 
-    # 3. More seeds for each method's chosen learning rate at the largest batch.
+    # 3. Two more runs per method at the largest batch (the same extra budget for
+    # every method): a baseline's learning rate 3^(1/2) either side of its best; GN
+    # keeps its learning rate and tries 2x and 4x the micro-batches K at the same
+    # tokens per step (more, smaller inner steps).
+    if args.refine:
+        for method in methods:
+            entry = table.get(method, {}).get(str(largest))
+            if entry is None:
+                continue
+            lr = entry["lr"]
+            candidates = [(lr, None, _summary_of(entry))]
+            if method.startswith("gn"):
+                extra = [
+                    (lr, k) for k in (2 * args.micro_batches, 4 * args.micro_batches)
+                ]
+            else:
+                extra = [(lr * 3**0.5, None), (lr / 3**0.5, None)]
+            for new_lr, k in extra:
+                summary = run(args, out, method, largest, new_lr, target, k=k)
+                if summary is None:
+                    continue
+                candidates.append((new_lr, k, summary))
+                runs.append(
+                    {
+                        "method": method,
+                        "batch_size": largest,
+                        "lr": new_lr,
+                        "micro_batches": k,
+                        "seed": args.seed,
+                        **summary,
+                    }
+                )
+            lr, k, best = min(candidates, key=lambda c: _rank(c[2]))
+            entry["refined"] = {
+                "lr": lr,
+                "micro_batches": k,
+                "steps_to_target": best["steps_to_target"],
+                "tokens_to_target": best["tokens_to_target"],
+                "time_to_target": best["time_to_target"],
+                "best_val_loss": best["best_val_loss"],
+                "candidates": [
+                    {
+                        "lr": c[0],
+                        "micro_batches": c[1],
+                        "steps": c[2]["steps_to_target"],
+                    }
+                    for c in candidates
+                ],
+            }
+            best_dirs[(method, "refined")] = run_dir(out, method, largest, lr, k=k)
+
+    # 4. More seeds for each method's chosen configuration at the largest batch.
     if args.seeds > 1:
         for method in methods:
             entry = table.get(method, {}).get(str(largest))
             if entry is None:
                 continue
-            per_seed = {str(args.seed): entry["steps_to_target"]}
+            chosen = entry.get("refined", entry)
+            lr, k = chosen["lr"], chosen.get("micro_batches")
+            per_seed = {str(args.seed): chosen["steps_to_target"]}
             for offset in range(1, args.seeds):
-                s = run(args, out, method, largest, entry["lr"], target, offset)
+                s = run(args, out, method, largest, lr, target, offset, k)
                 if s is None:
                     continue
                 per_seed[str(args.seed + offset)] = s["steps_to_target"]
@@ -290,12 +380,13 @@ def main():
                     {
                         "method": method,
                         "batch_size": largest,
-                        "lr": entry["lr"],
+                        "lr": lr,
+                        "micro_batches": k,
                         "seed": args.seed + offset,
                         **s,
                     }
                 )
-            entry["steps_to_target_by_seed"] = per_seed
+            chosen["steps_to_target_by_seed"] = per_seed
 
     tokens_per_seq = args.seq
 
@@ -320,12 +411,24 @@ def main():
     )
     print_table("time to target (s):", "time_to_target", "{:.1f}")
     print_table("learning rate chosen:", "lr", "{:g}")
-    if args.seeds > 1:
-        print(f"\nsteps to target at batch {largest}, by seed:")
+    if args.refine or args.seeds > 1:
+        print(f"\nat batch {largest}: chosen configuration, steps to target by seed")
         for method in methods:
-            entry = table.get(method, {}).get(str(largest), {})
-            by_seed = entry.get("steps_to_target_by_seed", {})
-            print(f"{method:<14}" + "".join(f"{v!s:>8}" for v in by_seed.values()))
+            entry = table.get(method, {}).get(str(largest))
+            if entry is None:
+                continue
+            chosen = entry.get("refined", entry)
+            k = chosen.get("micro_batches") or (
+                args.micro_batches if method.startswith("gn") else None
+            )
+            by_seed = chosen.get(
+                "steps_to_target_by_seed", {str(args.seed): chosen["steps_to_target"]}
+            )
+            config = f"lr {chosen['lr']:.3g}" + (f", K {k}" if k else "")
+            print(
+                f"{method:<14}{config:<18}"
+                + "".join(f"{v!s:>6}" for v in by_seed.values())
+            )
 
     result = {
         "benchmark": "study",
@@ -339,7 +442,7 @@ def main():
         "runs": runs,
     }
     (out / "study.json").write_text(json.dumps(result, indent=2))
-    plot(out, table, best_dirs, methods, batches, tokens_per_seq)
+    plot(out, table, best_dirs, methods, batches, tokens_per_seq, target)
     print(f"\nwrote {out / 'study.json'}, steps_to_target.png, loss_curves.png")
 
 

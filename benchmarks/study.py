@@ -175,6 +175,53 @@ def run(args, out, method, batch, lr, target, seed_offset=0, k=None):
     return summary
 
 
+BASELINES = ("adamw", "muon", "soap")
+
+
+def claims(table, batches, refined=False):
+    """The issue's four checks, as ratios (None where a run is missing or a target was
+    not reached): the best baseline's steps over GN's at the largest batch, GN's
+    time to target over the fastest baseline's, layerwise GN's steps over full GN's,
+    and each method's steps at the second-largest batch over its steps at the
+    largest (above 1: still gaining from the larger batch)."""
+    large, second = str(batches[-1]), str(batches[-2]) if len(batches) > 1 else None
+
+    def at(method, batch, key):
+        entry = table.get(method, {}).get(batch)
+        if entry is None:
+            return None
+        if refined and batch == large:
+            entry = entry.get("refined", entry)
+        return entry[key]
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    baseline_steps = [at(m, large, "steps_to_target") for m in BASELINES]
+    baseline_steps = [v for v in baseline_steps if v is not None]
+    baseline_times = [at(m, large, "time_to_target") for m in BASELINES]
+    baseline_times = [v for v in baseline_times if v is not None]
+    return {
+        "best_baseline_steps_over_gn": ratio(
+            min(baseline_steps, default=None), at("gn", large, "steps_to_target")
+        ),
+        "gn_time_over_fastest_baseline": ratio(
+            at("gn", large, "time_to_target"), min(baseline_times, default=None)
+        ),
+        "layerwise_steps_over_gn": ratio(
+            at("gn-layerwise", large, "steps_to_target"),
+            at("gn", large, "steps_to_target"),
+        ),
+        "steps_second_largest_over_largest": {
+            method: ratio(
+                at(method, second, "steps_to_target"),
+                at(method, large, "steps_to_target"),
+            )
+            for method in table
+        },
+    }
+
+
 def curves(path: Path):
     steps, times, losses = [], [], []
     for line in (path / "metrics.jsonl").read_text().splitlines():
@@ -439,8 +486,16 @@ def main():
         "target_loss": target,
         "tokens_per_sequence": tokens_per_seq,
         "table": table,
+        "claims": claims(table, batches),
+        "claims_refined": claims(table, batches, refined=True) if args.refine else None,
         "runs": runs,
     }
+    for name, checks in (
+        ("claims", result["claims"]),
+        ("refined", result["claims_refined"]),
+    ):
+        if checks is not None:
+            print(f"\n{name}: " + json.dumps(checks, indent=1))
     (out / "study.json").write_text(json.dumps(result, indent=2))
     plot(out, table, best_dirs, methods, batches, tokens_per_seq, target)
     print(f"\nwrote {out / 'study.json'}, steps_to_target.png, loss_curves.png")

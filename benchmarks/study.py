@@ -1,8 +1,8 @@
 """The study: steps, tokens and time to a target validation loss, per optimizer and
 batch size, on real text (the bundled Shakespeare corpus), driven by the runner.
 
-1. AdamW at the largest batch size, over its learning-rate grid: the target is the
-   best validation loss it reaches within the step budget.
+1. AdamW at the largest batch size (or ``--target-batch``), over its learning-rate
+   grid: the target is the best validation loss it reaches within the step budget.
 2. Every method at every batch size, over its learning-rate grid (the same grid
    size and step budget for every method; GN's grid is its inner learning rate),
    with the same AdamW warm-up, stopping at the target. For each (method, batch
@@ -65,6 +65,19 @@ def parse():
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--grid-size", type=int, default=3, help="learning rates per method")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--target-batch",
+        type=int,
+        default=None,
+        help="the batch size at which AdamW sets the target (default: the largest); "
+        "lets a later invocation add a larger batch against the same target",
+    )
+    p.add_argument(
+        "--tag",
+        default="",
+        help="suffix for the report files (study{tag}.json and the plots), so "
+        "reports over different subsets of the runs can sit side by side",
+    )
     p.add_argument(
         "--refine",
         action="store_true",
@@ -234,13 +247,13 @@ def curves(path: Path):
     return steps, times, losses
 
 
-def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target):
+def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target, tag):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for method in methods:
         xs, ys = [], []
         for batch in batches:
@@ -265,9 +278,9 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target):
     ax.set_ylabel("steps to target validation loss")
     ax.set_title("Steps to target against batch size (*: refined)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(out / "steps_to_target.png", dpi=120)
+    fig.savefig(out / f"steps_to_target{tag}.png", dpi=120)
     plt.close(fig)
 
     largest = str(max(batches))
@@ -284,10 +297,11 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target):
         a.set_ylabel("validation loss")
         a.grid(True, alpha=0.3)
         a.axhline(target, color="grey", linestyle=":", linewidth=1)
+        a.set_ylim(target - 0.1, target + 1.5)
     a1.set_title(f"Validation loss, batch {largest} sequences")
     a1.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
+    fig.savefig(out / f"loss_curves{tag}.png", dpi=120)
     plt.close(fig)
 
 
@@ -301,13 +315,15 @@ def main():
     largest = batches[-1]
 
     # 1. The target: AdamW's best validation loss at the largest batch.
-    adamw = [run(args, out, "adamw", largest, lr, None) for lr in grids["adamw"]]
+    target_batch = largest if args.target_batch is None else args.target_batch
+    adamw_grid = DEFAULT_GRIDS["adamw"][: args.grid_size]
+    adamw = [run(args, out, "adamw", target_batch, lr, None) for lr in adamw_grid]
     adamw = [s for s in adamw if s is not None]
     if not adamw:
-        raise SystemExit(f"no finished AdamW run at batch {largest} under {out}")
+        raise SystemExit(f"no finished AdamW run at batch {target_batch} under {out}")
     target = min(s["best_val_loss"] for s in adamw)
     print(
-        f"target validation loss (AdamW's best at batch {largest}): {target:.4f}",
+        f"target validation loss (AdamW's best at batch {target_batch}): {target:.4f}",
         flush=True,
     )
 
@@ -488,6 +504,7 @@ def main():
         "jax": jax.__version__,
         "args": vars(args),
         "target_loss": target,
+        "target_batch_size": target_batch,
         "tokens_per_sequence": tokens_per_seq,
         "table": table,
         "warmup_steps": warmup,
@@ -503,9 +520,10 @@ def main():
     ):
         if checks is not None:
             print(f"\n{name}: " + json.dumps(checks, indent=1))
-    (out / "study.json").write_text(json.dumps(result, indent=2))
-    plot(out, table, best_dirs, methods, batches, tokens_per_seq, target)
-    print(f"\nwrote {out / 'study.json'}, steps_to_target.png, loss_curves.png")
+    tag = args.tag
+    (out / f"study{tag}.json").write_text(json.dumps(result, indent=2))
+    plot(out, table, best_dirs, methods, batches, tokens_per_seq, target, tag)
+    print(f"\nwrote study{tag}.json, steps_to_target{tag}.png, loss_curves{tag}.png")
 
 
 if __name__ == "__main__":

@@ -392,3 +392,47 @@ def test_inner_rejected_step_restarts_the_inner_loop(getkey, reset):
     np.testing.assert_allclose(
         ravel_pytree(kept.direction)[0], 0.75 * ravel_pytree(d)[0], rtol=1e-12
     )
+
+
+def test_array_learning_rate_is_traced_matches_float_and_vmaps(getkey):
+    model = f64(eqx.nn.MLP(3, 2, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (32, 3))
+    y = jax.random.normal(getkey(), (32, 2))
+    batches, ls_batches = stacked(x, y, 4), stacked(x, y, 2)
+    traces = []
+
+    @eqx.filter_jit
+    def one_step(learning_rate):
+        traces.append(learning_rate)
+        solver = eqx_gn.InnerOptimizer(optax.sgd(1.0), learning_rate=learning_rate)
+        gn = eqx_gn.GaussNewton(apply, eqx_gn.MeanSquaredError(), solver=solver)
+        new, _, stats = gn.step(model, gn.init(model), batches, ls_batches)
+        return new, stats.loss_after
+
+    rates = (0.02, 0.05, 0.1)
+    by_float = [one_step(lr) for lr in rates]
+    assert len(traces) == 3  # a Python float is static: one compilation each
+    traces.clear()
+    by_array = [one_step(jnp.asarray(lr)) for lr in rates]
+    assert len(traces) == 1  # a scalar array is traced: one compilation for all
+    for (m_f, loss_f), (m_a, loss_a) in zip(by_float, by_array, strict=True):
+        assert loss_a == pytest.approx(float(loss_f), rel=1e-12)
+        np.testing.assert_allclose(
+            ravel_pytree(eqx.filter(m_a, eqx.is_inexact_array))[0],
+            ravel_pytree(eqx.filter(m_f, eqx.is_inexact_array))[0],
+            rtol=1e-12,
+        )
+    # ... so a sweep can be vmapped.
+    losses = jax.vmap(lambda lr: one_step(lr)[1])(jnp.asarray(rates))
+    np.testing.assert_allclose(
+        losses, [float(loss) for _, loss in by_float], rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("bad", [jnp.ones(2), jnp.asarray(1), True, "0.1"])
+def test_learning_rate_must_be_a_float_scalar(bad):
+    # Under the jaxtyping test hook, beartype may catch it first (a TypeError).
+    with pytest.raises((ValueError, TypeError), match="learning_rate"):
+        eqx_gn.InnerOptimizer(learning_rate=bad)
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        eqx_gn.ProxLinear(learning_rate=jnp.asarray(-0.1))

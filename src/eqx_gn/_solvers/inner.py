@@ -8,6 +8,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from beartype import beartype
 from jaxtyping import Array, Float, Int, PyTree, jaxtyped
@@ -37,7 +38,9 @@ class _AbstractInnerLoop(AbstractGNSolver):
     final classes choose the model (``_objective``)."""
 
     optimizer: optax.GradientTransformation
-    learning_rate: float = eqx.field(static=True)
+    # A leaf, not static: a scalar array here is traced under `eqx.filter_jit`, so
+    # a learning-rate sweep compiles once (and can be vmapped).
+    learning_rate: float | Float[Array, ""]
     schedule: Schedule = eqx.field(static=True)
     total_steps: int | None = eqx.field(static=True)
     warm_start: bool = eqx.field(static=True)
@@ -47,7 +50,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         self,
         optimizer: optax.GradientTransformation | None = None,
         *,
-        learning_rate: float = 1e-2,
+        learning_rate: float | Float[Array, ""] = 1e-2,
         schedule: Schedule = "cosine",
         total_steps: int | None = None,
         warm_start: bool = True,
@@ -67,10 +70,20 @@ class _AbstractInnerLoop(AbstractGNSolver):
         self._check(type(self).__name__)
 
     def _check(self, name: str):
-        if not self.learning_rate > 0:
+        lr = self.learning_rate
+        scalar_array = (
+            isinstance(lr, (jax.Array, np.ndarray, np.generic))
+            and jnp.ndim(lr) == 0
+            and jnp.issubdtype(jnp.result_type(lr), jnp.floating)
+        )
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) or scalar_array):
             raise ValueError(
-                f"{name}: learning_rate must be > 0, got {self.learning_rate}."
+                f"{name}: learning_rate must be a float or a scalar float array, got "
+                f"{type(lr).__name__} with shape {getattr(lr, 'shape', ())} and dtype "
+                f"{getattr(lr, 'dtype', None)}."
             )
+        if not isinstance(lr, jax.core.Tracer) and not float(lr) > 0:
+            raise ValueError(f"{name}: learning_rate must be > 0, got {lr}.")
         if self.schedule not in ("constant", "cosine", "global_cosine"):
             raise ValueError(
                 f"{name}: schedule must be 'constant', 'cosine' or 'global_cosine', "
@@ -168,12 +181,13 @@ class InnerOptimizer(_AbstractInnerLoop):
     model. ``optimizer`` gives the direction at unit learning rate; the step length is
     ``learning_rate`` times the schedule: ``"cosine"`` decays towards 0 inside each outer
     step, ``"global_cosine"`` once over ``total_steps`` outer steps (the paper's best),
-    ``"constant"`` not at all. With ``warm_start`` the inner iterate and optimizer
-    state carry over to the next outer step; after a rejected step (line-search step
-    size 0) they restart from zero and a fresh optimizer state, unless
-    ``reset_on_reject=False``. The default optimizer is the paper's:
-    Muon on hidden 2-D matrices, AdamW on the rest and on what ``adam_filter``
-    selects (embedding and head), after global-norm clipping at 1.
+    ``"constant"`` not at all. A scalar array ``learning_rate`` is traced under
+    `eqx.filter_jit`, so a sweep over it compiles once and can be vmapped. With
+    ``warm_start`` the inner iterate and optimizer state carry over to the next outer
+    step; after a rejected step (line-search step size 0) they restart from zero and
+    a fresh optimizer state, unless ``reset_on_reject=False``. The default optimizer
+    is the paper's: Muon on hidden 2-D matrices, AdamW on the rest and on what
+    ``adam_filter`` selects (embedding and head), after global-norm clipping at 1.
     """
 
     def _objective(self, model_q, d):

@@ -189,6 +189,9 @@ def run(args, out, method, batch, lr, target, seed_offset=0, k=None):
 
 
 BASELINES = ("adamw", "muon", "soap")
+# One colour per method in every plot, whichever methods a report includes.
+COLORS = {"adamw": "C0", "muon": "C1", "soap": "C2", "gn": "C3"}
+COLORS |= {"gn-layerwise": "C4", "gn-prox": "C5"}
 
 
 def claims(table, batches, refined=False, warmup=0):
@@ -266,7 +269,7 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target, 
                 xs.append(batch * tokens_per_seq)
                 ys.append(entry["steps_to_target"])
         if xs:
-            (line,) = ax.plot(xs, ys, "o-", label=method)
+            (line,) = ax.plot(xs, ys, "o-", label=method, color=COLORS.get(method))
             refined = table[method].get(str(max(batches)), {}).get("refined")
             if refined is not None and refined["steps_to_target"] is not None:
                 ax.plot(
@@ -294,8 +297,8 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target, 
         if path is None:
             continue
         steps, times, losses = curves(path)
-        a1.plot(steps, losses, label=method)
-        a2.plot(times, losses, label=method)
+        a1.plot(steps, losses, label=method, color=COLORS.get(method))
+        a2.plot(times, losses, label=method, color=COLORS.get(method))
     for a, xlabel in ((a1, "step"), (a2, "training time (s)")):
         a.set_xlabel(xlabel)
         a.set_ylabel("validation loss")

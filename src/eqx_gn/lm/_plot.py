@@ -1,21 +1,121 @@
-"""Loss curves of training runs: validation and training loss against optimizer
-steps, training tokens and training time, as PNG files.
+"""Loss curves of training runs for a paper: validation and training loss against
+optimizer steps, tokens read and training time, as PNG, PDF or SVG files.
+
+`load_runs` reads the runs of any of the three kinds of output directory:
+
+- a run directory (``eqx-gn train``): ``config.json``, ``metrics.jsonl``,
+  ``summary.json``;
+- a compare directory (``eqx-gn compare``): ``compare.json`` and one run
+  directory per method;
+- a study directory (``benchmarks/study.py``): ``study.json``, whose runs carry
+  their curves (or, in the older format, name their run directories).
+
+`plot_runs` draws them. The tokens axis counts every token a run read: training
+tokens plus, for GN, the tokens of its line-search batches.
 
 Figures are drawn with matplotlib's Agg canvas directly (no ``pyplot``), so
 plotting works without a display and leaves no global state behind.
 """
 
+import dataclasses
 import json
-from collections.abc import Sequence
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: The x axes drawn, as (file suffix, metrics field, axis label).
-AXES: tuple[tuple[str, str, str], ...] = (
-    ("steps", "step", "optimizer step"),
-    ("tokens", "tokens", "training tokens"),
-    ("time", "time_s", "training time (s)"),
+from ._report import complete_summary, run_label
+
+#: The x axes drawn, as (file suffix, axis label).
+AXES: tuple[tuple[str, str], ...] = (
+    ("steps", "optimizer step"),
+    ("tokens", "tokens read (training + line search)"),
+    ("time", "training time (s)"),
 )
+#: The file formats `plot_runs` writes.
+FORMATS = ("png", "pdf", "svg")
+#: One colour per method, whichever methods a figure shows (gray, C7, is kept
+#: for the reference lines).
+METHOD_COLORS = {
+    "adamw": "C0",
+    "muon": "C1",
+    "soap": "C2",
+    "gn": "C3",
+    "gn layerwise": "C4",
+    "gn prox": "C5",
+    "gn layerwise prox": "C6",
+    "gn cg": "C8",
+    "gn layerwise cg": "C9",
+}
+#: The curve fields of a run, as in a study run's ``"curve"``.
+CURVE_FIELDS = ("step", "phase", "tokens", "ls_tokens", "time_s", "train_loss")
+WARMUP_LABEL = "end of AdamW warm-up"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: its settings and its loss curve.
+
+    ``curve`` maps each of `CURVE_FIELDS` and ``val_loss`` to one list entry per
+    step (``val_loss`` is ``None`` where the step was not evaluated,
+    ``ls_tokens`` is cumulative and 0 before the first GN step).
+    """
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    resolved: dict[str, Any]
+    summary: dict[str, Any]
+    curve: dict[str, list[Any]]
+
+    @property
+    def label(self) -> str:
+        return run_label({**self.config, **self.summary})
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.config.get("batch_size")
+
+    @property
+    def lr(self) -> float | None:
+        lr = self.config.get("lr")
+        return lr if lr is not None else self.resolved.get("learning_rate")
+
+    @property
+    def warmup_end(self) -> int | None:
+        """The last AdamW warm-up step, ``None`` without a warm-up (read from the
+        curve's phases, or the resolved or summary ``warmup_steps`` without them)."""
+        curve = self.curve
+        if any(p is not None for p in curve["phase"]):
+            steps = [
+                s
+                for s, p in zip(curve["step"], curve["phase"], strict=True)
+                if p == "warmup"
+            ]
+            return max(steps) if steps else None
+        for settings in (self.resolved, self.summary):
+            if settings.get("warmup_steps") is not None:
+                end = settings["warmup_steps"]
+                return end if end and end in curve["step"] else None
+        return None
+
+    @property
+    def target(self) -> float | None:
+        target = self.config.get("target_loss")
+        return target if target is not None else self.summary.get("target_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The runs of one directory; ``note`` says which runs of a study were
+    chosen (``None`` when all were)."""
+
+    kind: str
+    path: Path
+    runs: list[Run]
+    note: str | None = None
+    target: float | None = None
 
 
 def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -41,97 +141,427 @@ def load_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("config", {})
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e.msg})") from None
 
 
-def _labels(run_dirs: Sequence[Path], configs: Sequence[dict[str, Any]]) -> list[str]:
-    optimizers = [config.get("optimizer") for config in configs]
-    if all(optimizers) and len(set(optimizers)) == len(optimizers):
-        return [str(o) for o in optimizers]
-    names = [d.name for d in run_dirs]
-    if len(set(names)) == len(names):
-        return names
-    return [str(d) for d in run_dirs]
+def curve_of(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """A run's curve from its metrics records (see `Run`)."""
+    curve: dict[str, list[Any]] = {name: [] for name in (*CURVE_FIELDS, "val_loss")}
+    ls_tokens = 0
+    for r in records:
+        if r.get("ls_tokens") is not None:
+            ls_tokens = r["ls_tokens"]
+        for name in CURVE_FIELDS:
+            curve[name].append(r.get(name))
+        curve["ls_tokens"][-1] = ls_tokens
+        curve["val_loss"].append(r.get("val_loss"))
+    return curve
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """The run in ``run_dir``: configuration, summary (completed from the metrics
+    where an older runner left keys out; ``{}`` while the run has none) and curve."""
+    path = Path(run_dir)
+    records = load_metrics(path)
+    config_file = path / "config.json"
+    saved = _read_json(config_file) if config_file.is_file() else {}
+    config, resolved = saved.get("config", {}), saved.get("resolved", {})
+    summary_file = path / "summary.json"
+    summary = _read_json(summary_file) if summary_file.is_file() else {}
+    summary = complete_summary(summary, config, records)
+    return Run(path.name, path, config, resolved, summary, curve_of(records))
+
+
+def _run_dir(parent: Path, out: str | None, name: str | None) -> Path | None:
+    """A run directory named by a compare or study entry: its recorded ``out``
+    if that holds a run, else the directory of that name under ``parent`` (so a
+    moved results directory still plots)."""
+    candidates = []
+    if out:
+        candidates += [parent / Path(out).name, Path(out)]
+    if name:
+        candidates.append(parent / name)
+    for candidate in candidates:
+        if (candidate / "metrics.jsonl").is_file():
+            return candidate
+    return None
+
+
+def _read_compare(path: Path) -> Source:
+    entries = _read_json(path / "compare.json")
+    runs = []
+    for entry in entries:
+        run_dir = _run_dir(path, entry.get("out"), entry.get("optimizer"))
+        if run_dir is None:
+            raise FileNotFoundError(
+                f"{path}/compare.json names the run {entry.get('out')!r}, which has "
+                "no metrics.jsonl"
+            )
+        runs.append(read_run(run_dir))
+    if not runs:
+        raise ValueError(f"{path}/compare.json lists no runs")
+    return Source("compare", path, runs)
+
+
+def _study_run(path: Path, entry: Mapping[str, Any], target: float | None) -> Run:
+    """A run of ``study.json``: the new format carries ``config``, ``resolved``,
+    ``summary`` and ``curve``; the old one has the summary's keys at the top and
+    names its run directory in ``out``."""
+    name = str(entry.get("name") or Path(entry.get("out") or "run").name)
+    if "curve" in entry:
+        config = dict(entry.get("config") or {})
+        summary = dict(entry.get("summary") or {})
+        curve = {
+            key: list(entry["curve"].get(key) or [])
+            for key in (*CURVE_FIELDS, "val_loss")
+        }
+        n = len(curve["step"])
+        for key in (*CURVE_FIELDS, "val_loss"):
+            if len(curve[key]) != n:
+                if key in ("ls_tokens", "phase", "val_loss") and not curve[key]:
+                    curve[key] = [0 if key == "ls_tokens" else None] * n
+                else:
+                    raise ValueError(
+                        f"{path}/study.json, run {name}: curve {key!r} has "
+                        f"{len(curve[key])} entries for {n} steps"
+                    )
+        last = 0
+        for i, value in enumerate(curve["ls_tokens"]):
+            last = value if value is not None else last
+            curve["ls_tokens"][i] = last
+        resolved = dict(entry.get("resolved") or {})
+    else:
+        run_dir = _run_dir(path, entry.get("out"), entry.get("name"))
+        if run_dir is None:
+            raise FileNotFoundError(
+                f"{path}/study.json: run {name} has no curve and its run directory "
+                f"{entry.get('out')!r} is missing"
+            )
+        run = read_run(run_dir)
+        config, resolved, curve = run.config, run.resolved, run.curve
+        summary = {**run.summary, **entry}
+    for key, field in (("method", "optimizer"), ("batch_size", "batch_size")):
+        if entry.get(key) is not None and field not in config:
+            config[field] = entry[key]
+    if entry.get("seed") is not None:
+        config["seed"] = entry["seed"]
+    if "lr" not in config and entry.get("lr") is not None:
+        config["lr"] = entry["lr"]
+    hyper = entry.get("hyperparameters") or {}
+    if "lr" not in config and hyper.get("lr") is not None:
+        config["lr"] = hyper["lr"]
+    if target is not None:
+        config.setdefault("target_loss", target)
+    summary = complete_summary({**summary, "label": entry.get("label")}, config)
+    return Run(name, path / name, config, resolved, summary, curve)
+
+
+def _rank(run: Run) -> tuple[float, float]:
+    steps = run.summary.get("steps_to_target")
+    best = run.summary.get("best_val_loss")
+    if best is None:
+        best = min((v for v in run.curve["val_loss"] if v is not None), default=None)
+    return (
+        math.inf if steps is None else steps,
+        math.inf if best is None else best,
+    )
+
+
+def _read_study(path: Path, *, batch_size: int | None, select: str) -> Source:
+    study = _read_json(path / "study.json")
+    target = study.get("target", study.get("target_loss"))
+    entries = study.get("runs") or []
+    if not entries:
+        raise ValueError(f"{path}/study.json lists no runs")
+    runs = [_study_run(path, entry, target) for entry in entries]
+    sizes = sorted({r.batch_size for r in runs if r.batch_size is not None})
+    largest = batch_size is None and len(sizes) > 1
+    if batch_size is None:
+        batch_size = sizes[-1] if sizes else None
+    elif batch_size not in sizes:
+        raise ValueError(
+            f"{path}/study.json has no runs at batch size {batch_size} "
+            f"(it has {', '.join(map(str, sizes)) or 'none'})"
+        )
+    chosen = [r for r in runs if r.batch_size == batch_size]
+    where = "at the largest batch" if largest else ""
+    if select == "all":
+        return Source("study", path, chosen, f"study: all runs {where}".strip(), target)
+    if select != "best":
+        raise ValueError(f"select must be 'best' or 'all', got {select!r}")
+    # One run per method: the fewest steps to the target (then the lowest
+    # validation loss), among the runs of the first seed, so that repeated seeds
+    # of a configuration do not pick the luckiest one.
+    best: dict[str, Run] = {}
+    for run in chosen:
+        seeds = [r.config.get("seed") or 0 for r in chosen if r.label == run.label]
+        if (run.config.get("seed") or 0) != min(seeds):
+            continue
+        if run.label not in best or _rank(run) < _rank(best[run.label]):
+            best[run.label] = run
+    note = f"study: best run per method {where}".strip()
+    return Source("study", path, list(best.values()), note, target)
+
+
+def load_runs(
+    path: str | Path, *, batch_size: int | None = None, select: str = "best"
+) -> Source:
+    """The runs of a run, compare or study directory.
+
+    For a study, the runs at ``batch_size`` sequences per step (default: the
+    largest), all of them (``select="all"``) or the best of each method
+    (``"best"``: fewest steps to the target, then lowest validation loss).
+
+    **Raises:** `FileNotFoundError`, in one line naming ``path``, if it is none of
+    the three; `ValueError` if a file in it is malformed.
+    """
+    path = Path(path)
+    if (path / "metrics.jsonl").is_file():
+        return Source("run", path, [read_run(path)])
+    if (path / "compare.json").is_file():
+        return _read_compare(path)
+    if (path / "study.json").is_file():
+        return _read_study(path, batch_size=batch_size, select=select)
+    what = "does not exist" if not path.exists() else "holds none of them"
+    raise FileNotFoundError(
+        f"{path} is not a run directory, compare directory or study directory "
+        f"(metrics.jsonl, compare.json or study.json; it {what})"
+    )
+
+
+def labels_for(runs: Sequence[Run]) -> list[str]:
+    """One label per run: its method (``"gn layerwise prox"``), with the batch
+    size, learning rate, seed and finally the name added where labels repeat."""
+    labels = [r.label for r in runs]
+    extras = (
+        ("batch", lambda r: r.batch_size, "{}"),
+        ("lr", lambda r: r.lr, "{:g}"),
+        ("micro-batches", lambda r: r.config.get("micro_batches"), "{}"),
+        ("seed", lambda r: r.config.get("seed"), "{}"),
+    )
+    for what, value, spec in extras:
+        if len(set(labels)) == len(labels):
+            return labels
+        repeated = {x for x in labels if labels.count(x) > 1}
+        for x in repeated:
+            group = [i for i, y in enumerate(labels) if y == x]
+            values = [value(runs[i]) for i in group]
+            if len(set(values)) > 1:
+                for i, v in zip(group, values, strict=True):
+                    labels[i] += f", {what} {'?' if v is None else spec.format(v)}"
+    if len(set(labels)) != len(labels):
+        labels = [f"{label} ({r.name})" for label, r in zip(labels, runs, strict=True)]
+    return labels
+
+
+def series(
+    run: Run, axis: str
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """``(x, train_loss, x_val, val_loss)`` of ``run`` on ``axis`` (``"steps"``,
+    ``"tokens"``: training plus line-search tokens, or ``"time"``)."""
+    curve = run.curve
+    if axis == "steps":
+        x = list(curve["step"])
+    elif axis == "tokens":
+        x = [
+            t + (ls or 0)
+            for t, ls in zip(curve["tokens"], curve["ls_tokens"], strict=True)
+        ]
+    elif axis == "time":
+        x = list(curve["time_s"])
+    else:
+        raise ValueError(f"axis must be one of steps, tokens, time; got {axis!r}")
+    train = [
+        (a, y) for a, y in zip(x, curve["train_loss"], strict=True) if y is not None
+    ]
+    val = [(a, y) for a, y in zip(x, curve["val_loss"], strict=True) if y is not None]
+    return (
+        [a for a, _ in train],
+        [y for _, y in train],
+        [a for a, _ in val],
+        [y for _, y in val],
+    )
+
+
+def _distinct(values: Sequence[Any]) -> list[Any]:
+    return sorted({v for v in values if v is not None})
+
+
+def _corpus(config: Mapping[str, Any]) -> str:
+    text = config.get("text")
+    return "Shakespeare" if text is None else Path(text).name
+
+
+def default_title(runs: Sequence[Run], note: str | None = None) -> str:
+    """``"tiny model, 4,096 tokens per step (64 sequences), Shakespeare"``: what
+    the runs share (or their distinct values, joined by ``/``), and ``note`` on a
+    second line."""
+
+    def joined(values: Sequence[Any], spec: str = "{}") -> str | None:
+        values = _distinct(values)
+        return "/".join(spec.format(v) for v in values) if values else None
+
+    parts = []
+    model = joined([r.config.get("model") or r.summary.get("model") for r in runs])
+    if model:
+        parts.append(f"{model} model")
+    per_step = joined([r.resolved.get("tokens_per_step") for r in runs], "{:,}")
+    batch = joined([r.batch_size for r in runs], "{:,}")
+    if per_step:
+        parts.append(
+            f"{per_step} tokens per step" + (f" ({batch} sequences)" if batch else "")
+        )
+    elif batch:
+        parts.append(f"{batch} sequences per step")
+    corpora = joined([_corpus(r.config) for r in runs if r.config])
+    if corpora:
+        parts.append(corpora)
+    title = ", ".join(parts) or "loss curves"
+    return f"{title}\n{note}" if note else title
+
+
+def loss_figure(
+    runs: Sequence[Run],
+    axis: str,
+    *,
+    labels: Sequence[str],
+    title: str,
+    log_y: bool = False,
+    targets: Sequence[float] = (),
+):
+    """The `matplotlib.figure.Figure` of ``runs`` against ``axis`` (see `series`):
+    validation loss with markers, training loss faint, one colour per method; a
+    gray dashed line per target loss and, on the steps and tokens axes, a gray
+    dotted line at the end of the AdamW warm-up (one per distinct step)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, FuncFormatter
+
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    unique_methods = len({r.label for r in runs}) == len(runs)
+    palette = [c for c in (f"C{i}" for i in range(10)) if c != "C7"]
+    used: set[str] = set()
+    lows, highs = [], []
+    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
+        color = METHOD_COLORS.get(run.label) if unique_methods else None
+        if color is None or color in used:
+            free = [c for c in palette if c not in used]
+            color = free[0] if free else palette[i % len(palette)]
+        used.add(color)
+        x, train, x_val, val = series(run, axis)
+        if train:
+            ax.plot(x, train, color=color, alpha=0.3, linewidth=0.8)
+        if val:
+            ax.plot(x_val, val, color=color, marker="o", markersize=3, label=label)
+        else:
+            ax.plot([], [], color=color, label=label)
+        # Training-loss spikes would squash the curves: the y range is set by the
+        # validation losses and the first training loss of each run.
+        lows += val + train
+        highs += val + train[:1]
+    if axis in ("steps", "tokens"):
+        ends = []
+        for run in runs:
+            end = run.warmup_end
+            if end is not None:
+                index = run.curve["step"].index(end)
+                ends.append(end if axis == "steps" else series(run, axis)[0][index])
+        ends = _distinct(ends)
+        for end in ends:
+            label = WARMUP_LABEL if len(ends) == 1 else f"{WARMUP_LABEL} ({end:,})"
+            ax.axvline(end, color="gray", linestyle=":", linewidth=1.0, label=label)
+    for target in _distinct(targets):
+        ax.axhline(
+            target,
+            color="gray",
+            linestyle="--",
+            linewidth=0.8,
+            label=f"target loss {target:.4g}",
+        )
+        lows.append(target)
+    if lows and highs:
+        low, high = min(lows), max(highs)
+        if log_y:
+            ax.set_yscale("log")
+            ax.set_ylim(low / 1.03, high * 1.03)
+            # Plain numbers (2, 3, 4) rather than 2 x 10^0 on a loss axis.
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+        else:
+            margin = 0.03 * max(high - low, 1e-3)
+            ax.set_ylim(low - margin, high + margin)
+    elif log_y:
+        ax.set_yscale("log")
+    if axis == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_xlabel(dict(AXES)[axis])
+    ax.set_ylabel("loss (nats per token)")
+    fig.suptitle("\n".join(textwrap.fill(line, 80) for line in title.splitlines()))
+    ax.set_title("validation loss (markers), training loss (faint)", fontsize=9)
+    ax.grid(True, which="both" if log_y else "major", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def plot_runs(
-    run_dirs: Sequence[str | Path],
+    sources: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    labels: Sequence[str] | None = None,
     title: str | None = None,
+    log_y: bool = False,
+    formats: Sequence[str] = ("png",),
+    labels: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    select: str = "best",
 ) -> list[Path]:
-    """Plot the runs in ``run_dirs`` into ``out_dir``; return the PNG paths.
+    """Plot the runs of ``sources`` (run, compare or study directories, see
+    `load_runs`) into ``out_dir``; return the paths written.
 
-    Writes ``loss_vs_steps.png``, ``loss_vs_tokens.png`` and ``loss_vs_time.png``:
-    validation loss (lines with markers) and training loss (faint lines) of every
-    run, one colour per run, labelled by optimizer (or by directory name when
-    optimizers repeat). A dashed line marks the target loss when the runs have one,
-    a dotted one the end of the warm-up on the step axis.
+    Writes ``loss_vs_steps``, ``loss_vs_tokens`` (training plus line-search
+    tokens) and ``loss_vs_time`` in each of ``formats`` (``png``, ``pdf``,
+    ``svg``), with a logarithmic loss axis if ``log_y``. The title defaults to
+    what the runs share (model, tokens per step, corpus) and, for a study, which
+    of its runs are shown. Labels default to `labels_for`.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not run_dirs:
+    if not sources:
         raise ValueError("no run directories to plot")
-    dirs = [Path(d) for d in run_dirs]
-    runs = [load_metrics(d) for d in dirs]
-    configs = [_run_config(d) for d in dirs]
+    formats = list(formats)
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(
+                f"unknown plot format {f!r}; choose from {', '.join(FORMATS)}"
+            )
+    if not formats:
+        raise ValueError("no plot format given")
+    loaded = [load_runs(s, batch_size=batch_size, select=select) for s in sources]
+    runs = [run for source in loaded for run in source.runs]
+    if not runs:
+        raise ValueError(f"no runs to plot in {', '.join(map(str, sources))}")
     if labels is None:
-        labels = _labels(dirs, configs)
-    if len(labels) != len(dirs):
-        raise ValueError(f"{len(labels)} labels for {len(dirs)} runs")
-    targets = {c.get("target_loss") for c in configs} - {None}
+        labels = labels_for(runs)
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    if title is None:
+        notes = _distinct([s.note for s in loaded])
+        title = default_title(runs, "; ".join(notes) or None)
+    targets = [r.target for r in runs] + [s.target for s in loaded]
+    targets = [t for t in targets if t is not None]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for suffix, field, axis_label in AXES:
-        fig = Figure(figsize=(7.0, 4.5), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for i, (records, label) in enumerate(zip(runs, labels, strict=True)):
-            color = f"C{i % 10}"
-            train = [(r[field], r["train_loss"]) for r in records if "train_loss" in r]
-            val = [(r[field], r["val_loss"]) for r in records if "val_loss" in r]
-            if train:
-                x, y = zip(*train, strict=True)
-                ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8)
-            if val:
-                x, y = zip(*val, strict=True)
-                ax.plot(x, y, color=color, marker="o", markersize=3, label=label)
-            elif train:
-                ax.plot([], [], color=color, label=label)
-            warmup = [r["step"] for r in records if r.get("phase") == "warmup"]
-            if field == "step" and warmup:
-                ax.axvline(max(warmup), color=color, linestyle=":", linewidth=0.8)
-        # Training-loss spikes would squash the curves: the y range is set by the
-        # validation losses and the first training loss of each run.
-        ceiling = [
-            r["val_loss"] for records in runs for r in records if "val_loss" in r
-        ]
-        ceiling += [records[0]["train_loss"] for records in runs]
-        floor = [
-            r[name]
-            for records in runs
-            for r in records
-            for name in ("val_loss", "train_loss")
-            if name in r
-        ]
-        low, high = min(floor), max(ceiling)
-        margin = 0.03 * max(high - low, 1e-3)
-        ax.set_ylim(low - margin, high + margin)
-        for target in sorted(targets):
-            ax.axhline(target, color="gray", linestyle="--", linewidth=0.8)
-        ax.set_xlabel(axis_label)
-        ax.set_ylabel("loss (nats per token)")
-        ax.set_title(title or "validation loss (markers) and training loss (faint)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        path = out / f"loss_vs_{suffix}.png"
-        fig.savefig(path, dpi=120)
-        paths.append(path)
+    for axis, _ in AXES:
+        fig = loss_figure(
+            runs, axis, labels=labels, title=title, log_y=log_y, targets=targets
+        )
+        for f in formats:
+            path = out / f"loss_vs_{axis}.{f}"
+            fig.savefig(path, dpi=150 if f == "png" else None)
+            paths.append(path)
     return paths

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run with orbax-checkpoint.
+"""Checkpoints of a training run with orbax-checkpoint, verified on restore.
 
 A checkpoint at step ``t`` holds everything a run needs to continue exactly as if
 it had never stopped:
@@ -11,13 +11,42 @@ it had never stopped:
   each process writes its own iterator state, so a multi-process run restores each
   process's position in its own shard of the data;
 - ``meta``: a JSON dictionary written by the primary process (the step, counters,
-  the byte length of the metrics file at that step, ...).
+  the byte length of the metrics file at that step, ...). Under the reserved key
+  ``"_checkpoint"`` it also holds the checkpoint's *record*: the shape and dtype of
+  every array, a SHA-256 digest of every array and of every iterator state, for
+  every process, and a digest of the meta dictionary itself.
+
+An array's digest covers its dtype, shape and bytes. Where the array is fully
+addressable (a single-process run, or a replicated state) it is the digest of the
+whole array, the same on every process; otherwise each process digests the
+distinct shards it holds (with their positions), and the record keeps one digest
+per process.
+
+**Integrity.** ``save`` refuses a state with a non-finite floating-point leaf
+(`CheckpointError`), so no checkpoint is ever written that a run could not
+continue from. After writing, it reads the arrays back and checks their digests
+(``verify_saves``). `Checkpointer.restore_latest` walks the checkpoints from the
+newest to the oldest and takes the first whose meta, arrays and iterator states
+all read back with the recorded digests and whose arrays are finite. Each damaged
+checkpoint newer than that one (a truncated, garbled, missing or bit-flipped file)
+gives one `CheckpointWarning` line naming it and is moved aside to
+``<directory>/damaged-<step>``, so nothing is deleted and the step numbering of
+the resumed run stays consistent.
+
+**Pruning.** Orbax's own pruning is off; after each save the checkpointer keeps
+the newest ``max_to_keep`` checkpoints and, always, the newest verified one (the
+one restored from, or the newest save that read back intact).
 
 Saves are synchronous and atomic (orbax writes to a temporary directory and renames
 it), so a run killed at any moment leaves only complete checkpoints behind.
 """
 
-from collections.abc import Mapping
+import gc
+import hashlib
+import json
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +58,139 @@ from jaxtyping import PyTree
 
 _STATE = "state"
 _META = "meta"
+_RECORD = "_checkpoint"
+_VERSION = 1
+_FULL, _SHARDS = 1, 2
+_KIND_NAMES = {_FULL: "full", _SHARDS: "shards"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or that no run can continue from."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped (one line naming it and what is wrong)."""
+
+
+class _Damaged(Exception):
+    """Internal: the checkpoint being read is damaged (the message says how)."""
 
 
 def _abstract(leaf: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+
+
+def _is_float(dtype: Any) -> bool:
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
+
+
+def _hash_array(h: Any, value: np.ndarray) -> None:
+    value = np.ascontiguousarray(value)
+    h.update(f"{value.dtype.name}|{list(value.shape)}|".encode())
+    h.update(value.tobytes())
+
+
+def _leaf_digest(leaf: Any) -> tuple[int, bytes, bool]:
+    """``(kind, sha256 digest, all finite)`` of one array, from what this process
+    holds: the whole array if it is fully addressable, else its distinct shards."""
+    h = hashlib.sha256()
+    finite = True
+    if getattr(leaf, "is_fully_addressable", True):
+        value = np.asarray(leaf)
+        _hash_array(h, value)
+        if _is_float(value.dtype):
+            finite = bool(np.isfinite(value).all())
+        return _FULL, h.digest(), finite
+    shards = {}
+    for shard in leaf.addressable_shards:
+        index = tuple(
+            (s.start or 0, n if s.stop is None else s.stop)
+            for s, n in zip(shard.index, leaf.shape, strict=True)
+        )
+        shards.setdefault(index, shard)
+    h.update(f"{leaf.dtype}|{list(leaf.shape)}|".encode())
+    for index in sorted(shards):
+        value = np.asarray(shards[index].data)
+        h.update(repr(index).encode())
+        _hash_array(h, value)
+        if _is_float(value.dtype):
+            finite = finite and bool(np.isfinite(value).all())
+    return _SHARDS, h.digest(), finite
+
+
+def _iterator_digest(iterator: grain.DatasetIterator) -> bytes:
+    state = json.dumps(iterator.get_state(), sort_keys=True)
+    return hashlib.sha256(state.encode()).digest()
+
+
+def _meta_digest(meta: Mapping[str, Any], record: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "meta_digest"}
+    text = json.dumps({"meta": meta, "record": body}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _gather(local: np.ndarray) -> np.ndarray:
+    """``local`` of every process, stacked along a new leading axis."""
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local))
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process."""
+    return bool(_gather(np.array([ok], dtype=np.uint8)).all())
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = lines[0].split(". See full")[0] if lines else ""
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _from_orbax(unraisable: Any) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _read(what: str, read: Callable[[], Any]) -> Any:
+    """``read()``, or `_Damaged` saying what could not be read and why.
+
+    When one array read fails, orbax leaves the other reads' coroutines to the
+    garbage collector, which would print each with a long traceback; those are
+    collected here, silently."""
+    hook = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:
+        if not _from_orbax(unraisable):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
+    try:
+        try:
+            return read()
+        except Exception as error:
+            reason = f"{what}: {_short(error)}"
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    raise _Damaged(reason)
+
+
+def _warn(message: str) -> None:
+    # One line on stderr (no source line under it), filterable by category.
+    warnings.warn_explicit(
+        message, CheckpointWarning, "eqx_gn.lm", 0, module="eqx_gn.lm._checkpoint"
+    )
 
 
 class Checkpointer:
@@ -41,16 +199,31 @@ class Checkpointer:
     **Arguments:**
 
     - ``directory``: where the numbered checkpoint directories go.
-    - ``max_to_keep``: how many of the latest checkpoints to keep.
+    - ``max_to_keep``: how many of the latest checkpoints to keep (``None``: all);
+      the newest verified checkpoint is kept in any case.
+    - ``verify_saves``: read each saved checkpoint's arrays back and check their
+      digests before pruning older checkpoints.
 
-    Every process of a multi-process run must create it and call ``save`` and
-    ``restore`` together.
+    Every process of a multi-process run must create it and call ``save``,
+    ``restore`` and ``restore_latest`` together.
     """
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        max_to_keep: int | None = 2,
+        verify_saves: bool = True,
+    ):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
         self.directory = Path(directory).absolute()
+        self.max_to_keep = max_to_keep
+        self.verify_saves = verify_saves
+        # The newest checkpoint known to read back intact; pruning never deletes it.
+        self.verified_step: int | None = None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None,
             create=True,
             enable_async_checkpointing=False,
             cleanup_tmp_directories=True,
@@ -61,6 +234,12 @@ class Checkpointer:
         """The step of the newest complete checkpoint, or ``None``."""
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of all complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    # -- saving -----------------------------------------------------------
+
     def save(
         self,
         step: int,
@@ -68,22 +247,261 @@ class Checkpointer:
         iterators: Mapping[str, grain.DatasetIterator],
         meta: Mapping[str, Any],
     ) -> None:
-        """Save the array leaves of ``state``, the iterators' positions and ``meta``."""
+        """Save the array leaves of ``state``, the iterators' positions and ``meta``.
+
+        Raises `CheckpointError` (one line, naming the leaf) if a floating-point
+        leaf of ``state`` is not finite on any process; nothing is written then.
+        If the saved arrays do not read back with their digests, the checkpoint is
+        moved aside with a `CheckpointWarning` and no older checkpoint is pruned.
+        """
+        if _RECORD in meta:
+            raise ValueError(f"meta must not use the reserved key {_RECORD!r}")
+        with_paths, _ = jax.tree_util.tree_flatten_with_path(state)
+        paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
+        leaves = [leaf for _, leaf in with_paths]
+        local = [_leaf_digest(leaf) for leaf in leaves]
+        local_iterators = [_iterator_digest(it) for it in iterators.values()]
+        rows = [[kind, int(finite), *digest] for kind, digest, finite in local]
+        rows += [[0, 1, *digest] for digest in local_iterators]
+        table = _gather(np.array(rows, dtype=np.uint8).reshape(len(rows), 34))
+        for i in range(len(leaves)):
+            if not table[:, i, 1].all():
+                leaf = leaves[i]
+                raise CheckpointError(
+                    f"refusing to checkpoint step {step} in {self.directory}: state "
+                    f"leaf {i} ({paths[i] or 'root'}, {leaf.dtype}"
+                    f"{list(leaf.shape)}) is not finite"
+                )
+        n = len(leaves)
+        record: dict[str, Any] = {
+            "version": _VERSION,
+            "leaves": [
+                {"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for leaf in leaves
+            ],
+            "digests": [
+                [f"{_KIND_NAMES[int(r[0])]}:{bytes(r[2:]).hex()}" for r in table[p, :n]]
+                for p in range(table.shape[0])
+            ],
+            "iterators": {
+                name: [bytes(table[p, n + j, 2:]).hex() for p in range(table.shape[0])]
+                for j, name in enumerate(iterators)
+            },
+        }
+        plain = json.loads(json.dumps(dict(meta)))
+        record["meta_digest"] = _meta_digest(plain, record)
         items = {
-            _STATE: ocp.args.StandardSave(jax.tree.leaves(state)),
-            _META: ocp.args.JsonSave(dict(meta)),
+            _STATE: ocp.args.StandardSave(leaves),
+            _META: ocp.args.JsonSave({**plain, _RECORD: record}),
         }
         for name, iterator in iterators.items():
             items[name] = grain.checkpoint.CheckpointSave(iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
+        if self.verify_saves:
+            try:
+                reason = None
+                self._load_arrays(step, leaves)
+            except _Damaged as error:
+                reason = str(error)
+            if not _everywhere(reason is None):
+                aside = self._move_aside([step])[0]
+                _warn(
+                    f"checkpoint step {step} in {self.directory} did not read back "
+                    f"intact ({reason or 'on another process'}); moved to {aside}"
+                )
+                return
+            self.verified_step = step
+        self._prune()
+
+    def _prune(self) -> None:
+        if self.max_to_keep is None:
+            return
+        steps = self.all_steps()
+        keep = set(steps[-self.max_to_keep :])
+        if self.verified_step is not None:
+            keep.add(self.verified_step)
+        for step in steps:
+            if step not in keep:
+                self._manager.delete(step)
+
+    def _move_aside(self, steps: Sequence[int]) -> list[Path]:
+        """Rename the checkpoints at ``steps`` to ``damaged-<step>`` (a free name)."""
+        targets = []
+        for step in steps:
+            target = self.directory / f"damaged-{step}"
+            k = 1
+            while target.exists():
+                k += 1
+                target = self.directory / f"damaged-{step}.{k}"
+            targets.append(target)
+        _sync("eqx_gn_checkpoint_aside_start")
+        if jax.process_index() == 0:
+            for step, target in zip(steps, targets, strict=True):
+                (self.directory / str(step)).rename(target)
+        _sync("eqx_gn_checkpoint_aside_done")
+        self._manager.reload()
+        return targets
+
+    # -- restoring --------------------------------------------------------
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        """The ``meta`` dictionary of the checkpoint at ``step``."""
+        """The ``meta`` dictionary of the checkpoint at ``step`` (not verified)."""
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
         )
-        return dict(restored[_META])
+        meta = dict(restored[_META])
+        meta.pop(_RECORD, None)
+        return meta
+
+    def _load_meta(self, step: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``(meta, record)`` at ``step``; the record is ``None`` for a checkpoint
+        written before records existed."""
+        restored = _read(
+            "meta unreadable",
+            lambda: self._manager.restore(
+                step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+            ),
+        )
+        try:
+            meta = dict(restored[_META])
+        except Exception:
+            raise _Damaged("meta unreadable") from None
+        record = meta.pop(_RECORD, None)
+        if record is None:
+            return meta, None
+        try:
+            good = record["meta_digest"] == _meta_digest(meta, record)
+        except Exception:
+            good = False
+        if not good:
+            raise _Damaged("meta digest mismatch")
+        return meta, record
+
+    def _check_structure(
+        self,
+        step: int,
+        shapes: Sequence[tuple[Sequence[int], Any]],
+        leaves: Sequence[Any],
+    ) -> None:
+        """A ``ValueError`` if the saved arrays do not fit this run's state (a
+        different model or optimizer): not damage, so no older checkpoint is tried."""
+        if len(shapes) != len(leaves):
+            raise CheckpointError(
+                f"Checkpoint at step {step} in {self.directory} holds {len(shapes)} "
+                f"arrays, but this run's state has {len(leaves)}: it was written by "
+                "a different model or optimizer."
+            )
+        for i, ((shape, dtype), new) in enumerate(zip(shapes, leaves, strict=True)):
+            if tuple(shape) != tuple(new.shape) or np.dtype(dtype) != new.dtype:
+                raise CheckpointError(
+                    f"Checkpoint at step {step} in {self.directory}: array {i} is "
+                    f"{np.dtype(dtype)}{list(shape)}, this run expects "
+                    f"{new.dtype}{list(new.shape)}."
+                )
+
+    def _load_arrays(
+        self, step: int, leaves: Sequence[Any]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, list[jax.Array]]:
+        """``(meta, record, arrays)`` at ``step``, the arrays restored onto the
+        shardings of ``leaves`` and checked against the record; `_Damaged` if they
+        are not intact."""
+        meta, record = self._load_meta(step)
+        if record is not None:
+            try:
+                shapes = [(x["shape"], x["dtype"]) for x in record["leaves"]]
+                mine = record["digests"][jax.process_index()]
+            except Exception:
+                raise _Damaged("meta record unreadable") from None
+            self._check_structure(step, shapes, leaves)
+        target = [_abstract(x) for x in leaves]
+        restored = _read(
+            "arrays unreadable",
+            lambda: self._manager.restore(
+                step,
+                args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}),
+            ),
+        )
+        saved = list(restored[_STATE])
+        if record is None:
+            self._check_structure(step, [(x.shape, x.dtype) for x in saved], leaves)
+        for i, array in enumerate(saved):
+            kind, digest, finite = _leaf_digest(array)
+            # A digest of another kind (shards against whole array) comes from a
+            # different process layout and cannot be compared.
+            found = f"{_KIND_NAMES[kind]}:{digest.hex()}"
+            same_kind = (
+                record is not None and mine[i].split(":")[0] == _KIND_NAMES[kind]
+            )
+            if same_kind and mine[i] != found:
+                raise _Damaged(f"digest mismatch in array {i}")
+            if not finite:
+                raise _Damaged(f"array {i} is not finite")
+        return meta, record, saved
+
+    def _load_iterators(
+        self,
+        step: int,
+        iterators: Mapping[str, grain.DatasetIterator],
+        record: Mapping[str, Any] | None,
+    ) -> None:
+        """Move ``iterators`` to their positions at ``step``; on damage put them back
+        where they were and raise `_Damaged`."""
+        if not iterators:
+            return
+        before = {name: it.get_state() for name, it in iterators.items()}
+        try:
+            items = {
+                name: grain.checkpoint.CheckpointRestore(it)
+                for name, it in iterators.items()
+            }
+            _read(
+                "iterator state unreadable",
+                lambda: self._manager.restore(step, args=ocp.args.Composite(**items)),
+            )
+            if record is not None:
+                for name, it in iterators.items():
+                    try:
+                        expected = record["iterators"][name][jax.process_index()]
+                    except Exception:
+                        raise _Damaged(f"no digest of iterator {name!r}") from None
+                    if _iterator_digest(it).hex() != expected:
+                        raise _Damaged(f"digest mismatch in iterator {name!r}")
+        except _Damaged:
+            self._rewind(iterators, before)
+            raise
+
+    @staticmethod
+    def _rewind(
+        iterators: Mapping[str, grain.DatasetIterator], states: Mapping[str, Any]
+    ) -> None:
+        for name, it in iterators.items():
+            it.set_state(states[name])
+
+    def _load(
+        self,
+        step: int,
+        leaves: Sequence[Any],
+        iterators: Mapping[str, grain.DatasetIterator],
+    ) -> tuple[dict[str, Any], list[jax.Array]]:
+        """Meta and arrays at ``step``, iterators moved there, all verified on every
+        process; else `_Damaged` with the iterators untouched."""
+        reason = None
+        try:
+            meta, record, saved = self._load_arrays(step, leaves)
+        except _Damaged as error:
+            reason = str(error)
+        if not _everywhere(reason is None):
+            raise _Damaged(reason or "damaged on another process")
+        before = {name: it.get_state() for name, it in iterators.items()}
+        try:
+            self._load_iterators(step, iterators, record)
+        except _Damaged as error:
+            reason = str(error)
+        if not _everywhere(reason is None):
+            if reason is None:
+                self._rewind(iterators, before)
+            raise _Damaged(reason or "damaged on another process")
+        return meta, saved
 
     def restore(
         self,
@@ -94,33 +512,67 @@ class Checkpointer:
         """The state saved at ``step``, shaped and sharded like ``template``.
 
         The ``iterators`` (built as for the saved run) are moved in place to where
-        the saved ones were.
+        the saved ones were. Raises `CheckpointError` (one line) if the checkpoint
+        is damaged or does not fit ``template``.
         """
         leaves, treedef = jax.tree.flatten(template)
-        items = {_STATE: ocp.args.StandardRestore([_abstract(x) for x in leaves])}
-        for name, iterator in iterators.items():
-            items[name] = grain.checkpoint.CheckpointRestore(iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        saved = list(restored[_STATE])
-        if len(saved) != len(leaves):
-            raise ValueError(
-                f"Checkpoint at step {step} in {self.directory} holds {len(saved)} "
-                f"arrays, but this run's state has {len(leaves)}: it was written by "
-                "a different model or optimizer."
-            )
-        for i, (old, new) in enumerate(zip(saved, leaves, strict=True)):
-            if old.shape != new.shape or old.dtype != new.dtype:
-                raise ValueError(
-                    f"Checkpoint at step {step} in {self.directory}: array {i} is "
-                    f"{old.dtype}{list(old.shape)}, this run expects "
-                    f"{new.dtype}{list(new.shape)}."
-                )
+        try:
+            _, saved = self._load(step, leaves, iterators)
+        except _Damaged as error:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is damaged ({error})"
+            ) from None
         return jax.tree.unflatten(treedef, saved)
+
+    def restore_latest(
+        self,
+        template: PyTree[jax.Array],
+        iterators: Mapping[str, grain.DatasetIterator],
+    ) -> tuple[int, dict[str, Any], PyTree[jax.Array]] | None:
+        """``(step, meta, state)`` of the newest intact checkpoint, or ``None`` if
+        there is no checkpoint at all.
+
+        The state is shaped and sharded like ``template``; the ``iterators`` are
+        moved in place to the positions saved with it (and left untouched by the
+        damaged checkpoints tried before). Each damaged checkpoint newer than it
+        gives one `CheckpointWarning` line::
+
+            checkpoint step 40 in /x/checkpoints is damaged (digest mismatch in
+            array 3); moved to /x/checkpoints/damaged-40; resuming from step 20
+
+        and is moved aside, so the run's next saves carry on from the step resumed
+        from. Raises `CheckpointError` (one line, checkpoints left in place) if
+        there are checkpoints but none is intact, or if they do not fit
+        ``template`` (a different model or optimizer).
+        """
+        leaves, treedef = jax.tree.flatten(template)
+        steps = sorted(self.all_steps(), reverse=True)
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                meta, saved = self._load(step, leaves, iterators)
+            except _Damaged as error:
+                damaged.append((step, str(error)))
+                continue
+            targets = self._move_aside([s for s, _ in damaged]) if damaged else []
+            for (bad, reason), target in zip(damaged, targets, strict=True):
+                _warn(
+                    f"checkpoint step {bad} in {self.directory} is damaged "
+                    f"({reason}); moved to {target}; resuming from step {step}"
+                )
+            self.verified_step = step
+            return step, meta, jax.tree.unflatten(treedef, saved)
+        if damaged:
+            reasons = "; ".join(f"step {s}: {r}" for s, r in damaged)
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} to resume from ({reasons})"
+            )
+        return None
 
     def restore_arrays(self, step: int | None = None) -> list[np.ndarray]:
         """The state's arrays saved at ``step`` (default: the latest) as NumPy
         arrays, in leaf order: for inspecting and comparing runs. Works whatever
-        devices and processes wrote the checkpoint."""
+        devices and processes wrote the checkpoint. Not verified."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")

@@ -21,9 +21,17 @@ batch size, on real text (the bundled Shakespeare corpus), driven by the runner.
    log-log axes (the critical-batch-size picture), and validation loss against
    steps and time at the largest batch.
 
-Every run lives in its own directory under ``--out``; a run whose ``summary.json``
-exists is not run again, so the study resumes where it stopped (across sessions
-too) and partial results can be committed as they come.
+Results: ``--out`` holds one ``study.json`` (the target, the study's settings,
+tables, claims, and every run: its configuration, summary, steps/tokens/time to
+the target and its curves); the plots (in ``--plots-dir``, default ``--out``) are
+drawn from it. Each run trains in its own directory under ``--runs-dir`` (default
+``runs/study/<name of --out>``, not tracked). A run is not trained again when its
+directory has a ``summary.json`` or ``study.json`` already holds it, so the study
+resumes where it stopped (across sessions too) and ``--report-only`` redraws the
+tables and plots from ``study.json`` alone, on a fresh clone.
+
+Methods are ``adamw``, ``muon``, ``soap`` and ``gn[-layerwise][-prox|-cg]``
+(`method_config` gives the runner's fields for each).
 
     python benchmarks/study.py                                  # CPU, tiny model
     python benchmarks/study.py --steps 300 --eval-batches 16 --refine --seeds 3
@@ -32,12 +40,11 @@ too) and partial results can be committed as they come.
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
-import jax
-
-from eqx_gn import lm
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_GRIDS = {
     "adamw": (3e-3, 1e-2, 3e-2),
@@ -47,9 +54,50 @@ DEFAULT_GRIDS = {
     "gn-layerwise": (1e-2, 3e-2, 1e-1),
     "gn-prox": (1e-2, 3e-2, 1e-1),
 }
+BASELINES = ("adamw", "muon", "soap")
+# The old runner folded GN's block structure and solver into the optimizer name.
+_OLD_GN_NAMES = {"gn-layerwise": ("layerwise", "inner"), "gn-prox": ("full", "prox")}
 
 
-def parse():
+def method_config(method: str) -> dict:
+    """The runner's ``TrainConfig`` fields for a method name: a baseline's name is
+    its optimizer; ``gn[-layerwise][-prox|-cg]`` is ``optimizer="gn"`` with
+    ``blocks`` ``"full"`` (default) or ``"layerwise"`` and ``solver`` ``"inner"``
+    (default), ``"prox"`` or ``"cg"``."""
+    if method in BASELINES:
+        return {"optimizer": method}
+    parts = method.split("-")
+    blocks, solver = "full", "inner"
+    if parts[0] == "gn" and parts[1:2] == ["layerwise"]:
+        blocks, parts = "layerwise", parts[:1] + parts[2:]
+    if parts[0] == "gn" and len(parts) == 2 and parts[1] in ("prox", "cg"):
+        solver, parts = parts[1], parts[:1]
+    if parts != ["gn"]:
+        raise ValueError(
+            f"unknown method {method!r}; use adamw, muon, soap or "
+            "gn[-layerwise][-prox|-cg]"
+        )
+    return {"optimizer": "gn", "blocks": blocks, "solver": solver}
+
+
+def method_name(config: dict) -> str:
+    """The method name of a run's configuration (``config.json``'s ``"config"``),
+    old (``optimizer="gn-layerwise"``) or new (``optimizer="gn"``, ``blocks``,
+    ``solver``); the inverse of `method_config`."""
+    optimizer = config["optimizer"]
+    if optimizer in _OLD_GN_NAMES:
+        blocks, solver = _OLD_GN_NAMES[optimizer]
+    elif optimizer == "gn":
+        blocks, solver = "full", "inner"
+    else:
+        return optimizer
+    blocks = config.get("blocks") or blocks
+    solver = config.get("solver") or solver
+    layerwise = "-layerwise" if blocks == "layerwise" else ""
+    return "gn" + layerwise + ("" if solver == "inner" else f"-{solver}")
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--seq", type=int, default=64)
@@ -75,8 +123,8 @@ def parse():
     p.add_argument(
         "--tag",
         default="",
-        help="suffix for the report files (study{tag}.json and the plots), so "
-        "reports over different subsets of the runs can sit side by side",
+        help="a report over another subset of the runs, kept in study.json under "
+        "reports[TAG] (the runs are shared); plots get the suffix TAG",
     )
     p.add_argument(
         "--refine",
@@ -90,12 +138,35 @@ def parse():
         default=1,
         help="seeds for each method's chosen configuration at the largest batch",
     )
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "study"))
-    p.add_argument("--report-only", action="store_true", help="tabulate existing runs")
-    return p.parse_args()
+    p.add_argument(
+        "--out",
+        default=str(REPO / "benchmarks" / "results" / "study"),
+        help="where study.json goes (and the plots, without --plots-dir)",
+    )
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="per-run directories (default: runs/study/<name of --out>, untracked)",
+    )
+    p.add_argument("--plots-dir", default=None, help="default: --out")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="tabulate and plot finished runs (from --runs-dir or study.json)",
+    )
+    return p.parse_args(argv)
 
 
-def run_dir(out: Path, method, batch, lr, seed_offset=0, k=None) -> Path:
+# The study's settings recorded in study.json: the arguments that define the runs
+# and the report, not where the files go.
+_NOT_SETTINGS = ("out", "runs_dir", "plots_dir", "report_only")
+
+
+def settings_of(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+
+
+def run_name(method, batch, lr, seed_offset=0, k=None) -> str:
     """``{method}_b{batch}_lr{lr}``, then ``_K{k}`` for a GN run whose number of
     micro-batches is not the study's default, and ``_seed+{offset}`` for a repeat."""
     name = f"{method}_b{batch}_lr{lr:g}"
@@ -103,20 +174,30 @@ def run_dir(out: Path, method, batch, lr, seed_offset=0, k=None) -> Path:
         name += f"_K{k}"
     if seed_offset:
         name += f"_seed+{seed_offset}"
-    return out / name
+    return name
 
 
-def reached(path: Path, target: float | None) -> dict:
+#: A run's curve in study.json: one value per step (``val_loss`` None where the
+#: step had no evaluation; ``ls_tokens`` 0 for a first-order run).
+CURVE_KEYS = ("step", "phase", "tokens", "ls_tokens", "time_s", "train_loss")
+CURVE_KEYS += ("val_loss",)
+
+
+def curve_of(records) -> dict:
+    """The curve of a run from its ``metrics.jsonl`` records."""
+    defaults = {"ls_tokens": 0}
+    return {k: [r.get(k, defaults.get(k)) for r in records] for k in CURVE_KEYS}
+
+
+def reached(curve: dict, target: float | None) -> dict:
     """Step, tokens and training time of the first evaluation at or below target."""
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        loss = record.get("val_loss")
+    for i, loss in enumerate(curve["val_loss"]):
         if target is not None and loss is not None and loss <= target:
             return {
                 "target_reached": True,
-                "steps_to_target": record["step"],
-                "tokens_to_target": record["tokens"],
-                "time_to_target": record["time_s"],
+                "steps_to_target": curve["step"][i],
+                "tokens_to_target": curve["tokens"][i],
+                "time_to_target": curve["time_s"][i],
             }
     return {
         "target_reached": False,
@@ -124,6 +205,62 @@ def reached(path: Path, target: float | None) -> dict:
         "tokens_to_target": None,
         "time_to_target": None,
     }
+
+
+def read_run_dir(path: Path) -> dict | None:
+    """A finished run's record (see `record`) from its directory, or None when it
+    has no ``summary.json``."""
+    if not (path / "summary.json").exists():
+        return None
+    summary = json.loads((path / "summary.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    curve = curve_of([json.loads(line) for line in lines])
+    return record(path.name, config["config"], config["resolved"], summary, curve)
+
+
+def record(name, config, resolved, summary, curve, target=None) -> dict:
+    """A run as study.json holds it; steps/tokens/time to ``target`` from its
+    curve (`with_target` recomputes them for another target)."""
+    hit = reached(curve, target)
+    return {
+        "name": name,
+        "method": method_name(config),
+        "batch_size": config["batch_size"],
+        "seed": config["seed"],
+        "hyperparameters": {
+            "lr": config["lr"],
+            "micro_batches": config["micro_batches"],
+        },
+        "config": config,
+        "resolved": resolved,
+        "steps_to_target": hit["steps_to_target"],
+        "tokens_to_target": hit["tokens_to_target"],
+        "time_to_target": hit["time_to_target"],
+        "final_val_loss": summary.get("final_val_loss"),
+        "best_val_loss": summary.get("best_val_loss"),
+        "summary": summary,
+        "curve": curve,
+    }
+
+
+def with_target(rec: dict, target) -> dict:
+    """``rec`` with its steps, tokens and time to ``target`` recomputed."""
+    hit = reached(rec["curve"], target)
+    keys = ("steps_to_target", "tokens_to_target", "time_to_target")
+    return {**rec, **{key: hit[key] for key in keys}}
+
+
+def known_runs(study: dict, runs_dir: Path) -> dict:
+    """Every finished run, by name: those in a previous ``study.json``, updated
+    from the per-run directories under ``runs_dir`` where they exist."""
+    known = {rec["name"]: rec for rec in study.get("runs", [])}
+    if runs_dir.is_dir():
+        for path in sorted(runs_dir.iterdir()):
+            rec = read_run_dir(path) if path.is_dir() else None
+            if rec is not None:
+                known[rec["name"]] = rec
+    return known
 
 
 def _summary_of(entry):
@@ -138,29 +275,31 @@ def _rank(summary):
     return (steps if steps is not None else float("inf"), summary["best_val_loss"])
 
 
-def run(args, out, method, batch, lr, target, seed_offset=0, k=None):
-    """The run's summary, with steps/tokens/time to ``target`` read off its metrics.
+def run(args, known, runs_dir, method, batch, lr, target, seed_offset=0, k=None):
+    """The run's summary, with steps/tokens/time to ``target`` read off its curve.
 
-    A finished run is reused when it ran its whole step budget, or stopped at a target
-    no higher than this one (so its metrics show when it crossed this one). With
-    ``--report-only``, a run that would have to be trained gives None.
+    A finished run (in ``known``) is reused when it ran its whole step budget, or
+    stopped at a target no higher than this one (so its curve shows when it crossed
+    this one). With ``--report-only``, a run that would have to be trained gives
+    None. A trained run is added to ``known``.
     """
-    path = run_dir(out, method, batch, lr, seed_offset, k)
-    summary_file = path / "summary.json"
-    if summary_file.exists():
-        summary = json.loads(summary_file.read_text())
+    name = run_name(method, batch, lr, seed_offset, k)
+    rec = known.get(name)
+    if rec is not None:
+        summary = rec["summary"]
         stopped_at = summary.get("target_loss")
         whole_budget = summary.get("steps") == args.steps
-        if summary.get("completed", True) and (
-            whole_budget or (target is not None and stopped_at <= target)
-        ):
-            return {**summary, **reached(path, target)}
+        lower = target is not None and stopped_at is not None and stopped_at <= target
+        if summary.get("completed", True) and (whole_budget or lower):
+            return {**summary, **reached(rec["curve"], target)}
     if args.report_only:
         return None
+    from eqx_gn import lm
+
     config = lm.TrainConfig(
         model=args.model,
         seq_len=args.seq,
-        optimizer=method,
+        **method_config(method),
         steps=args.steps,
         batch_size=batch,
         micro_batches=args.micro_batches if k is None else k,
@@ -171,13 +310,15 @@ def run(args, out, method, batch, lr, target, seed_offset=0, k=None):
         eval_batches=args.eval_batches,
         target_loss=target,
         seed=args.seed + seed_offset,
-        out=str(path),
+        out=str(runs_dir / name),
         checkpoint_every=0,
         overwrite=True,
         progress=False,
     )
     start = time.perf_counter()
-    summary = {**lm.train(config), **reached(path, target)}
+    lm.train(config)
+    rec = known[name] = read_run_dir(runs_dir / name)
+    summary = {**rec["summary"], **reached(rec["curve"], target)}
     print(
         f"{method:>13} b={batch:<5} lr={lr:<7g} "
         + (f"K={config.micro_batches} " if method.startswith("gn") else "")
@@ -188,7 +329,6 @@ def run(args, out, method, batch, lr, target, seed_offset=0, k=None):
     return summary
 
 
-BASELINES = ("adamw", "muon", "soap")
 # One colour per method in every plot, whichever methods a report includes.
 COLORS = {"adamw": "C0", "muon": "C1", "soap": "C2", "gn": "C3"}
 COLORS |= {"gn-layerwise": "C4", "gn-prox": "C5"}
@@ -243,18 +383,8 @@ def claims(table, batches, refined=False, warmup=0):
     return checks
 
 
-def curves(path: Path):
-    steps, times, losses = [], [], []
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record.get("val_loss") is not None:
-            steps.append(record["step"])
-            times.append(record["time_s"])
-            losses.append(record["val_loss"])
-    return steps, times, losses
-
-
-def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target, tag):
+def plot(out: Path, table, known, methods, batches, tokens_per_seq, target, tag):
+    """The two figures, from the table and the runs' curves (study.json alone)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,10 +423,14 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target, 
     largest = str(max(batches))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in methods:
-        path = best_dirs.get((method, "refined"), best_dirs.get((method, largest)))
-        if path is None:
+        entry = table.get(method, {}).get(largest)
+        if entry is None:
             continue
-        steps, times, losses = curves(path)
+        curve = known[entry.get("refined", entry)["run"]]["curve"]
+        evals = [i for i, loss in enumerate(curve["val_loss"]) if loss is not None]
+        steps = [curve["step"][i] for i in evals]
+        times = [curve["time_s"][i] for i in evals]
+        losses = [curve["val_loss"][i] for i in evals]
         a1.plot(steps, losses, label=method, color=COLORS.get(method))
         a2.plot(times, losses, label=method, color=COLORS.get(method))
     for a, xlabel in ((a1, "step"), (a2, "training time (s)")):
@@ -315,19 +449,32 @@ def plot(out: Path, table, best_dirs, methods, batches, tokens_per_seq, target, 
 def main():
     args = parse()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(args.runs_dir or REPO / "runs" / "study" / out.name)
+    plots_dir = Path(args.plots_dir or out)
     methods = args.methods.split(",")
+    try:
+        grids = {m: grid_of(m)[: args.grid_size] for m in methods}
+    except ValueError as error:
+        raise SystemExit(f"--methods: {error}") from None
     batches = sorted(int(b) for b in args.batch_sizes.split(","))
-    grids = {m: DEFAULT_GRIDS[m][: args.grid_size] for m in methods}
     largest = batches[-1]
+    study_file = out / "study.json"
+    previous = json.loads(study_file.read_text()) if study_file.exists() else {}
+    known = known_runs(previous, runs_dir)
+
+    def run_(method, batch, lr, target, seed_offset=0, k=None):
+        return run(args, known, runs_dir, method, batch, lr, target, seed_offset, k)
 
     # 1. The target: AdamW's best validation loss at the largest batch.
     target_batch = largest if args.target_batch is None else args.target_batch
     adamw_grid = DEFAULT_GRIDS["adamw"][: args.grid_size]
-    adamw = [run(args, out, "adamw", target_batch, lr, None) for lr in adamw_grid]
+    adamw = [run_("adamw", target_batch, lr, None) for lr in adamw_grid]
     adamw = [s for s in adamw if s is not None]
     if not adamw:
-        raise SystemExit(f"no finished AdamW run at batch {target_batch} under {out}")
+        raise SystemExit(
+            f"no finished AdamW run at batch {target_batch} in {study_file} "
+            f"or under {runs_dir}"
+        )
     target = min(s["best_val_loss"] for s in adamw)
     print(
         f"target validation loss (AdamW's best at batch {target_batch}): {target:.4f}",
@@ -335,11 +482,11 @@ def main():
     )
 
     # 2. Every method and batch size, stopping at the target.
-    runs, table, best_dirs = [], {}, {}
+    table = {}
     for batch in reversed(batches):
         for method in methods:
             grid = list(grids[method])
-            entries = [(lr, run(args, out, method, batch, lr, target)) for lr in grid]
+            entries = [(lr, run_(method, batch, lr, target)) for lr in grid]
             entries = [(lr, s) for lr, s in entries if s is not None]
             if not entries:  # --report-only, and none of these has run yet
                 continue
@@ -348,19 +495,9 @@ def main():
             best = min(entries, key=lambda e: _rank(e[1]))[0]
             if best in (grid[0], grid[-1]):
                 extra = best / 3 if best == grid[0] else best * 3
-                summary = run(args, out, method, batch, extra, target)
+                summary = run_(method, batch, extra, target)
                 if summary is not None:
                     entries.append((extra, summary))
-            for lr, summary in entries:
-                runs.append(
-                    {
-                        "method": method,
-                        "batch_size": batch,
-                        "lr": lr,
-                        "seed": args.seed,
-                        **summary,
-                    }
-                )
             reached = [
                 (s["steps_to_target"], s["final_val_loss"], lr, s)
                 for lr, s in entries
@@ -371,8 +508,8 @@ def main():
             else:
                 lr, s = min(entries, key=lambda e: e[1]["best_val_loss"])
                 steps = None
-            best_dirs[(method, str(batch))] = run_dir(out, method, batch, lr)
             table.setdefault(method, {})[str(batch)] = {
+                "run": run_name(method, batch, lr),
                 "lr": lr,
                 "steps_to_target": steps,
                 "tokens_to_target": s["tokens_to_target"],
@@ -400,22 +537,12 @@ def main():
             else:
                 extra = [(lr * 3**0.5, None), (lr / 3**0.5, None)]
             for new_lr, k in extra:
-                summary = run(args, out, method, largest, new_lr, target, k=k)
-                if summary is None:
-                    continue
-                candidates.append((new_lr, k, summary))
-                runs.append(
-                    {
-                        "method": method,
-                        "batch_size": largest,
-                        "lr": new_lr,
-                        "micro_batches": k,
-                        "seed": args.seed,
-                        **summary,
-                    }
-                )
+                summary = run_(method, largest, new_lr, target, k=k)
+                if summary is not None:
+                    candidates.append((new_lr, k, summary))
             lr, k, best = min(candidates, key=lambda c: _rank(c[2]))
             entry["refined"] = {
+                "run": run_name(method, largest, lr, k=k),
                 "lr": lr,
                 "micro_batches": k,
                 "steps_to_target": best["steps_to_target"],
@@ -431,7 +558,6 @@ def main():
                     for c in candidates
                 ],
             }
-            best_dirs[(method, "refined")] = run_dir(out, method, largest, lr, k=k)
 
     # 4. More seeds for each method's chosen configuration at the largest batch.
     if args.seeds > 1:
@@ -443,26 +569,13 @@ def main():
             lr, k = chosen["lr"], chosen.get("micro_batches")
             per_seed = {str(args.seed): chosen["steps_to_target"]}
             for offset in range(1, args.seeds):
-                s = run(args, out, method, largest, lr, target, offset, k)
-                if s is None:
-                    continue
-                per_seed[str(args.seed + offset)] = s["steps_to_target"]
-                runs.append(
-                    {
-                        "method": method,
-                        "batch_size": largest,
-                        "lr": lr,
-                        "micro_batches": k,
-                        "seed": args.seed + offset,
-                        **s,
-                    }
-                )
+                s = run_(method, largest, lr, target, offset, k)
+                if s is not None:
+                    per_seed[str(args.seed + offset)] = s["steps_to_target"]
             chosen["steps_to_target_by_seed"] = per_seed
 
     tokens_per_seq = args.seq
-    warmup = lm.TrainConfig(
-        model=args.model, steps=args.steps, warmup_fraction=args.warmup_fraction
-    ).warmup_steps
+    warmup = warmup_steps(args, table, known)
 
     def cell(method, batch, key, fmt="{}"):
         entry = table.get(method, {}).get(str(batch))
@@ -504,12 +617,10 @@ def main():
                 + "".join(f"{v!s:>6}" for v in by_seed.values())
             )
 
-    result = {
-        "benchmark": "study",
-        "device": jax.devices()[0].device_kind,
-        "backend": jax.default_backend(),
-        "jax": jax.__version__,
-        "args": vars(args),
+    report = {
+        "target": target,
+        "settings": settings_of(args),
+        **device_of(args, previous),
         "target_loss": target,
         "target_batch_size": target_batch,
         "tokens_per_sequence": tokens_per_seq,
@@ -519,18 +630,79 @@ def main():
         "claims_refined": (
             claims(table, batches, refined=True, warmup=warmup) if args.refine else None
         ),
-        "runs": runs,
     }
     for name, checks in (
-        ("claims", result["claims"]),
-        ("refined", result["claims_refined"]),
+        ("claims", report["claims"]),
+        ("refined", report["claims_refined"]),
     ):
         if checks is not None:
             print(f"\n{name}: " + json.dumps(checks, indent=1))
     tag = args.tag
-    (out / f"study{tag}.json").write_text(json.dumps(result, indent=2))
-    plot(out, table, best_dirs, methods, batches, tokens_per_seq, target, tag)
-    print(f"\nwrote study{tag}.json, steps_to_target{tag}.png, loss_curves{tag}.png")
+    result = {k: v for k, v in previous.items() if k != "runs"}
+    if tag:
+        result.setdefault("reports", {})[tag] = report
+        result.setdefault("target", target)
+    else:
+        result = {**report, **{k: v for k, v in result.items() if k not in report}}
+    top = result["target"]
+    result["runs"] = [with_target(known[name], top) for name in sorted(known)]
+    out.mkdir(parents=True, exist_ok=True)
+    study_file.write_text(dumps(result))
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plot(plots_dir, table, known, methods, batches, tokens_per_seq, target, tag)
+    print(
+        f"\nwrote {study_file} ({len(known)} runs); steps_to_target{tag}.png, "
+        f"loss_curves{tag}.png in {plots_dir}"
+    )
+
+
+def grid_of(method: str) -> tuple:
+    """The learning-rate grid of a method (a GN variant without its own: GN's)."""
+    optimizer = method_config(method)["optimizer"]
+    return DEFAULT_GRIDS.get(method, DEFAULT_GRIDS[optimizer])
+
+
+def warmup_steps(args, table, known) -> int:
+    """The AdamW warm-up steps the reported runs had (from their resolved
+    configurations; from the runner's rule when none records it)."""
+    names = [e.get("refined", e)["run"] for row in table.values() for e in row.values()]
+    found = {known[n]["resolved"].get("warmup_steps") for n in names} - {None}
+    if len(found) == 1:
+        return found.pop()
+    from eqx_gn import lm
+
+    return lm.TrainConfig(
+        model=args.model, steps=args.steps, warmup_fraction=args.warmup_fraction
+    ).warmup_steps
+
+
+def device_of(args, previous) -> dict:
+    """The device the runs trained on: this one, unless the report only
+    tabulates runs recorded on another (then the recorded one)."""
+    if args.report_only and "device" in previous:
+        return {k: previous[k] for k in ("benchmark", "device", "backend", "jax")}
+    import jax
+
+    return {
+        "benchmark": "study",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+    }
+
+
+def dumps(result: dict) -> str:
+    """study.json's text: indented, but each curve's list on one line."""
+    lists = {}
+    runs = []
+    for rec in result.get("runs", []):
+        curve = {}
+        for key, values in rec["curve"].items():
+            curve[key] = f"@curve{len(lists)}@"
+            lists[curve[key]] = json.dumps(values, separators=(",", ":"))
+        runs.append({**rec, "curve": curve})
+    text = json.dumps({**result, "runs": runs}, indent=1)
+    return re.sub(r'"(@curve\d+@)"', lambda m: lists[m.group(1)], text) + "\n"
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class Run:
         return self.config.get("batch_size")
 
     @property
-    def lr(self) -> float | None:
+    def lr(self) -> float | int | None:
         lr = self.config.get("lr")
         return lr if lr is not None else self.resolved.get("learning_rate")
 
@@ -266,8 +266,8 @@ def _rank(run: Run) -> tuple[float, float]:
     if best is None:
         best = min((v for v in run.curve["val_loss"] if v is not None), default=None)
     return (
-        math.inf if steps is None else steps,
-        math.inf if best is None else best,
+        math.inf if steps is None else float(steps),
+        math.inf if best is None else float(best),
     )
 
 
@@ -358,9 +358,7 @@ def labels_for(runs: Sequence[Run]) -> list[str]:
     return labels
 
 
-def series(
-    run: Run, axis: str
-) -> tuple[list[float], list[float], list[float], list[float]]:
+def series(run: Run, axis: str) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     """``(x, train_loss, x_val, val_loss)`` of ``run`` on ``axis`` (``"steps"``,
     ``"tokens"``: training plus line-search tokens, or ``"time"``)."""
     curve = run.curve

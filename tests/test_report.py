@@ -5,6 +5,7 @@ import pytest
 from eqx_gn.lm._report import (
     compare_table,
     complete_summary,
+    corpus_name,
     eval_line,
     run_label,
     start_line,
@@ -67,6 +68,12 @@ GN = _summary(
 )
 def test_run_label(settings, label):
     assert run_label(settings) == label
+
+
+def test_corpus_name():
+    assert corpus_name(None) == "Shakespeare"
+    assert corpus_name("/data/books/poems.txt") == "poems.txt"
+    assert corpus_name("/data/books/") == "books"
 
 
 def _cells(table, name):

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._report import complete_summary, run_label
+from ._report import complete_summary, corpus_name, run_label
 
 #: The x axes drawn, as (file suffix, axis label).
 AXES: tuple[tuple[str, str], ...] = (
@@ -389,11 +389,6 @@ def _distinct(values: Sequence[Any]) -> list[Any]:
     return sorted({v for v in values if v is not None})
 
 
-def _corpus(config: Mapping[str, Any]) -> str:
-    text = config.get("text")
-    return "Shakespeare" if text is None else Path(text).name
-
-
 def default_title(runs: Sequence[Run], note: str | None = None) -> str:
     """``"tiny model, 4,096 tokens per step (64 sequences), Shakespeare"``: what
     the runs share (or their distinct values, joined by ``/``), and ``note`` on a
@@ -415,7 +410,7 @@ def default_title(runs: Sequence[Run], note: str | None = None) -> str:
         )
     elif batch:
         parts.append(f"{batch} sequences per step")
-    corpora = joined([_corpus(r.config) for r in runs if r.config])
+    corpora = joined([corpus_name(r.config.get("text")) for r in runs if r.config])
     if corpora:
         parts.append(corpora)
     title = ", ".join(parts) or "loss curves"

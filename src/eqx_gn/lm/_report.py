@@ -11,6 +11,7 @@ metrics records.
 """
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 #: Default GN settings, left out of a label ("gn" rather than "gn full inner").
@@ -37,6 +38,15 @@ def gn_settings(settings: Mapping[str, Any]) -> tuple[str | None, str | None]:
             settings.get("solver") or _DEFAULT_SOLVER,
         )
     return None, None
+
+
+def corpus_name(text: str | None) -> str:
+    """The corpus of a configuration's ``text``, for titles and the start line:
+    ``"Shakespeare"`` for the bundled plays (``None``), else the file or
+    directory name."""
+    if text is None:
+        return "Shakespeare"
+    return Path(text).name or str(text)
 
 
 def run_label(settings: Mapping[str, Any]) -> str:

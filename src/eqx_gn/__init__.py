@@ -1,5 +1,6 @@
 """eqx_gn: Gauss-Newton optimization for Equinox models."""
 
+from ._batches import mean_loss as mean_loss
 from ._blocks import Blocks as Blocks
 from ._gauss_newton import (
     GaussNewton as GaussNewton,
@@ -24,6 +25,7 @@ from ._losses import (
     SoftmaxCrossEntropy as SoftmaxCrossEntropy,
 )
 from ._optimizers import muon_adamw as muon_adamw
+from ._schedules import cosine_decay as cosine_decay
 from ._sharding import (
     data_mesh as data_mesh,
     replicate as replicate,

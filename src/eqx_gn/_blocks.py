@@ -7,16 +7,15 @@ the cross terms.
 """
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax
 import numpy as np
 from jaxtyping import PyTree
 
-from ._custom_types import FilterSpec, Model
-
-_is_none = lambda x: x is None  # noqa: E731
+from ._custom_types import FilterSpec, Model, typecheck
+from ._misc import is_none
 
 
 def _params_with_paths(model: Model) -> tuple[list[str], Any]:
@@ -31,8 +30,8 @@ def _filter_mask(model: Model, spec: FilterSpec) -> np.ndarray:
     params = eqx.filter(model, eqx.is_inexact_array)
     selected = eqx.filter(model, spec)
     # Flatten keeping None so that both trees line up leaf for leaf.
-    p = jax.tree.leaves(params, is_leaf=_is_none)
-    s = jax.tree.leaves(selected, is_leaf=_is_none)
+    p = jax.tree.leaves(params, is_leaf=is_none)
+    s = jax.tree.leaves(selected, is_leaf=is_none)
     if len(p) != len(s):  # pragma: no cover - eqx.filter preserves structure
         raise ValueError("filter spec changed the structure of the model")
     return np.asarray(
@@ -47,6 +46,7 @@ def _format_paths(paths: Sequence[str], limit: int = 8) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+@final
 class Blocks(eqx.Module):
     """A disjoint, covering partition of a model's parameters into named blocks.
 
@@ -64,11 +64,13 @@ class Blocks(eqx.Module):
 
     # ------------------------------------------------------------------ builders
     @classmethod
+    @typecheck
     def full(cls, model: Model, name: str = "all") -> "Blocks":
         """One block holding every parameter: full (not layerwise) GN."""
         return cls.from_filters(model, [eqx.is_inexact_array], names=[name])
 
     @classmethod
+    @typecheck
     def from_filters(
         cls,
         model: Model,
@@ -92,6 +94,7 @@ class Blocks(eqx.Module):
         return cls._from_masks(model, [_filter_mask(model, f) for f in filters], names)
 
     @classmethod
+    @typecheck
     def from_layers(
         cls,
         model: Model,

@@ -12,27 +12,35 @@ One outer step at $\theta_0$:
 
 A non-finite direction or loss rejects the step and leaves the model and every
 piece of state exactly as they were.
+
+[`GaussNewton.step`][eqx_gn.GaussNewton.step] is these three stages and nothing
+else, each a public method: [`solve`][eqx_gn.GaussNewton.solve],
+[`line_search_objective`][eqx_gn.GaussNewton.line_search_objective] with
+[`search`][eqx_gn.GaussNewton.search], and [`accept`][eqx_gn.GaussNewton.accept].
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Bool, Float, Int, PyTree, jaxtyped
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
+from ._batches import _mean_loss, check_micro_batches
 from ._blocks import Blocks
-from ._custom_types import ApplyFn, AxisName, Model
-from ._line_search import AbstractLineSearch, GridLineSearch
+from ._custom_types import ApplyFn, AxisName, MicroBatches, Model, Params, typecheck
+from ._line_search import AbstractLineSearch, GridLineSearch, LineSearchStats
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
-from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer
-from ._solvers.abstract import num_batches
+from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
 
-_typechecked = jaxtyped(typechecker=beartype)
+#: $\varphi(s)$: the loss along the direction, as a function of the step size.
+LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
 
 
+@final
 class GNState(eqx.Module):
     """The optimizer's state: the outer step count and the solver's state."""
 
@@ -40,6 +48,7 @@ class GNState(eqx.Module):
     solver_state: PyTree
 
 
+@final
 class GNStats(eqx.Module):
     """Statistics of one outer step (all scalars).
 
@@ -65,18 +74,7 @@ class GNStats(eqx.Module):
     nonfinite: Bool[Array, ""]
 
 
-def _mean_loss(fn, loss, model, batches, axis_name):
-    def one(batch):
-        inputs, targets = batch
-        return loss.value(fn(model, inputs), targets, axis_name=axis_name)
-
-    return jnp.mean(jax.lax.map(one, batches))
-
-
-def _moved(model, direction, step_size):
-    return eqx.apply_updates(model, tree_scale(step_size, direction))
-
-
+@final
 class GaussNewton(eqx.Module):
     r"""The Gauss-Newton optimizer for an Equinox model.
 
@@ -92,10 +90,32 @@ class GaussNewton(eqx.Module):
     - ``axis_name``: the batch axis name when ``step`` runs inside ``shard_map`` or
       ``pmap``; ``None`` otherwise (including ``jit`` over sharded batches).
 
-    Use: ``state = gn.init(model)``, then ``model, state, stats = gn.step(model,
-    state, batches, line_search_batches)`` under ``eqx.filter_jit``. ``batches`` is a
-    pair ``(inputs, targets)`` whose leaves are stacked along a leading axis of K
-    micro-batches; ``line_search_batches`` likewise (any number, any batch size).
+    ``batches`` is a pair ``(inputs, targets)`` whose leaves are stacked along a
+    leading axis of K micro-batches, shaped ``(K, B, ...)``; ``line_search_batches``
+    likewise (any number, any batch size). One step is
+
+    ```python
+    direction, provisional, solver_stats = gn.solve(model, state, batches)
+    phi = gn.line_search_objective(model, direction, line_search_batches)
+    step_size, ls_stats = gn.search(phi, solver_stats.model_end.dtype)
+    model, state, stats = gn.accept(
+        model, state, direction, provisional, solver_stats, step_size, ls_stats
+    )
+    ```
+
+    and ``step`` does exactly that. A training loop:
+
+    ```python
+    gn = eqx_gn.GaussNewton(
+        lambda m, x: jax.vmap(m)(x),
+        eqx_gn.SoftmaxCrossEntropy(),
+        solver=eqx_gn.InnerOptimizer(learning_rate=0.03),
+    )
+    state = gn.init(model)
+    step = eqx.filter_jit(gn.step)
+    for x, y, x_ls, y_ls in data:  # x: (K, B, features), y: (K, B)
+        model, state, stats = step(model, state, (x, y), (x_ls, y_ls))
+    ```
     """
 
     fn: ApplyFn
@@ -105,77 +125,152 @@ class GaussNewton(eqx.Module):
     blocks: Blocks | None = None
     axis_name: AxisName = eqx.field(default=None, static=True)
 
+    @property
+    def problem(self) -> GNProblem:
+        """The subproblem's definition (``fn``, ``loss``, ``blocks``, ``axis_name``)
+        as the solver takes it."""
+        return GNProblem(self.fn, self.loss, self.blocks, self.axis_name)
+
+    @typecheck
     def init(self, model: Model) -> GNState:
         """The state before the first step."""
         if self.blocks is not None:
             self.blocks.check_model(model)
         return GNState(jnp.asarray(0), self.solver.init(model))
 
-    @_typechecked
-    def step(
-        self,
-        model: Model,
-        state: GNState,
-        batches: Any,
-        line_search_batches: Any,
-    ) -> tuple[Model, GNState, GNStats]:
-        """One outer step; returns the new model and state, and [`eqx_gn.GNStats`][]."""
-        num_batches(batches, "batches")
-        num_batches(line_search_batches, "line_search_batches")
-        problem = GNProblem(self.fn, self.loss, self.blocks, self.axis_name)
-        direction, provisional, solver_stats = self.solver.solve(
-            problem, model, batches, state.solver_state, state.step
+    @typecheck
+    def solve(
+        self, model: Model, state: GNState, batches: MicroBatches
+    ) -> tuple[Params, PyTree, SolverStats]:
+        r"""Stage 1: the direction $d$ from the solver on ``batches``.
+
+        Returns ``(direction, provisional, solver_stats)``: $d$ (the structure of
+        ``eqx.filter(model, eqx.is_inexact_array)``), the solver's provisional next
+        state (for [`accept`][eqx_gn.GaussNewton.accept]), and its
+        [`eqx_gn.SolverStats`][]. ``batches`` are checked here, once (one-line
+        ``ValueError`` naming the leaf when they are not K stacked micro-batches).
+        """
+        return self.solver.solve(
+            self.problem, model, batches, state.solver_state, state.step
         )
 
-        def phi(s):
+    @typecheck
+    def line_search_objective(
+        self, model: Model, direction: Params, line_search_batches: MicroBatches
+    ) -> LineObjective:
+        r"""Stage 2a: $\varphi(s) = \frac1M \sum_m L_m(\theta_0 + s\,d)$, the mean
+        loss (as [`eqx_gn.mean_loss`][]) on the M ``line_search_batches`` at the
+        model moved by ``s * direction``.
+
+        ``phi`` takes and returns JAX scalars and is differentiable
+        (``jax.jvp(phi, (s,), (1.0,))`` gives $\varphi'(s)$). The batches are
+        checked here, once, not at every call of ``phi``.
+        """
+        check_micro_batches(
+            self.fn, self.loss, model, line_search_batches, "line_search_batches"
+        )
+
+        def phi(s: Float[Array, ""]) -> Float[Array, ""]:
+            moved = eqx.apply_updates(model, tree_scale(s, direction))
             return _mean_loss(
-                self.fn,
-                self.loss,
-                _moved(model, direction, s),
-                line_search_batches,
-                self.axis_name,
+                self.fn, self.loss, moved, line_search_batches, self.axis_name
             )
 
-        zero = jnp.zeros((), solver_stats.model_end.dtype)
+        return phi
+
+    @typecheck
+    def search(
+        self, phi: LineObjective, dtype: np.dtype | type | str
+    ) -> tuple[Float[Array, ""], LineSearchStats]:
+        r"""Stage 2b: the step size $s \ge 0$ that ``line_search`` picks on ``phi``.
+
+        Evaluates $\varphi(0)$ (and $\varphi'(0)$ by one ``jax.jvp`` when the line
+        search ``needs_slope``) with step sizes of ``dtype`` (``step`` uses the
+        subproblem's: ``solver_stats.model_end.dtype``), then calls
+        ``line_search.search``. Returns ``(step_size, line_search_stats)``; the stats'
+        ``loss_before`` is $\varphi(0)$.
+        """
+        zero = jnp.zeros((), dtype)
         if self.line_search.needs_slope:
             phi0, slope = jax.jvp(phi, (zero,), (jnp.ones_like(zero),))
         else:
             phi0, slope = phi(zero), None
-        step_size, ls_stats = self.line_search.search(phi, phi0, slope)
+        return self.line_search.search(phi, phi0, slope)
 
+    @typecheck
+    def accept(
+        self,
+        model: Model,
+        state: GNState,
+        direction: Params,
+        provisional: PyTree,
+        solver_stats: SolverStats,
+        step_size: Float[Array, ""],
+        line_search_stats: LineSearchStats,
+    ) -> tuple[Model, GNState, GNStats]:
+        r"""Stage 3: $\theta_1 = \theta_0 + s\,d$, the solver's next state, and
+        [`eqx_gn.GNStats`][].
+
+        Takes the outputs of [`solve`][eqx_gn.GaussNewton.solve] and
+        [`search`][eqx_gn.GaussNewton.search]. A non-finite direction, solver
+        statistic or $\varphi(0)$ rejects the step: the model and every piece of
+        ``state`` come back exactly as they were (and ``stats.nonfinite`` is set).
+        """
+        phi0 = line_search_stats.loss_before
         nonfinite = ~(
             tree_all_finite(direction)
             & tree_all_finite(solver_stats)
             & jnp.isfinite(phi0)
         )
         step_size = jnp.where(nonfinite, 0.0, step_size)
-        accept = step_size > 0
+        accepted = step_size > 0
         params = eqx.filter(model, eqx.is_inexact_array)
         new_params = jax.tree.map(
-            lambda p, u: jnp.where(accept, p + (step_size * u).astype(p.dtype), p),
+            lambda p, u: jnp.where(accepted, p + (step_size * u).astype(p.dtype), p),
             params,
             direction,
         )
         new_model = eqx.combine(new_params, model)
 
         solver_state = self.solver.accept(
-            provisional, direction, step_size, ls_stats, solver_stats
+            provisional, direction, step_size, line_search_stats, solver_stats
         )
         new_state = GNState(state.step + 1, solver_state)
         new_state = tree_where(nonfinite, state, new_state)
 
         stats = GNStats(
             loss_before=phi0,
-            loss_after=jnp.where(accept, ls_stats.loss_after, phi0),
+            loss_after=jnp.where(accepted, line_search_stats.loss_after, phi0),
             step_size=step_size,
             model_start=solver_stats.model_start,
             model_end=solver_stats.model_end,
             predicted_decrease=solver_stats.predicted_decrease,
-            actual_decrease=ls_stats.loss_before - ls_stats.loss_at_unit_step,
+            actual_decrease=line_search_stats.loss_before
+            - line_search_stats.loss_at_unit_step,
             damping=solver_stats.damping,
             solver_iterations=solver_stats.iterations,
-            line_search_evaluations=ls_stats.num_evaluations,
-            rejected=~accept,
+            line_search_evaluations=line_search_stats.num_evaluations,
+            rejected=~accepted,
             nonfinite=nonfinite,
         )
         return new_model, new_state, stats
+
+    @typecheck
+    def step(
+        self,
+        model: Model,
+        state: GNState,
+        batches: MicroBatches,
+        line_search_batches: MicroBatches,
+    ) -> tuple[Model, GNState, GNStats]:
+        """One outer step: [`solve`][eqx_gn.GaussNewton.solve], then
+        [`line_search_objective`][eqx_gn.GaussNewton.line_search_objective] and
+        [`search`][eqx_gn.GaussNewton.search], then
+        [`accept`][eqx_gn.GaussNewton.accept]. Returns the new model and state, and
+        [`eqx_gn.GNStats`][]."""
+        direction, provisional, solver_stats = self.solve(model, state, batches)
+        phi = self.line_search_objective(model, direction, line_search_batches)
+        step_size, ls_stats = self.search(phi, solver_stats.model_end.dtype)
+        return self.accept(
+            model, state, direction, provisional, solver_stats, step_size, ls_stats
+        )

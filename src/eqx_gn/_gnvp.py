@@ -22,7 +22,7 @@ block, and a single block equals the plain full product.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree, Scalar
 
 from ._blocks import Blocks
-from ._custom_types import ApplyFn, AxisName, Batch, Model, Params
+from ._custom_types import ApplyFn, AxisName, Batch, Model, Params, typecheck
 from ._losses import AbstractLoss
 from ._misc import tree_vdot
 from ._sharding import as_varying, psum
@@ -88,6 +88,7 @@ def _split_batch(batch) -> tuple[Any, Any]:
     return batch
 
 
+@final
 class QuadraticModel(eqx.Module):
     r"""The GN quadratic model of a loss at $\theta_0$ on one batch.
 
@@ -107,6 +108,17 @@ class QuadraticModel(eqx.Module):
 
     # ------------------------------------------------------------ internals
     def _block_maps(self, b: int):
+        """``(index, whole, linear_b)``: block ``b``'s leaf positions, whether it
+        holds every parameter, and the tangent map restricted to it.
+
+        The one-block fast path (``whole=True``, full GN): the restriction is the
+        linear map itself, so no zero tangents are built and ``_per_block`` calls
+        it directly instead of through ``jax.jvp``. The general path would give the
+        same numbers, but its JVP-of-a-linear-map trick (needed to prune the other
+        blocks) costs a second trace of the tangent pass and a dead primal half
+        that only ``jit`` removes; outside ``jit`` (eager ``gnvp`` calls, tests) it
+        would actually run.
+        """
         leaves, treedef = jax.tree.flatten(self.params)
         index = self.blocks.leaf_indices(b)
         if len(index) == len(leaves):
@@ -156,6 +168,7 @@ class QuadraticModel(eqx.Module):
         return self.loss.curvature(self.outputs, self.targets, axis_name=self.axis_name)
 
     # --------------------------------------------------------------- public
+    @typecheck
     def jvp(self, d: Params) -> PyTree[Array]:
         r"""The output-space tangent $J d$ (full Jacobian, all blocks)."""
         leaves = as_varying(check_like_params(d, self.params, "d"), self.axis_name)
@@ -163,6 +176,7 @@ class QuadraticModel(eqx.Module):
             jax.tree.unflatten(jax.tree.structure(self.params), leaves)
         )
 
+    @typecheck
     def gradient(self) -> Params:
         r"""The loss gradient $g = J^\top g_0$ at $\theta_0$ (equal to ``jax.grad``)."""
         g0 = self.loss.grad(self.outputs, self.targets, axis_name=self.axis_name)
@@ -170,6 +184,7 @@ class QuadraticModel(eqx.Module):
         (g,) = jax.linear_transpose(self.linear_map, primals)(g0)
         return psum(g, self.axis_name)
 
+    @typecheck
     def gnvp(self, v: Params) -> Params:
         r"""The GN-vector product $G v$ (block-diagonal when there are several blocks)."""
 
@@ -180,6 +195,7 @@ class QuadraticModel(eqx.Module):
 
         return self._per_block(v, output_fn, "tangent", local_values=True)[1]
 
+    @typecheck
     def value_and_grad(self, d: Params) -> tuple[Scalar, Params]:
         r"""$q(d)$ and $\nabla q(d) = g + G d$, sharing one tangent pass per block."""
         g0, hvp = self._curvature()
@@ -192,14 +208,17 @@ class QuadraticModel(eqx.Module):
         value, grad = self._per_block(d, output_fn, "d", local_values=True)
         return self.loss_value + value, grad
 
+    @typecheck
     def value(self, d: Params) -> Scalar:
         r"""$q(d)$."""
         return self.value_and_grad(d)[0]
 
+    @typecheck
     def grad(self, d: Params) -> Params:
         r"""$\nabla q(d) = g + G d$."""
         return self.value_and_grad(d)[1]
 
+    @typecheck
     def linearized_loss_value_and_grad(self, d: Params) -> tuple[Scalar, Params]:
         r"""The loss of the linearized model and its gradient (the prox-linear model).
 
@@ -218,6 +237,7 @@ class QuadraticModel(eqx.Module):
         return self.loss_value + value, grad
 
 
+@typecheck
 def quadratic_model(
     fn: ApplyFn,
     model: Model,
@@ -261,6 +281,7 @@ def quadratic_model(
 
 
 @eqx.filter_jit
+@typecheck
 def gnvp(
     fn: ApplyFn,
     model: Model,

@@ -7,16 +7,17 @@ loss is non-finite or not lower than $\varphi(0)$: it returns $s = 0$ (reject) i
 
 import abc
 from collections.abc import Callable
+from typing import final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
 
-_typechecked = jaxtyped(typechecker=beartype)
+from ._custom_types import typecheck
 
 
+@final
 class LineSearchStats(eqx.Module):
     """What a line search saw: the loss at 0, at the chosen step and at step 1."""
 
@@ -42,10 +43,30 @@ class AbstractLineSearch(eqx.Module):
         ``needs_slope``) $\varphi'(0)$."""
 
 
+def _check_phi(phi, phi0, name: str) -> None:
+    """One-line errors for a ``phi`` that is not a scalar function of a scalar."""
+    try:
+        out = jax.eval_shape(phi, phi0)
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [""]
+        raise ValueError(
+            f"{name}: phi(s) fails on a scalar step size s of dtype {phi0.dtype} "
+            f"({type(e).__name__}: {lines[0]})."
+        ) from e
+    shape = getattr(out, "shape", None)
+    if shape != ():
+        what = f"shape {shape}" if shape is not None else type(out).__name__
+        raise ValueError(
+            f"{name}: phi(s) must return a scalar loss, got {what}; average the loss "
+            "over the batch (and micro-batches) inside phi."
+        )
+
+
 def _acceptable(value, phi0):
     return jnp.isfinite(value) & jnp.isfinite(phi0) & (value < phi0)
 
 
+@final
 class GridLineSearch(AbstractLineSearch):
     r"""The paper's line search: the best step on the grid
     $s \in \{1, c, c^2, \dots, c^{n-1}\}$ (default $c = 2^{-1/2}$, $n = 8$).
@@ -77,13 +98,14 @@ class GridLineSearch(AbstractLineSearch):
         """The step sizes tried, largest first."""
         return self.factor ** jnp.arange(self.grid_size, dtype=float)
 
-    @_typechecked
+    @typecheck
     def search(
         self,
         phi: Callable[[Float[Array, ""]], Float[Array, ""]],
         phi0: Float[Array, ""],
         slope: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, ""], LineSearchStats]:
+        _check_phi(phi, phi0, "GridLineSearch")
         grid = self.grid.astype(phi0.dtype)
         if self.stop_on_increase:
             return self._walk(phi, phi0, grid)
@@ -136,6 +158,7 @@ class GridLineSearch(AbstractLineSearch):
         return jnp.where(found, step, 0.0), stats
 
 
+@final
 class BacktrackingArmijo(AbstractLineSearch):
     r"""Backtracking from $s = 1$ until the Armijo condition
     $\varphi(s) \le \varphi(0) + c\, s\, \varphi'(0)$ holds.
@@ -162,7 +185,7 @@ class BacktrackingArmijo(AbstractLineSearch):
                 f"BacktrackingArmijo: max_steps must be >= 1, got {self.max_steps}."
             )
 
-    @_typechecked
+    @typecheck
     def search(
         self,
         phi: Callable[[Float[Array, ""]], Float[Array, ""]],
@@ -171,6 +194,7 @@ class BacktrackingArmijo(AbstractLineSearch):
     ) -> tuple[Float[Array, ""], LineSearchStats]:
         if slope is None:
             raise ValueError("BacktrackingArmijo needs the slope phi'(0).")
+        _check_phi(phi, phi0, "BacktrackingArmijo")
         descent = jnp.isfinite(phi0) & jnp.isfinite(slope) & (slope < 0)
 
         def satisfied(s, value):

@@ -16,7 +16,7 @@ global mean), which is what the transpose of the model's linearization needs.
 import abc
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 import equinox as eqx
 import jax
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
-from ._custom_types import AxisName
+from ._custom_types import AxisName, typecheck
 from ._sharding import error_if_any, psum
 
 
@@ -32,7 +32,9 @@ class AbstractLoss(eqx.Module):
     """A loss on model outputs: a mean over every leading position.
 
     Subclasses give [`value`][eqx_gn.AbstractLoss.value],
-    [`grad`][eqx_gn.AbstractLoss.grad] and [`hvp`][eqx_gn.AbstractLoss.hvp].
+    [`grad`][eqx_gn.AbstractLoss.grad], [`hvp`][eqx_gn.AbstractLoss.hvp] and
+    [`curvature`][eqx_gn.AbstractLoss.curvature]; the concrete losses are final
+    (abstract-or-final: no concrete method is ever overridden).
     """
 
     @abc.abstractmethod
@@ -58,17 +60,16 @@ class AbstractLoss(eqx.Module):
     ) -> PyTree[Array]:
         r"""The output-space Hessian-vector product $\nabla_z^2 L\, u$."""
 
+    @abc.abstractmethod
     def curvature(
         self, outputs: PyTree[Array], targets: Any, *, axis_name: AxisName = None
     ) -> tuple[PyTree[Array], Callable[[PyTree[Array]], PyTree[Array]]]:
         r"""$\nabla_z L$ and the map $u \mapsto \nabla_z^2 L\, u$ at ``outputs``.
 
-        What the GN quadratic model evaluates once per batch: subclasses share the
+        What the GN quadratic model evaluates once per batch: a loss can share the
         work the two have in common (the softmax, the normaliser, input checks)
         across every product the map is applied to.
         """
-        grad = self.grad(outputs, targets, axis_name=axis_name)
-        return grad, lambda u: self.hvp(outputs, targets, u, axis_name=axis_name)
 
 
 def _check_weights(weights, positions: tuple[int, ...], what: str):
@@ -116,6 +117,7 @@ def _scale(weights, total, dtype, positions: tuple[int, ...]):
     return weights.astype(dtype) / total
 
 
+@final
 class SoftmaxCrossEntropy(AbstractLoss):
     r"""Mean softmax cross-entropy over integer class labels.
 
@@ -158,6 +160,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
         )
         return outputs, labels, weights
 
+    @typecheck
     def value(
         self,
         outputs: Float[Array, "*positions classes"],
@@ -186,6 +189,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
 
         return (p - onehot) * scale, hvp
 
+    @typecheck
     def curvature(
         self,
         outputs: Float[Array, "*positions classes"],
@@ -200,6 +204,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
     ]:
         return self._curvature(outputs, targets, axis_name)
 
+    @typecheck
     def grad(
         self,
         outputs: Float[Array, "*positions classes"],
@@ -209,6 +214,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
     ) -> Float[Array, "*positions classes"]:
         return self._curvature(outputs, targets, axis_name)[0]
 
+    @typecheck
     def hvp(
         self,
         outputs: Float[Array, "*positions classes"],
@@ -220,6 +226,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
         return self._curvature(outputs, targets, axis_name)[1](tangent)
 
 
+@final
 class MeanSquaredError(AbstractLoss):
     r"""Half the squared error, averaged over positions.
 
@@ -260,6 +267,7 @@ class MeanSquaredError(AbstractLoss):
         scale = _scale(weights, total, outputs.dtype, positions)
         return jnp.reshape(scale, jnp.shape(scale) + (1,) * self.feature_ndim)
 
+    @typecheck
     def value(
         self,
         outputs: Float[Array, "..."],
@@ -271,6 +279,7 @@ class MeanSquaredError(AbstractLoss):
         scale = self._position_scale(outputs, weights, positions, axis_name)
         return psum(0.5 * jnp.sum(scale * (outputs - y) ** 2), axis_name)
 
+    @typecheck
     def grad(
         self,
         outputs: Float[Array, "..."],
@@ -283,6 +292,7 @@ class MeanSquaredError(AbstractLoss):
             outputs - y
         )
 
+    @typecheck
     def hvp(
         self,
         outputs: Float[Array, "..."],
@@ -294,7 +304,23 @@ class MeanSquaredError(AbstractLoss):
         _, weights, positions = self._prepare(outputs, targets)
         return self._position_scale(outputs, weights, positions, axis_name) * tangent
 
+    @typecheck
+    def curvature(
+        self,
+        outputs: Float[Array, "..."],
+        targets: Float[Array | np.ndarray, "..."] | tuple[Array, Array],
+        *,
+        axis_name: AxisName = None,
+    ) -> tuple[
+        Float[Array, "..."], Callable[[Float[Array, "..."]], Float[Array, "..."]]
+    ]:
+        r"""$\nabla_z L$ and $u \mapsto \nabla_z^2 L\, u$, sharing the normaliser."""
+        y, weights, positions = self._prepare(outputs, targets)
+        scale = self._position_scale(outputs, weights, positions, axis_name)
+        return scale * (outputs - y), lambda u: scale * u
 
+
+@final
 class AutodiffLoss(AbstractLoss):
     r"""Any scalar loss ``fn(outputs, targets)``, differentiated by JAX.
 
@@ -309,6 +335,7 @@ class AutodiffLoss(AbstractLoss):
     def _num_shards(self, axis_name):
         return 1 if axis_name is None else psum(1, axis_name)
 
+    @typecheck
     def value(
         self, outputs: PyTree[Array], targets: Any, *, axis_name: AxisName = None
     ) -> Scalar:
@@ -319,6 +346,7 @@ class AutodiffLoss(AbstractLoss):
             )
         return psum(value, axis_name) / self._num_shards(axis_name)
 
+    @typecheck
     def grad(
         self, outputs: PyTree[Array], targets: Any, *, axis_name: AxisName = None
     ) -> PyTree[Array]:
@@ -326,6 +354,7 @@ class AutodiffLoss(AbstractLoss):
         n = self._num_shards(axis_name)
         return jax.tree.map(lambda x: x / n, g)
 
+    @typecheck
     def hvp(
         self,
         outputs: PyTree[Array],
@@ -338,3 +367,12 @@ class AutodiffLoss(AbstractLoss):
         _, hu = jax.jvp(lambda z: grad_fn(z, targets), (outputs,), (tangent,))
         n = self._num_shards(axis_name)
         return jax.tree.map(lambda x: x / n, hu)
+
+    @typecheck
+    def curvature(
+        self, outputs: PyTree[Array], targets: Any, *, axis_name: AxisName = None
+    ) -> tuple[PyTree[Array], Callable[[PyTree[Array]], PyTree[Array]]]:
+        r"""$\nabla_z L$ (``jax.grad``) and $u \mapsto \nabla_z^2 L\, u$
+        (forward-over-reverse)."""
+        grad = self.grad(outputs, targets, axis_name=axis_name)
+        return grad, lambda u: self.hvp(outputs, targets, u, axis_name=axis_name)

@@ -5,6 +5,11 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 
+def is_none(x) -> bool:
+    """``is_leaf`` for flattening a filtered model with its ``None`` holes kept."""
+    return x is None
+
+
 def tree_vdot(a, b) -> Array:
     """The inner product of two PyTrees of the same structure."""
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)

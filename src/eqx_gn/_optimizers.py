@@ -6,8 +6,7 @@ import optax
 from optax.contrib import MuonDimensionNumbers
 
 from ._custom_types import FilterSpec
-
-_is_none = lambda x: x is None  # noqa: E731
+from ._misc import is_none
 
 
 def _muon_dimension_numbers(adam_filter: FilterSpec | None, dims: MuonDimensionNumbers):
@@ -20,13 +19,13 @@ def _muon_dimension_numbers(adam_filter: FilterSpec | None, dims: MuonDimensionN
                 lambda p, s: p is not None and s is not None,
                 params,
                 selected,
-                is_leaf=_is_none,
+                is_leaf=is_none,
             )
         return jax.tree.map(
             lambda p, a: dims if (p is not None and p.ndim == 2 and not a) else None,
             params,
             to_adam,
-            is_leaf=_is_none,
+            is_leaf=is_none,
         )
 
     return dimension_numbers

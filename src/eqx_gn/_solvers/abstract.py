@@ -1,20 +1,20 @@
 """The interface every solver of the GN subproblem implements."""
 
 import abc
-from typing import Any
+from typing import final
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
+from .._batches import check_micro_batches
 from .._blocks import Blocks
-from .._custom_types import ApplyFn, AxisName, Model, Params
+from .._custom_types import ApplyFn, AxisName, MicroBatches, Model, Params
 from .._gnvp import QuadraticModel, quadratic_model
 from .._line_search import LineSearchStats
 from .._losses import AbstractLoss
 
 
+@final
 class GNProblem(eqx.Module):
     """What defines the GN subproblem apart from the data: the model's apply
     function, the loss, the block partition and the data-parallel axis."""
@@ -25,6 +25,7 @@ class GNProblem(eqx.Module):
     axis_name: AxisName = eqx.field(static=True)
 
     def quadratic_model(self, model: Model, batch) -> QuadraticModel:
+        """The GN quadratic model at ``model`` on one ``batch``."""
         return quadratic_model(
             self.fn,
             model,
@@ -34,7 +35,14 @@ class GNProblem(eqx.Module):
             axis_name=self.axis_name,
         )
 
+    def check_batches(self, model: Model, batches, what: str = "batches") -> int:
+        """K, after checking that ``batches`` are K stacked micro-batches on which
+        ``fn`` and ``loss`` trace; one-line ``ValueError`` naming the leaf if not.
+        Every solver's ``solve`` calls this once, before tracing anything else."""
+        return check_micro_batches(self.fn, self.loss, model, batches, what)
 
+
+@final
 class SolverStats(eqx.Module):
     """What a solver reports about one subproblem.
 
@@ -62,7 +70,7 @@ class AbstractGNSolver(eqx.Module):
         self,
         problem: GNProblem,
         model: Model,
-        batches: Any,
+        batches: MicroBatches,
         state: PyTree,
         step: Int[Array, ""],
     ) -> tuple[Params, PyTree, SolverStats]:
@@ -79,33 +87,3 @@ class AbstractGNSolver(eqx.Module):
         stats: SolverStats,
     ) -> PyTree:
         """The solver's state after the line search chose ``step_size``."""
-
-
-def num_batches(batches: Any, what: str) -> int:
-    """The common leading-axis size K of a stack of batches; errors name the leaf."""
-    if not (isinstance(batches, tuple) and len(batches) == 2):
-        raise ValueError(
-            f"{what} must be a pair (inputs, targets) whose leaves are stacked along a "
-            "leading axis of micro-batches."
-        )
-    leaves = jax.tree_util.tree_flatten_with_path(batches)[0]
-    if not leaves:
-        raise ValueError(f"{what} has no arrays.")
-    sizes = {}
-    for path, leaf in leaves:
-        shape = jnp.shape(leaf)
-        if len(shape) < 1:
-            raise ValueError(
-                f"{what} leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a "
-                "leading axis of micro-batches."
-            )
-        sizes.setdefault(shape[0], jax.tree_util.keystr(path))
-    if len(sizes) != 1:
-        detail = ", ".join(f"{p} has {k}" for k, p in sizes.items())
-        raise ValueError(
-            f"{what}: leaves disagree on the number of micro-batches ({detail})."
-        )
-    (k,) = sizes
-    if k < 1:
-        raise ValueError(f"{what} holds K={k} micro-batches; K must be >= 1.")
-    return k

@@ -1,22 +1,20 @@
 r"""Hessian-free: conjugate gradient on the damped GN system, Levenberg-Marquardt
 damping."""
 
-from typing import Any
+from typing import final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Float, Int
 
-from .._custom_types import Model, Params
+from .._custom_types import MicroBatches, Model, Params, typecheck
 from .._line_search import LineSearchStats
 from .._misc import tree_axpy, tree_scale, tree_vdot, tree_zeros_like
-from .abstract import AbstractGNSolver, GNProblem, SolverStats, num_batches
-
-_typechecked = jaxtyped(typechecker=beartype)
+from .abstract import AbstractGNSolver, GNProblem, SolverStats
 
 
+@final
 class CGState(eqx.Module):
     """The Levenberg-Marquardt damping and the previous CG solution."""
 
@@ -28,6 +26,7 @@ def _concatenate(batches):
     return jax.tree.map(lambda x: jnp.reshape(x, (-1, *x.shape[2:])), batches)
 
 
+@final
 class CG(AbstractGNSolver):
     r"""Conjugate gradient on $(G + \lambda I)\, d = -g$.
 
@@ -67,22 +66,23 @@ class CG(AbstractGNSolver):
                 f"{self.max_damping}."
             )
 
+    @typecheck
     def init(self, model: Model) -> CGState:
         params = eqx.filter(model, eqx.is_inexact_array)
         leaves = jax.tree.leaves(params)
         dtype = jnp.result_type(*leaves) if leaves else float
         return CGState(jnp.asarray(self.damping, dtype), tree_zeros_like(params))
 
-    @_typechecked
+    @typecheck
     def solve(
         self,
         problem: GNProblem,
         model: Model,
-        batches: Any,
+        batches: MicroBatches,
         state: CGState,
         step: Int[Array, ""],
     ) -> tuple[Params, CGState, SolverStats]:
-        num_batches(batches, "batches")
+        problem.check_batches(model, batches)
         model_q = problem.quadratic_model(model, _concatenate(batches))
         g = model_q.gradient()
         damping = state.damping
@@ -132,6 +132,7 @@ class CG(AbstractGNSolver):
         )
         return x, CGState(damping, x), stats
 
+    @typecheck
     def accept(
         self,
         state: CGState,

@@ -2,29 +2,27 @@ r"""The paper's solver: K steps of an optax optimizer on the GN model, each on a
 micro-batch at the fixed linearization point."""
 
 import abc
-import math
-from typing import Any, Literal
+from typing import Literal, final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from beartype import beartype
-from jaxtyping import Array, Float, Int, PyTree, jaxtyped
+from jaxtyping import Array, Float, Int, PyTree
 
-from .._custom_types import FilterSpec, Model, Params
+from .._custom_types import FilterSpec, MicroBatches, Model, Params, typecheck
 from .._gnvp import QuadraticModel
 from .._line_search import LineSearchStats
 from .._misc import tree_axpy, tree_scale, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
-from .abstract import AbstractGNSolver, GNProblem, SolverStats, num_batches
-
-_typechecked = jaxtyped(typechecker=beartype)
+from .._schedules import cosine_decay
+from .abstract import AbstractGNSolver, GNProblem, SolverStats
 
 Schedule = Literal["constant", "cosine", "global_cosine"]
 
 
+@final
 class InnerState(eqx.Module):
     """The inner iterate (relative to the linearization point) and the inner
     optimizer's state; both carry across outer steps when warm-starting."""
@@ -102,30 +100,30 @@ class _AbstractInnerLoop(AbstractGNSolver):
         """The subproblem's value and gradient at ``d`` on one micro-batch."""
 
     def _rate(self, step, k, num_steps: int):
+        """The inner learning rate at inner step ``k`` of outer step ``step``."""
         if self.schedule == "constant":
             fraction = jnp.zeros(())
         elif self.schedule == "cosine":
             fraction = k / num_steps
         else:
-            fraction = jnp.minimum(
-                (step * num_steps + k) / (self.total_steps * num_steps), 1.0
-            )
-        return self.learning_rate * 0.5 * (1.0 + jnp.cos(math.pi * fraction))
+            fraction = (step * num_steps + k) / (self.total_steps * num_steps)
+        return cosine_decay(self.learning_rate, fraction)
 
+    @typecheck
     def init(self, model: Model) -> InnerState:
         params = eqx.filter(model, eqx.is_inexact_array)
         return InnerState(tree_zeros_like(params), self.optimizer.init(params))
 
-    @_typechecked
+    @typecheck
     def solve(
         self,
         problem: GNProblem,
         model: Model,
-        batches: Any,
+        batches: MicroBatches,
         state: InnerState,
         step: Int[Array, ""],
     ) -> tuple[Params, InnerState, SolverStats]:
-        num_steps = num_batches(batches, "batches")
+        num_steps = problem.check_batches(model, batches)
         params = eqx.filter(model, eqx.is_inexact_array)
         if self.warm_start:
             d, opt_state = state.direction, state.opt_state
@@ -154,6 +152,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         )
         return d, InnerState(d, opt_state), stats
 
+    @typecheck
     def accept(
         self,
         state: InnerState,
@@ -173,6 +172,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         return tree_where(step_size > 0, carried, fresh)
 
 
+@final
 class InnerOptimizer(_AbstractInnerLoop):
     r"""Minimise the GN quadratic model with K steps of an optax optimizer.
 
@@ -194,6 +194,7 @@ class InnerOptimizer(_AbstractInnerLoop):
         return model_q.value_and_grad(d)
 
 
+@final
 class ProxLinear(_AbstractInnerLoop):
     r"""Like [`eqx_gn.InnerOptimizer`][], on the exact loss of the linearized model.
 

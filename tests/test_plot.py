@@ -140,13 +140,16 @@ def _curve(records):
 
 def write_study(path: Path) -> Path:
     """A study directory in the new format: adamw at two learning rates and GN
-    at batch 8, adamw at batch 4 (best: fewest steps to the target)."""
+    at batch 8, adamw at batch 4, GN at batch 16 (best: fewest steps to the
+    target)."""
     runs = []
     for name, method, batch, lr, steps_to_target, best in [
         ("adamw_b4_lr0.01", "adamw", 4, 0.01, 4, 3.0),
         ("adamw_b8_lr0.01", "adamw", 8, 0.01, None, 3.5),
         ("adamw_b8_lr0.03", "adamw", 8, 0.03, 6, 3.0),
         ("gn_b8_lr0.1", "gn", 8, 0.1, 5, 3.1),
+        # A larger batch for one method only: not the default.
+        ("gn_b16_lr0.1", "gn", 16, 0.1, 3, 3.0),
     ]:
         gn = method == "gn"
         records = _records(batch=batch, steps=8, warmup=2, gn=gn, rejected={4})
@@ -163,8 +166,11 @@ def write_study(path: Path) -> Path:
                 "hyperparameters": {"lr": lr},
                 "config": config,
                 "resolved": {"tokens_per_step": batch * SEQ_LEN, "warmup_steps": 2},
+                # The study's target, not the run's own (None): the entry's
+                # steps_to_target is the one that counts.
                 "steps_to_target": steps_to_target,
-                "summary": {"steps_to_target": steps_to_target, "best_val_loss": best},
+                "best_val_loss": best,
+                "summary": {"steps_to_target": None, "best_val_loss": 9.0},
                 "curve": _curve(records),
             }
         )
@@ -319,21 +325,24 @@ def test_study_directory_best_run_per_method_at_the_largest_batch(tmp_path):
     source = load_runs(study)
     assert source.kind == "study"
     assert [r.name for r in source.runs] == ["adamw_b8_lr0.03", "gn_b8_lr0.1"]
-    assert "best run per method at the largest batch" in source.note
+    assert "best run per method at the largest batch of all methods" in source.note
     gn = source.runs[1]
     assert gn.label == "gn"
     assert series(gn, "tokens")[0][-1] == 8 * 8 * SEQ_LEN + 6 * LS_TOKENS_PER_STEP
     everything = load_runs(study, select="all")
     assert labels_for(everything.runs) == ["adamw, lr 0.01", "adamw, lr 0.03", "gn"]
+    assert [r.name for r in load_runs(study, batch_size=16).runs] == ["gn_b16_lr0.1"]
     small = load_runs(study, batch_size=4)
     assert [r.name for r in small.runs] == ["adamw_b4_lr0.01"]
-    with pytest.raises(ValueError, match="no runs at batch size 16"):
-        load_runs(study, batch_size=16)
+    with pytest.raises(
+        ValueError, match=r"no runs at batch size 32 \(it has 4, 8, 16\)"
+    ):
+        load_runs(study, batch_size=32)
     paths = plot_runs([study], tmp_path / "plots", log_y=True, formats=("svg",))
     assert len(paths) == 3
     assert default_title(source.runs, source.note) == (
         "tiny model, 64 tokens per step (8 sequences), Shakespeare\n"
-        "study: best run per method at the largest batch"
+        "study: best run per method at the largest batch of all methods"
     )
 
 

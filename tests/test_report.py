@@ -63,6 +63,7 @@ GN = _summary(
         ({"optimizer": "gn-layerwise"}, "gn layerwise"),
         ({"optimizer": "gn-prox"}, "gn prox"),
         ({"method": "muon"}, "muon"),
+        ({"method": "gn-layerwise-cg"}, "gn layerwise cg"),
         ({"optimizer": "gn", "label": "my gn"}, "my gn"),
     ],
 )

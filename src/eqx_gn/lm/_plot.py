@@ -207,6 +207,16 @@ def _read_compare(path: Path) -> Source:
     return Source("compare", path, runs)
 
 
+#: Keys of a study run that override its summary's.
+_STUDY_OUTCOME = (
+    "steps_to_target",
+    "tokens_to_target",
+    "time_to_target",
+    "final_val_loss",
+    "best_val_loss",
+)
+
+
 def _study_run(path: Path, entry: Mapping[str, Any], target: float | None) -> Run:
     """A run of ``study.json``: the new format carries ``config``, ``resolved``,
     ``summary`` and ``curve``; the old one has the summary's keys at the top and
@@ -214,7 +224,10 @@ def _study_run(path: Path, entry: Mapping[str, Any], target: float | None) -> Ru
     name = str(entry.get("name") or Path(entry.get("out") or "run").name)
     if "curve" in entry:
         config = dict(entry.get("config") or {})
+        # The entry's own outcome is measured against the study's target, which
+        # the run's summary may not have had.
         summary = dict(entry.get("summary") or {})
+        summary |= {k: entry[k] for k in _STUDY_OUTCOME if k in entry}
         curve = {
             key: list(entry["curve"].get(key) or [])
             for key in (*CURVE_FIELDS, "val_loss")
@@ -281,14 +294,20 @@ def _read_study(path: Path, *, batch_size: int | None, select: str) -> Source:
     sizes = sorted({r.batch_size for r in runs if r.batch_size is not None})
     largest = batch_size is None and len(sizes) > 1
     if batch_size is None:
-        batch_size = sizes[-1] if sizes else None
+        # The largest batch size at which every method ran (a study may add a
+        # larger one for some methods only), else the largest.
+        methods = {r.label for r in runs}
+        complete = [
+            b for b in sizes if {r.label for r in runs if r.batch_size == b} == methods
+        ]
+        batch_size = (complete or sizes or [None])[-1]
     elif batch_size not in sizes:
         raise ValueError(
             f"{path}/study.json has no runs at batch size {batch_size} "
             f"(it has {', '.join(map(str, sizes)) or 'none'})"
         )
     chosen = [r for r in runs if r.batch_size == batch_size]
-    where = "at the largest batch" if largest else ""
+    where = "at the largest batch of all methods" if largest else ""
     if select == "all":
         return Source("study", path, chosen, f"study: all runs {where}".strip(), target)
     if select != "best":
@@ -304,7 +323,12 @@ def _read_study(path: Path, *, batch_size: int | None, select: str) -> Source:
         if run.label not in best or _rank(run) < _rank(best[run.label]):
             best[run.label] = run
     note = f"study: best run per method {where}".strip()
-    return Source("study", path, list(best.values()), note, target)
+    order = list(METHOD_COLORS)
+    chosen = sorted(
+        best.values(),
+        key=lambda r: order.index(r.label) if r.label in order else len(order),
+    )
+    return Source("study", path, chosen, note, target)
 
 
 def load_runs(
@@ -313,7 +337,7 @@ def load_runs(
     """The runs of a run, compare or study directory.
 
     For a study, the runs at ``batch_size`` sequences per step (default: the
-    largest), all of them (``select="all"``) or the best of each method
+    largest at which every method ran), all of them (``select="all"``) or the best of each method
     (``"best"``: fewest steps to the target, then lowest validation loss).
 
     **Raises:** `FileNotFoundError`, in one line naming ``path``, if it is none of

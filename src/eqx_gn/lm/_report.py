@@ -17,27 +17,21 @@ from typing import Any
 #: Default GN settings, left out of a label ("gn" rather than "gn full inner").
 _DEFAULT_BLOCKS = "full"
 _DEFAULT_SOLVER = "inner"
-#: Old optimizer names that folded the GN settings into the name.
-_OLD_GN_NAMES = {
-    "gn-layerwise": ("layerwise", _DEFAULT_SOLVER),
-    "gn-prox": (_DEFAULT_BLOCKS, "prox"),
-}
 
 
 def gn_settings(settings: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The ``(blocks, solver)`` of a GN run's configuration or summary, reading
-    the old ``"gn-layerwise"``/``"gn-prox"`` optimizer names too; ``(None, None)``
-    for a first-order run."""
+    the method names ``"gn-layerwise"``, ``"gn-prox"``, ``"gn-layerwise-cg"``
+    (old optimizer names, and the study's method names) too; ``(None, None)`` for
+    a first-order run."""
     optimizer = str(settings.get("optimizer") or settings.get("method") or "")
-    if optimizer in _OLD_GN_NAMES:
-        blocks, solver = _OLD_GN_NAMES[optimizer]
-        return settings.get("blocks") or blocks, settings.get("solver") or solver
-    if optimizer == "gn":
-        return (
-            settings.get("blocks") or _DEFAULT_BLOCKS,
-            settings.get("solver") or _DEFAULT_SOLVER,
-        )
-    return None, None
+    name, *parts = optimizer.split("-")
+    if name != "gn":
+        return None, None
+    blocks = "layerwise" if "layerwise" in parts else _DEFAULT_BLOCKS
+    solvers = [p for p in parts if p != "layerwise"]
+    solver = solvers[0] if solvers else _DEFAULT_SOLVER
+    return settings.get("blocks") or blocks, settings.get("solver") or solver
 
 
 def corpus_name(text: str | None) -> str:

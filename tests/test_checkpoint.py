@@ -83,7 +83,7 @@ def _truncate(step_dir: Path) -> None:
 def _garble_meta(step_dir: Path) -> None:
     path = step_dir / "meta" / "metadata"
     text = path.read_text()
-    path.write_text(text[: len(text) // 2] + "#garbled#" + text[len(text) // 2 :])
+    path.write_text("#garbled#" + text[9:])
 
 
 def _edit_meta(step_dir: Path) -> None:

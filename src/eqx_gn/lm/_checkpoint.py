@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import grain
 import jax
 import numpy as np
@@ -157,32 +158,49 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _from_orbax(unraisable: Any) -> bool:
+def _left_by_a_failed_read(unraisable: Any) -> bool:
+    """Whether an unraisable exception is the debris of an abandoned orbax read:
+    one of its read coroutines closed by the garbage collector, or a TensorStore
+    callback finding orbax's event loop closed."""
     code = getattr(unraisable.object, "cr_code", None)
-    return code is not None and "orbax" in code.co_filename
+    if code is not None:
+        return "orbax" in code.co_filename
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (
+        unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None
+        and "asyncio" in tb.tb_frame.f_code.co_filename
+    )
+
+
+def _silence_failed_reads() -> None:
+    """From now on, drop the debris of abandoned orbax reads (which the garbage
+    collector would print with long tracebacks, at any later time); every other
+    unraisable exception goes to the hook in place before."""
+    if getattr(sys.unraisablehook, "_eqx_gn_checkpoint", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _left_by_a_failed_read(unraisable):
+            previous(unraisable)
+
+    hook._eqx_gn_checkpoint = True  # pyright: ignore[reportFunctionMemberAccess]
+    sys.unraisablehook = hook
 
 
 def _read(what: str, read: Callable[[], Any]) -> Any:
-    """``read()``, or `_Damaged` saying what could not be read and why.
-
-    When one array read fails, orbax leaves the other reads' coroutines to the
-    garbage collector, which would print each with a long traceback; those are
-    collected here, silently."""
-    hook = sys.unraisablehook
-
-    def quiet(unraisable: Any) -> None:
-        if not _from_orbax(unraisable):
-            hook(unraisable)
-
-    sys.unraisablehook = quiet
+    """``read()``, or `_Damaged` saying what could not be read and why."""
     try:
-        try:
-            return read()
-        except Exception as error:
-            reason = f"{what}: {_short(error)}"
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+        return read()
+    except Exception as error:
+        # When one array fails, orbax abandons the other reads of the same item.
+        _silence_failed_reads()
+        reason = f"{what}: {_short(error)}"
+    gc.collect()
     raise _Damaged(reason)
 
 
@@ -300,7 +318,7 @@ class Checkpointer:
         if self.verify_saves:
             try:
                 reason = None
-                self._load_arrays(step, leaves)
+                self._load_arrays(step, lambda meta: leaves)
             except _Damaged as error:
                 reason = str(error)
             if not _everywhere(reason is None):
@@ -400,12 +418,13 @@ class Checkpointer:
                 )
 
     def _load_arrays(
-        self, step: int, leaves: Sequence[Any]
-    ) -> tuple[dict[str, Any], dict[str, Any] | None, list[jax.Array]]:
-        """``(meta, record, arrays)`` at ``step``, the arrays restored onto the
-        shardings of ``leaves`` and checked against the record; `_Damaged` if they
-        are not intact."""
+        self, step: int, template: Callable[[dict[str, Any]], PyTree[jax.Array]]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, PyTree[jax.Array]]:
+        """``(meta, record, state)`` at ``step``, the state restored onto the
+        structure and shardings of ``template(meta)`` and checked against the
+        record; `_Damaged` if it is not intact."""
         meta, record = self._load_meta(step)
+        leaves, treedef = jax.tree.flatten(template(meta))
         if record is not None:
             try:
                 shapes = [(x["shape"], x["dtype"]) for x in record["leaves"]]
@@ -436,7 +455,7 @@ class Checkpointer:
                 raise _Damaged(f"digest mismatch in array {i}")
             if not finite:
                 raise _Damaged(f"array {i} is not finite")
-        return meta, record, saved
+        return meta, record, jax.tree.unflatten(treedef, saved)
 
     def _load_iterators(
         self,
@@ -480,14 +499,14 @@ class Checkpointer:
     def _load(
         self,
         step: int,
-        leaves: Sequence[Any],
+        template: Callable[[dict[str, Any]], PyTree[jax.Array]],
         iterators: Mapping[str, grain.DatasetIterator],
-    ) -> tuple[dict[str, Any], list[jax.Array]]:
-        """Meta and arrays at ``step``, iterators moved there, all verified on every
+    ) -> tuple[dict[str, Any], PyTree[jax.Array]]:
+        """Meta and state at ``step``, iterators moved there, all verified on every
         process; else `_Damaged` with the iterators untouched."""
         reason = None
         try:
-            meta, record, saved = self._load_arrays(step, leaves)
+            meta, record, state = self._load_arrays(step, template)
         except _Damaged as error:
             reason = str(error)
         if not _everywhere(reason is None):
@@ -501,7 +520,7 @@ class Checkpointer:
             if reason is None:
                 self._rewind(iterators, before)
             raise _Damaged(reason or "damaged on another process")
-        return meta, saved
+        return meta, state
 
     def restore(
         self,
@@ -515,27 +534,29 @@ class Checkpointer:
         the saved ones were. Raises `CheckpointError` (one line) if the checkpoint
         is damaged or does not fit ``template``.
         """
-        leaves, treedef = jax.tree.flatten(template)
         try:
-            _, saved = self._load(step, leaves, iterators)
+            _, state = self._load(step, lambda meta: template, iterators)
         except _Damaged as error:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} is damaged ({error})"
             ) from None
-        return jax.tree.unflatten(treedef, saved)
+        return state
 
     def restore_latest(
         self,
-        template: PyTree[jax.Array],
+        template: PyTree[jax.Array] | Callable[[dict[str, Any]], PyTree[jax.Array]],
         iterators: Mapping[str, grain.DatasetIterator],
     ) -> tuple[int, dict[str, Any], PyTree[jax.Array]] | None:
         """``(step, meta, state)`` of the newest intact checkpoint, or ``None`` if
         there is no checkpoint at all.
 
-        The state is shaped and sharded like ``template``; the ``iterators`` are
-        moved in place to the positions saved with it (and left untouched by the
-        damaged checkpoints tried before). Each damaged checkpoint newer than it
-        gives one `CheckpointWarning` line::
+        The state is shaped and sharded like ``template``, or, when ``template``
+        is a function (not an equinox Module), like ``template(meta)`` for the
+        verified ``meta`` of the checkpoint being read: for a state whose shape
+        depends on what the meta says (a run's phase). The ``iterators`` are moved
+        in place to the positions saved with it (and left untouched by the damaged
+        checkpoints tried before). Each damaged checkpoint newer than it gives one
+        `CheckpointWarning` line::
 
             checkpoint step 40 in /x/checkpoints is damaged (digest mismatch in
             array 3); moved to /x/checkpoints/damaged-40; resuming from step 20
@@ -545,12 +566,15 @@ class Checkpointer:
         there are checkpoints but none is intact, or if they do not fit
         ``template`` (a different model or optimizer).
         """
-        leaves, treedef = jax.tree.flatten(template)
+        if callable(template) and not isinstance(template, eqx.Module):
+            template_for = template
+        else:
+            template_for = lambda meta: template  # noqa: E731
         steps = sorted(self.all_steps(), reverse=True)
         damaged: list[tuple[int, str]] = []
         for step in steps:
             try:
-                meta, saved = self._load(step, leaves, iterators)
+                meta, state = self._load(step, template_for, iterators)
             except _Damaged as error:
                 damaged.append((step, str(error)))
                 continue
@@ -561,7 +585,7 @@ class Checkpointer:
                     f"({reason}); moved to {target}; resuming from step {step}"
                 )
             self.verified_step = step
-            return step, meta, jax.tree.unflatten(treedef, saved)
+            return step, meta, state
         if damaged:
             reasons = "; ".join(f"step {s}: {r}" for s, r in damaged)
             raise CheckpointError(

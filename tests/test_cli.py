@@ -43,6 +43,10 @@ def test_help_lists_commands_and_options(env):
         "--tokenizer",
         "--vocab-size",
         "--optimizer",
+        "--blocks",
+        "--solver",
+        "--cg-damping",
+        "--cg-iterations",
         "--model",
         "--steps",
         "--batch-size",
@@ -93,30 +97,40 @@ def test_train_defaults_on_a_cut_down_budget(env, tmp_path):
     assert "already holds a run" in taken.stderr
 
 
-def test_compare_two_optimizers_then_plot(env, tmp_path):
+def test_compare_methods_then_plot(env, tmp_path):
     out = tmp_path / "cmp"
     result = eqx_gn(
-        env, "compare", "--optimizers", "adamw,gn", "--steps", 3,
+        env, "compare", "--methods", "adamw,gn-layerwise-prox", "--steps", 3,
         "--batch-size", 8, "--micro-batches", 4, "--eval-every", 3,
         "--eval-batches", 2, "--seq-len", 32, "--target-loss", 1.0,
-        "--lr", "adamw=0.003,gn=0.03", "--out", out, "--no-progress",
+        "--lr", "adamw=0.003,gn-layerwise-prox=0.03", "--out", out, "--no-progress",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    header, _, *rows = result.stdout.splitlines()[:4]
-    assert header.split()[:3] == ["optimizer", "final", "val"]
-    assert "steps to target" in header
-    assert [row.split()[0] for row in rows] == ["adamw", "gn"]
-    for name in ("adamw", "gn"):
+    table = result.stdout[result.stdout.index("method") :].splitlines()
+    header, _, *rows = table[:4]
+    assert header.split()[:3] == ["method", "final", "val"]
+    assert "steps to target" in header and "rejected" in header
+    assert [row[: len("gn layerwise prox")] for row in rows] == [
+        "adamw            ",
+        "gn layerwise prox",
+    ]
+    settings = {"adamw": ("adamw", "full", "inner"),
+                "gn-layerwise-prox": ("gn", "layerwise", "prox")}  # fmt: skip
+    for name, (optimizer, blocks, solver) in settings.items():
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["steps"] == 3 and not summary["target_reached"]
         config = json.loads((out / name / "config.json").read_text())["config"]
-        assert config["batch_size"] == 8 and config["optimizer"] == name
+        assert config["batch_size"] == 8
+        assert (config["optimizer"], config["blocks"], config["solver"]) == (
+            optimizer, blocks, solver,
+        )  # fmt: skip
     assert len(json.loads((out / "compare.json").read_text())) == 2
     for axis in ("steps", "tokens", "time"):
         assert (out / f"loss_vs_{axis}.png").read_bytes().startswith(PNG_MAGIC)
 
+    # A compare directory plots as a whole.
     plots = tmp_path / "plots"
-    result = eqx_gn(env, "plot", out / "adamw", out / "gn", "--out", plots)
+    result = eqx_gn(env, "plot", out, "--out", plots)
     assert result.returncode == 0, result.stderr[-3000:]
     for axis in ("steps", "tokens", "time"):
         png = plots / f"loss_vs_{axis}.png"
@@ -136,7 +150,13 @@ def test_compare_two_optimizers_then_plot(env, tmp_path):
         ),
         (["train", "--steps", "many"], "--steps: expected an integer"),
         (["train", "--mesh", "model=2"], "--mesh: expected data=N"),
-        (["compare", "--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
+        (["compare", "--optimizers", "adamw,sgd"], "unknown method 'sgd'"),
+        (["compare", "--methods", "gn-cg", "--lr", "0.1"], "lr does not apply"),
+        (
+            ["train", "--optimizer", "adamw", "--blocks", "layerwise"],
+            "blocks applies to optimizer 'gn' only",
+        ),
+        (["train", "--solver", "newton"], "invalid choice: 'newton'"),
         (["plot", "/no/such/run"], "not a run directory"),
     ],
 )

@@ -136,7 +136,7 @@ def test_summary_text_mentions_rejected_steps_and_line_search_tokens():
             time_to_target=9.25,
         )
     )
-    assert "reached at step 15 (61,440 training tokens, 9.2 s)" in reached
+    assert "reached at step 15 (61,440 tokens read, 9.2 s)" in reached
     # An old, sparse summary still prints.
     assert "adamw on the tiny model" in summary_text(
         {"optimizer": "adamw", "model": "tiny"}

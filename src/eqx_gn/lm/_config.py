@@ -22,7 +22,7 @@ from typing import Any
 from ._model import CONFIGS
 
 #: The optimizers of the main phase, in the order the CLI lists them.
-OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "gn")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "psgd", "gn")
 #: The block partitions of GN: one block, or one block per layer.
 BLOCKS: tuple[str, ...] = ("full", "layerwise")
 #: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
@@ -36,6 +36,7 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "adamw": 3e-3,
     "muon": 5e-2,
     "soap": 1e-2,
+    "psgd": 1e-3,
     "gn": 3e-2,
 }
 

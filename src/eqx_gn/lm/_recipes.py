@@ -9,6 +9,8 @@ its step (`eqx_gn.lm._steps`), and no hand-kept list of fields can go stale.
 - ``muon``: Muon on hidden matrices, AdamW on the embedding, the head and the 1-D
   parameters (`eqx_gn.muon_adamw`), cosine decay of ``lr``;
 - ``soap``: SOAP (`eqx_gn.baselines.soap`), cosine decay of ``lr``;
+- ``psgd``: PSGD-Kron (``psgdax.kron``, Kronecker-factored preconditioners fitted
+  by PSGD, momentum 0.9), cosine decay of ``lr``;
 - ``gn``: `eqx_gn.GaussNewton` with the chosen blocks (`eqx_gn.Blocks.full`, or
   `eqx_gn.lm.layerwise_blocks`) and solver: `eqx_gn.InnerOptimizer` or
   `eqx_gn.ProxLinear` with the Muon/AdamW inner optimizer at inner learning rate
@@ -61,7 +63,7 @@ class WarmupRecipe:
 
 @dataclasses.dataclass(frozen=True)
 class FirstOrderRecipe:
-    """AdamW, Muon or SOAP with a cosine decay of the learning rate."""
+    """AdamW, Muon, SOAP or PSGD-Kron with a cosine decay of the learning rate."""
 
     optimizer: str
     lr: float
@@ -86,6 +88,10 @@ class FirstOrderRecipe:
             )
         elif self.optimizer == "soap":
             inner = soap(schedule, weight_decay=self.weight_decay)
+        elif self.optimizer == "psgd":
+            import psgdax
+
+            inner = psgdax.kron(schedule, b1=0.9, weight_decay=self.weight_decay)
         else:  # pragma: no cover - guarded by TrainConfig
             raise AssertionError(self.optimizer)
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), inner)

@@ -465,7 +465,7 @@ class _Training:
             "tokens": counters.tokens,
             "ls_tokens": counters.ls_tokens,
             "tokens_read": counters.tokens + counters.ls_tokens,
-            "rejected_steps": counters.rejected_steps,
+            "rejected_steps": counters.rejected_steps if config.is_gn else None,
             "time_s": counters.time_s,
             "compile_s": self.compile_s,
             "eval_s": self.eval_s,

@@ -179,6 +179,17 @@ def _parser() -> argparse.ArgumentParser:
         "(default: each optimizer's)",
     )
     _add_settings(compare, skip=("optimizer", "blocks", "solver", "lr"))
+    from ._study import add_arguments as add_study_arguments
+
+    study = commands.add_parser(
+        "study",
+        help="steps, tokens and time to a target loss, per method and batch size",
+        description="The study: every method at every batch size under the same "
+        "tuning budget, against one target validation loss; writes OUT/study.json "
+        "and its plots, and with --report the results page.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_study_arguments(study)
     plot = commands.add_parser(
         "plot",
         help="plot loss curves of runs, comparisons and studies",
@@ -324,6 +335,12 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from ._study import main as study_main
+
+    return study_main(args)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from ._plot import plot_runs
 
@@ -371,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prog = f"eqx-gn {args.command}"
     _one_line_warnings(prog)
-    command = {"train": _train, "compare": _compare, "plot": _plot}[args.command]
+    command = {
+        "train": _train,
+        "compare": _compare,
+        "study": _study,
+        "plot": _plot,
+    }[args.command]
     try:
         return command(args)
     except (ConfigError, CheckpointError, _UsageError, FileNotFoundError) as e:

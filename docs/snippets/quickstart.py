@@ -19,7 +19,8 @@ def batches(key, k, b=64):  # k micro-batches of b examples, stacked on axis 0
 
 x, y = batches(jax.random.key(1), 1)
 v = jax.tree.map(jnp.ones_like, eqx.filter(model, eqx.is_inexact_array))
-layers = eqx_gn.Blocks.from_layers(model, lambda m: m.layers)  # a block per layer
+# A block per layer, for layerwise GN:
+layers = eqx_gn.Blocks.from_layers(model, lambda m: m.layers)
 gv = eqx_gn.gnvp(fn, model, (x[0], y[0]), v, loss=loss)  # G v, full GN matrix
 gv_layerwise = eqx_gn.gnvp(fn, model, (x[0], y[0]), v, loss=loss, blocks=layers)
 

@@ -385,3 +385,35 @@ def test_resume_after_damage_matches_uninterrupted_run(tmp_path, uninterrupted, 
     for a, b in zip(final, arrays, strict=True):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
     assert resumed["final_val_loss"] == summary["final_val_loss"]
+
+
+def test_template_function_sees_each_candidates_verified_meta(two_checkpoints):
+    directory, state_1, _ = two_checkpoints
+    _flip_bytes(directory / "2")
+    seen = []
+
+    def template(meta):
+        seen.append(meta)
+        return _state(0.0)
+
+    checkpointer = Checkpointer(directory)
+    with pytest.warns(CheckpointWarning):
+        step, _, state = checkpointer.restore_latest(template, _iterators())
+    assert step == 1
+    assert seen == [{"step": 2, "loss": 0.25}, {"step": 1, "loss": 0.5}]
+    _assert_same(state, state_1)
+    checkpointer.close()
+
+
+def test_iterators_untouched_when_nothing_is_intact(two_checkpoints):
+    # Step 2's arrays are intact, its iterator state is not: the iterator, moved
+    # while reading it, is put back before the (damaged) step 1 is tried.
+    directory, _, _ = two_checkpoints
+    _edit_iterator_state(directory / "2")
+    _flip_bytes(directory / "1")
+    iterators = _iterators()
+    checkpointer = Checkpointer(directory)
+    with pytest.raises(CheckpointError, match="digest mismatch in iterator 'train'"):
+        checkpointer.restore_latest(_state(0.0), iterators)
+    np.testing.assert_array_equal(next(iterators["train"]), next(_iterators()["train"]))
+    checkpointer.close()

@@ -7,8 +7,13 @@ tokens: K micro-batches of b sequences (AdamW takes them as one batch of K*b).
 Timed, compile excluded, median over ``--reps`` steps taken round-robin:
 
 - ``adamw``: value_and_grad on K*b sequences + the AdamW update;
-- ``gn_solve``: the GN inner solve alone (K quadratic-model gradients at fresh
+- ``gn_solve``: ``GaussNewton.solve`` alone (K quadratic-model gradients at fresh
   linearizations + K Muon/AdamW inner updates);
+- ``gn_search``: ``GaussNewton.line_search_objective`` + ``GaussNewton.search``
+  alone (the paper's 8-point grid on ``--ls-batches`` micro-batches) for a fixed
+  direction;
+- ``gn_accept``: ``GaussNewton.accept`` alone (the parameter update and the
+  solver's state);
 - ``gn_paper``: a full GN step with the paper's line search: 8 grid points, each
   on ``--ls-batches`` (default K) fresh micro-batches;
 - ``gn_cheap``: the same step with ``GridLineSearch(stop_on_increase=True)`` on
@@ -27,6 +32,11 @@ paper's choice.
 Writes ``benchmarks/results/step_cost_<device>_<tag>.json``.
 
     python benchmarks/step_cost.py                 # tiny model, K=8 of 8 sequences
+    python benchmarks/step_cost.py --quick         # a smoke run (seconds, no JSON)
+
+Every GN piece is timed through the public stages of ``GaussNewton.step``
+(``solve``, ``line_search_objective`` with ``search``, ``accept``); nothing here
+re-implements the step.
 """
 
 import argparse
@@ -67,7 +77,17 @@ def parse():
     p.add_argument("--decision-steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    return p.parse_args()
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: K=2, b=2, seq 16, 1 rep, 2 warm-up and 2 decision steps; "
+        "writes no JSON",
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.micro_batches, args.micro_batch_size, args.seq = 2, 2, 16
+        args.reps, args.warmup_steps, args.decision_steps = 1, 2, 2
+    return args
 
 
 def main():
@@ -132,12 +152,20 @@ def main():
         "gn_cheap": (gn_with(cheap), m_cheap),
         "gn_layerwise_cheap": (gn_with(cheap, lm.layerwise_blocks(model)), m_cheap),
     }
-    problem = eqx_gn.GNProblem(lm.apply_lm, loss, None, None)
-    solver = variants["gn_paper"][0].solver
+    gn_paper = variants["gn_paper"][0]
 
     @eqx.filter_jit
     def solve_only(model, state, batches):
-        return solver.solve(problem, model, batches, state.solver_state, state.step)[0]
+        return gn_paper.solve(model, state, batches)
+
+    @eqx.filter_jit
+    def search_only(model, direction, ls_batches, dtype_like):
+        phi = gn_paper.line_search_objective(model, direction, ls_batches)
+        return gn_paper.search(phi, dtype_like.dtype)
+
+    @eqx.filter_jit
+    def accept_only(model, state, solved, searched):
+        return gn_paper.accept(model, state, *solved, *searched)
 
     steps = {name: eqx.filter_jit(gn.step) for name, (gn, _) in variants.items()}
     states = {name: gn.init(model) for name, (gn, _) in variants.items()}
@@ -155,6 +183,24 @@ def main():
     def run_solve(x, y, _):
         block(solve_only(model, states["gn_paper"], (x, y)))
 
+    # The search and accept stages at a fixed direction (the first solve's).
+    x0, y0 = stack(next(train), k)
+    solved = solve_only(model, states["gn_paper"], (x0, y0))
+    model_end = solved[2].model_end
+
+    def run_search(x, y, ls):
+        block(
+            search_only(model, solved[0], (ls[0][:m_paper], ls[1][:m_paper]), model_end)
+        )
+
+    ls0 = stack(next(search), max(m_paper, m_cheap))
+    searched = search_only(
+        model, solved[0], (ls0[0][:m_paper], ls0[1][:m_paper]), model_end
+    )
+
+    def run_accept(x, y, _):
+        block(accept_only(model, states["gn_paper"], solved, searched))
+
     def runner(name):
         def run(x, y, ls):
             _, m = variants[name]
@@ -166,7 +212,12 @@ def main():
         return run
 
     evals = {}
-    timers = {"adamw": run_adamw, "gn_solve": run_solve}
+    timers = {
+        "adamw": run_adamw,
+        "gn_solve": run_solve,
+        "gn_search": run_search,
+        "gn_accept": run_accept,
+    }
     timers.update({name: runner(name) for name in variants})
     samples = {name: [] for name in timers}
     for rep in range(args.reps + 1):
@@ -191,40 +242,23 @@ def main():
 
     @eqx.filter_jit
     def decide(model, state, batches, ls):
-        d, provisional, solver_stats = solver.solve(
-            problem, model, batches, state.solver_state, state.step
-        )
-
-        def phi_on(m):
-            def phi(s):
-                moved = eqx.apply_updates(model, jax.tree.map(lambda u: s * u, d))
-                xs, ys = ls[0][:m], ls[1][:m]
-                return jnp.mean(
-                    jax.lax.map(
-                        lambda xy: loss.value(lm.apply_lm(moved, xy[0]), xy[1]),
-                        (xs, ys),
-                    )
-                )
-
-            return phi
-
+        direction, provisional, solver_stats = gn_paper.solve(model, state, batches)
+        dtype = solver_stats.model_end.dtype
+        phis = {
+            m: gn_paper.line_search_objective(model, direction, (ls[0][:m], ls[1][:m]))
+            for m in {m_paper, m_cheap}
+        }
         choices = {}
         for name, (search_rule, m) in candidates.items():
-            phi = phi_on(m)
-            choices[name] = search_rule.search(phi, phi(jnp.zeros(())))
-        paper_phi = phi_on(m_paper)
-        regret = {name: paper_phi(s) for name, (s, _) in choices.items()}
-        s_paper = choices["paper (exhaustive, M batches)"][0]
-        new_params = jax.tree.map(
-            lambda p, u: p + s_paper * u, eqx.filter(model, eqx.is_inexact_array), d
+            phi = phis[m]
+            choices[name] = search_rule.search(phi, phi(jnp.zeros((), dtype)))
+        regret = {name: phis[m_paper](s) for name, (s, _) in choices.items()}
+        s_paper, ls_stats = choices["paper (exhaustive, M batches)"]
+        new_model, new_state, _ = gn_paper.accept(
+            model, state, direction, provisional, solver_stats, s_paper, ls_stats
         )
-        ls_stats = choices["paper (exhaustive, M batches)"][1]
-        new_solver_state = solver.accept(
-            provisional, d, s_paper, ls_stats, solver_stats
-        )
-        new_state = eqx_gn.GNState(state.step + 1, new_solver_state)
         return (
-            eqx.combine(new_params, model),
+            new_model,
             new_state,
             {n: c[0] for n, c in choices.items()},
             {n: c[1].num_evaluations for n, c in choices.items()},
@@ -313,6 +347,9 @@ def main():
         "line_search_decisions": agreement,
         "decision_records": records,
     }
+    if args.quick:
+        print("\n--quick: no JSON written")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.model}-w{config.width}-d{config.depth}-s{args.seq}-K{k}b{b}"

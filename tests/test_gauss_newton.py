@@ -147,11 +147,14 @@ def _classification_task(key, n=4096):
 
 
 def test_gn_needs_clearly_fewer_steps_than_adamw_on_mlp_classification():
+    """GN reaches the target in at most half the steps of the best of four AdamW
+    learning rates, and both reach it: with GN switched off (inner learning rate
+    1e-12) the loss never moves and the test fails on ``gn_steps``."""
     x_all, y_all = _classification_task(jax.random.key(0))
     x_all, y_all = x_all.astype(jnp.float32), y_all
     loss = eqx_gn.SoftmaxCrossEntropy()
     model0 = eqx.nn.MLP(8, 4, 32, 2, key=jax.random.key(1))
-    k, b, steps, target = 8, 32, 40, 0.06
+    k, b, steps, target = 8, 32, 40, 0.2
     size = k * b
 
     def batch(i):
@@ -202,6 +205,10 @@ def test_gn_needs_clearly_fewer_steps_than_adamw_on_mlp_classification():
         )
         history.append(float(train_loss(m)))
     gn_steps = steps_to_target(history)
+    # Both finite: a run that never reaches the target must not pass as "faster"
+    # (inf * 2 <= inf).
+    assert np.isfinite(best_adamw), "no AdamW learning rate reached the target"
+    assert np.isfinite(gn_steps), f"GN did not reach {target} in {steps} steps"
     assert gn_steps * 2 <= best_adamw, (gn_steps, best_adamw)
 
 

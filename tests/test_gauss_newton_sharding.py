@@ -65,7 +65,12 @@ def test_sharded_step_equals_single_device(solver, layerwise):
     reference = _two_steps(
         single, model, batches, ls_batches, eqx.filter_jit(single.step)
     )
-    assert float(reference[2][-1].loss_after) < float(reference[2][0].loss_before)
+    # The reference steps really optimise: on the training batches, which the line
+    # search never sees (it only guarantees no increase on its own batches), two
+    # steps cut the mean loss by more than 10% (16-78% for these solvers).
+    before = eqx_gn.mean_loss(apply, loss, model, batches)
+    after = eqx_gn.mean_loss(apply, loss, reference[0], batches)
+    assert float(after) < 0.9 * float(before), (float(before), float(after))
 
     mesh = eqx_gn.data_mesh(8)
     # Micro-batches are stacked on axis 0; the examples inside them are split.

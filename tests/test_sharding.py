@@ -38,6 +38,7 @@ from eqx_gn import (
     replicate,
     shard_batch,
 )
+from helpers import random_like_params
 
 # Collectives over 8 simulated CPU devices: run apart from other load (see
 # scripts/test.sh), since a starved device thread aborts the process.
@@ -87,18 +88,6 @@ def _shard_mask(batch, seq=None):
     # Ragged sequences: row i keeps its first 1 + i % seq positions.
     lengths = 1 + np.arange(batch) % seq
     return rows[:, None] & (np.arange(seq)[None, :] < lengths[:, None])
-
-
-def _tree_normal(key, tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            jax.random.normal(k, x.shape, x.dtype)
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
 
 
 # ----------------------------------------------------------------------- cases
@@ -183,8 +172,8 @@ def setup(name):
     k_case, k_v, k_d = jax.random.split(key, 3)
     model, batch, loss, blocks = CASES[name](k_case)
     params = eqx.filter(model, eqx.is_inexact_array)
-    v = _tree_normal(k_v, params)
-    d = jax.tree.map(lambda x: 0.1 * x, _tree_normal(k_d, params))
+    v = random_like_params(k_v, params)
+    d = jax.tree.map(lambda x: 0.1 * x, random_like_params(k_d, params))
     ref = _compute_jit(model, batch, v, d, loss=loss, blocks=blocks, axis_name=None)
     ref = jax.device_get(ref)
     return model, batch, v, d, loss, blocks, ref

@@ -15,24 +15,9 @@ from jaxtyping import Array, Float
 
 from ._custom_types import ApplyFn, AxisName, MicroBatches, Model, typecheck
 from ._losses import AbstractLoss
+from ._misc import describe_leaves, first_line
 
 _LAYOUT = "leaves shaped (K, B, ...)"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
-def _describe(tree, name: str, limit: int = 3) -> str:
-    """``name[path] of shape (...)`` for the first few leaves of ``tree``."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    parts = [
-        f"{name}{jax.tree_util.keystr(path)} of shape {tuple(jnp.shape(x))}"
-        for path, x in leaves[:limit]
-    ]
-    more = len(leaves) - limit
-    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 def _shapes(tree) -> str:
@@ -98,7 +83,7 @@ def check_micro_batches(
     except Exception as e:
         raise ValueError(
             f"{what}: fn(model, inputs) failed on one micro-batch "
-            f"({_describe(first(inputs), 'inputs')}) with {_first_line(e)}; {what} "
+            f"({describe_leaves(first(inputs), 'inputs')}) with {first_line(e)}; {what} "
             f"need a leading axis of K micro-batches, {_LAYOUT}."
         ) from e
     if loss is not None:
@@ -110,7 +95,7 @@ def check_micro_batches(
             raise ValueError(
                 f"{what}: the loss does not fit one micro-batch: outputs "
                 f"{_shapes(outputs)}, targets {_shapes(first(targets))} "
-                f"({_first_line(e)}); {what} need {_LAYOUT}."
+                f"({first_line(e)}); {what} need {_LAYOUT}."
             ) from e
     return k
 

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._custom_types import FilterSpec, Model, typecheck
-from ._misc import is_none
+from ._misc import first_line, is_none
 
 
 def _params_with_paths(model: Model) -> tuple[list[str], Any]:
@@ -28,7 +28,13 @@ def _params_with_paths(model: Model) -> tuple[list[str], Any]:
 def _filter_mask(model: Model, spec: FilterSpec) -> np.ndarray:
     """Which parameter leaves (in flatten order) a filter spec selects."""
     params = eqx.filter(model, eqx.is_inexact_array)
-    selected = eqx.filter(model, spec)
+    try:
+        selected = eqx.filter(model, spec)
+    except ValueError as e:
+        raise ValueError(
+            "Blocks: a filter spec is not a prefix of the model "
+            f"({type(e).__name__}: {' '.join(str(e).split())})."
+        ) from e
     # Flatten keeping None so that both trees line up leaf for leaf.
     p = jax.tree.leaves(params, is_leaf=is_none)
     s = jax.tree.leaves(selected, is_leaf=is_none)
@@ -55,6 +61,13 @@ class Blocks(eqx.Module):
     or [`Blocks.from_layers`][eqx_gn.Blocks.from_layers]; every constructor checks
     that the blocks are non-empty, disjoint and cover every parameter, and names the
     offending leaves by their path when they are not.
+
+    ```python
+    model = eqx.nn.MLP(8, 4, 32, 2, key=jax.random.key(0))
+    full = eqx_gn.Blocks.full(model)  # one block: full GN
+    layerwise = eqx_gn.Blocks.from_layers(model, lambda m: m.layers)  # 3 blocks
+    gn = eqx_gn.GaussNewton(apply, eqx_gn.SoftmaxCrossEntropy(), blocks=layerwise)
+    ```
     """
 
     names: tuple[str, ...] = eqx.field(static=True)
@@ -121,10 +134,18 @@ class Blocks(eqx.Module):
                 f"layers(model) has {len(seq)} elements but got {len(names)} names."
             )
         nothing = jax.tree.map(lambda _: False, model)
-        specs = [
-            eqx.tree_at(lambda m, i=i: layers(m)[i], nothing, replace=True)
-            for i in range(len(seq))
-        ]
+        specs = []
+        for i in range(len(seq)):
+            try:
+                specs.append(
+                    eqx.tree_at(lambda m, i=i: layers(m)[i], nothing, replace=True)
+                )
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"Blocks.from_layers: layers(model)[{i}] (a "
+                    f"{type(seq[i]).__name__}) is not a part of the model "
+                    f"({first_line(e)})."
+                ) from e
         masks = [_filter_mask(model, s) for s in specs]
         taken = np.any(masks, axis=0)
         all_names = list(names)

@@ -31,7 +31,13 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from ._batches import _mean_loss, check_micro_batches
 from ._blocks import Blocks
 from ._custom_types import ApplyFn, AxisName, MicroBatches, Model, Params, typecheck
-from ._line_search import AbstractLineSearch, GridLineSearch, LineSearchStats
+from ._gnvp import check_like_params
+from ._line_search import (
+    AbstractLineSearch,
+    GridLineSearch,
+    LineSearchStats,
+    scalar_loss,
+)
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
 from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
@@ -169,6 +175,9 @@ class GaussNewton(eqx.Module):
         check_micro_batches(
             self.fn, self.loss, model, line_search_batches, "line_search_batches"
         )
+        check_like_params(
+            direction, eqx.filter(model, eqx.is_inexact_array), "direction"
+        )
 
         def phi(s: Float[Array, ""]) -> Float[Array, ""]:
             moved = eqx.apply_updates(model, tree_scale(s, direction))
@@ -195,6 +204,7 @@ class GaussNewton(eqx.Module):
             phi0, slope = jax.jvp(phi, (zero,), (jnp.ones_like(zero),))
         else:
             phi0, slope = phi(zero), None
+        scalar_loss(phi0, "GaussNewton.search")
         return self.line_search.search(phi, phi0, slope)
 
     @typecheck
@@ -216,6 +226,9 @@ class GaussNewton(eqx.Module):
         statistic or $\varphi(0)$ rejects the step: the model and every piece of
         ``state`` come back exactly as they were (and ``stats.nonfinite`` is set).
         """
+        check_like_params(
+            direction, eqx.filter(model, eqx.is_inexact_array), "direction"
+        )
         phi0 = line_search_stats.loss_before
         nonfinite = ~(
             tree_all_finite(direction)

@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, PyTree, Scalar
 from ._blocks import Blocks
 from ._custom_types import ApplyFn, AxisName, Batch, Model, Params, typecheck
 from ._losses import AbstractLoss
-from ._misc import tree_vdot
+from ._misc import describe_leaves, first_line, tree_vdot
 from ._sharding import as_varying, psum
 
 
@@ -273,7 +273,14 @@ def quadratic_model(
     def apply(p):
         return fn(eqx.combine(p, static), inputs)
 
-    outputs, linear_map = jax.linearize(apply, params)
+    try:
+        outputs, linear_map = jax.linearize(apply, params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"quadratic_model: fn(model, inputs) failed on "
+            f"{describe_leaves(inputs, 'inputs')} ({first_line(e)}); batch is one "
+            "batch (inputs, targets), not a stack of micro-batches."
+        ) from e
     loss_value = loss.value(outputs, targets, axis_name=axis_name)
     return QuadraticModel(
         outputs, targets, loss, blocks, loss_value, params, linear_map, axis_name
@@ -299,6 +306,16 @@ def gnvp(
     ``tangent`` and the result have the structure of ``eqx.filter(model,
     eqx.is_inexact_array)``. Matrix-free: one linearization, one tangent pass and
     one transpose per block. See [`eqx_gn.quadratic_model`][] for the arguments.
+
+    ```python
+    model = eqx.nn.MLP(8, 4, 32, 2, key=jax.random.key(0))
+    x, y = jnp.ones((16, 8)), jnp.zeros(16, int)  # one batch
+    v = jax.tree.map(jnp.ones_like, eqx.filter(model, eqx.is_inexact_array))
+    gv = eqx_gn.gnvp(
+        lambda m, x: jax.vmap(m)(x), model, (x, y), v,
+        loss=eqx_gn.SoftmaxCrossEntropy(),
+    )  # same structure as v
+    ```
     """
     model_q = quadratic_model(
         fn, model, batch, loss=loss, blocks=blocks, axis_name=axis_name

@@ -43,23 +43,15 @@ class AbstractLineSearch(eqx.Module):
         ``needs_slope``) $\varphi'(0)$."""
 
 
-def _check_phi(phi, phi0, name: str) -> None:
-    """One-line errors for a ``phi`` that is not a scalar function of a scalar."""
-    try:
-        out = jax.eval_shape(phi, phi0)
-    except Exception as e:
-        lines = str(e).strip().splitlines() or [""]
-        raise ValueError(
-            f"{name}: phi(s) fails on a scalar step size s of dtype {phi0.dtype} "
-            f"({type(e).__name__}: {lines[0]})."
-        ) from e
-    shape = getattr(out, "shape", None)
+def scalar_loss(value, name: str) -> Array:
+    """``value`` after checking (at trace time) that ``phi`` returned a scalar."""
+    shape = jnp.shape(value)
     if shape != ():
-        what = f"shape {shape}" if shape is not None else type(out).__name__
         raise ValueError(
-            f"{name}: phi(s) must return a scalar loss, got {what}; average the loss "
-            "over the batch (and micro-batches) inside phi."
+            f"{name}: phi(s) must return a scalar loss, got shape {shape}; average the "
+            "loss over the batch (and micro-batches) inside phi."
         )
+    return value
 
 
 def _acceptable(value, phi0):
@@ -105,11 +97,10 @@ class GridLineSearch(AbstractLineSearch):
         phi0: Float[Array, ""],
         slope: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, ""], LineSearchStats]:
-        _check_phi(phi, phi0, "GridLineSearch")
         grid = self.grid.astype(phi0.dtype)
         if self.stop_on_increase:
             return self._walk(phi, phi0, grid)
-        losses = jax.lax.map(phi, grid)
+        losses = jax.lax.map(lambda s: scalar_loss(phi(s), "GridLineSearch"), grid)
         ok = _acceptable(losses, phi0)
         best = jnp.argmin(jnp.where(ok, losses, jnp.inf))
         found = jnp.any(ok)
@@ -132,7 +123,7 @@ class GridLineSearch(AbstractLineSearch):
 
         def body(carry):
             i, best_step, best_loss, _, at_one = carry
-            value = phi(grid[i])
+            value = scalar_loss(phi(grid[i]), "GridLineSearch")
             ok = _acceptable(value, phi0)
             better = ok & (value < best_loss)
             found_before = jnp.isfinite(best_loss)
@@ -194,7 +185,6 @@ class BacktrackingArmijo(AbstractLineSearch):
     ) -> tuple[Float[Array, ""], LineSearchStats]:
         if slope is None:
             raise ValueError("BacktrackingArmijo needs the slope phi'(0).")
-        _check_phi(phi, phi0, "BacktrackingArmijo")
         descent = jnp.isfinite(phi0) & jnp.isfinite(slope) & (slope < 0)
 
         def satisfied(s, value):
@@ -206,7 +196,7 @@ class BacktrackingArmijo(AbstractLineSearch):
 
         def body(carry):
             i, s, _, _, at_one = carry
-            value = phi(s)
+            value = scalar_loss(phi(s), "BacktrackingArmijo")
             done = satisfied(s, value)
             at_one = jnp.where(i == 0, value, at_one)
             return i + 1, jnp.where(done, s, s * self.shrink), value, done, at_one

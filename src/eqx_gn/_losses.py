@@ -302,6 +302,11 @@ class MeanSquaredError(AbstractLoss):
         axis_name: AxisName = None,
     ) -> Float[Array, "..."]:
         _, weights, positions = self._prepare(outputs, targets)
+        if jnp.shape(tangent) != outputs.shape:
+            raise ValueError(
+                f"MeanSquaredError.hvp: tangent has shape {jnp.shape(tangent)} but the "
+                f"outputs have shape {outputs.shape}."
+            )
         return self._position_scale(outputs, weights, positions, axis_name) * tangent
 
     @typecheck
@@ -363,6 +368,13 @@ class AutodiffLoss(AbstractLoss):
         *,
         axis_name: AxisName = None,
     ) -> PyTree[Array]:
+        z_shapes = jax.tree.map(jnp.shape, outputs)
+        u_shapes = jax.tree.map(jnp.shape, tangent)
+        if z_shapes != u_shapes:
+            raise ValueError(
+                f"AutodiffLoss.hvp: tangent has leaf shapes {u_shapes} but the outputs "
+                f"have {z_shapes}."
+            )
         grad_fn = jax.grad(self.fn)
         _, hu = jax.jvp(lambda z: grad_fn(z, targets), (outputs,), (tangent,))
         n = self._num_shards(axis_name)

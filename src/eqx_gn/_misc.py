@@ -42,3 +42,20 @@ def tree_all_finite(x) -> Array:
 def tree_where(pred, on_true, on_false):
     """Select whole PyTrees by a scalar predicate."""
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def first_line(e: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for one-line re-raised errors."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def describe_leaves(tree, name: str, limit: int = 3) -> str:
+    """``name[path] of shape (...)`` for the first few leaves of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    parts = [
+        f"{name}{jax.tree_util.keystr(path)} of shape {tuple(jnp.shape(x))}"
+        for path, x in leaves[:limit]
+    ]
+    more = len(leaves) - limit
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")

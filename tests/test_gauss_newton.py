@@ -443,3 +443,89 @@ def test_learning_rate_must_be_a_float_scalar(bad):
         eqx_gn.InnerOptimizer(learning_rate=bad)
     with pytest.raises(ValueError, match="learning_rate must be > 0"):
         eqx_gn.ProxLinear(learning_rate=jnp.asarray(-0.1))
+
+
+def test_step_is_exactly_solve_search_accept(getkey):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (6, 16, 3))
+    y = jax.random.randint(getkey(), (6, 16), 0, 4)
+    batches, ls_batches = (x[:4], y[:4]), (x[4:], y[4:])
+    for line_search in (eqx_gn.GridLineSearch(), eqx_gn.BacktrackingArmijo()):
+        gn = eqx_gn.GaussNewton(
+            apply, eqx_gn.SoftmaxCrossEntropy(), line_search=line_search
+        )
+        state = gn.init(model)
+        by_step = gn.step(model, state, batches, ls_batches)
+        d, provisional, solver_stats = gn.solve(model, state, batches)
+        phi = gn.line_search_objective(model, d, ls_batches)
+        # phi is the mean loss at the moved model (an independent evaluation).
+        moved = eqx.apply_updates(model, jax.tree.map(lambda u: 0.5 * u, d))
+        assert float(phi(jnp.asarray(0.5))) == pytest.approx(
+            float(eqx_gn.mean_loss(apply, gn.loss, moved, ls_batches)), rel=1e-12
+        )
+        s, ls_stats = gn.search(phi, solver_stats.model_end.dtype)
+        by_hand = gn.accept(model, state, d, provisional, solver_stats, s, ls_stats)
+        assert float(by_step[2].step_size) > 0
+        for a, b in zip(
+            jax.tree.leaves(by_step), jax.tree.leaves(by_hand), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_mean_loss_is_the_mean_over_micro_batches(getkey):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (3, 5, 3))
+    y = jax.random.randint(getkey(), (3, 5), 0, 4)
+    expected = np.mean(
+        [
+            optax.softmax_cross_entropy_with_integer_labels(apply(model, x[k]), y[k])
+            .mean()
+            .item()
+            for k in range(3)
+        ]
+    )
+    value = eqx_gn.mean_loss(apply, eqx_gn.SoftmaxCrossEntropy(), model, (x, y))
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_decay():
+    fractions = np.array([-0.5, 0.0, 0.25, 0.5, 0.9, 1.0, 3.0])
+    expected = 0.3 * 0.5 * (1 + np.cos(np.pi * np.clip(fractions, 0, 1)))
+    got = [float(eqx_gn.cosine_decay(0.3, float(f))) for f in fractions]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-15)
+    traced = jax.jit(jax.vmap(eqx_gn.cosine_decay))(
+        jnp.full(len(fractions), 0.3), jnp.asarray(fractions)
+    )
+    np.testing.assert_allclose(traced, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_modules_are_abstract_or_final():
+    """Every eqx_gn Module is abstract or final, and no concrete method is
+    overridden anywhere below an abstract base."""
+    import inspect
+    import typing
+
+    classes = {
+        obj
+        for obj in vars(eqx_gn).values()
+        if isinstance(obj, type) and issubclass(obj, eqx.Module)
+    }
+    classes |= {c for cls in list(classes) for c in cls.__mro__}
+    classes = {
+        c for c in classes if c.__module__.startswith("eqx_gn") and c is not eqx.Module
+    }
+    for cls in classes:
+        abstract = bool(getattr(cls, "__abstractmethods__", ())) or inspect.isabstract(
+            cls
+        )
+        assert abstract or getattr(cls, "__final__", False), cls
+        for base in cls.__mro__[1:]:
+            if not base.__module__.startswith("eqx_gn"):
+                continue
+            for name, member in vars(base).items():
+                if name.startswith("__") or not callable(member):
+                    continue
+                if getattr(member, "__isabstractmethod__", False):
+                    continue
+                assert vars(cls).get(name, member) is member, (cls, base, name)
+    assert typing.final  # the marker used

@@ -302,3 +302,23 @@ def test_getting_started_patterns_train(name):
     """The stateful, dropout and frozen-parameter patterns run as written and train."""
     before, after, out = _run_script(name)
     assert after < 0.8 * before, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["quickstart.py", "gauss_newton_check.py", "lm_quickstart.py"]
+)
+def test_other_included_snippets_run(name):
+    """The home page's and the guides' examples run as written (the GN check asserts
+    against plain JAX itself); the printed training losses go down."""
+    result = subprocess.run(
+        [sys.executable, str(DOCS / "snippets" / name)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = re.findall(r"^\d+ (\S+) (?:-> )?(\S+)$", result.stdout, re.MULTILINE)
+    if losses:
+        assert float(losses[-1][1]) < float(losses[0][0]), result.stdout[-2000:]

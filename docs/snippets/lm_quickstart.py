@@ -5,7 +5,7 @@ import numpy as np
 import eqx_gn
 from eqx_gn import lm
 
-splits = lm.prepare_splits(tokenizer="byte")  # Shakespeare, split by play, cached
+splits = lm.prepare_splits(tokenizer="byte")  # Shakespeare by play, cached
 config = lm.get_config("tiny")  # byte-level, width 64, 2 layers, context 64
 model = lm.Transformer(config, jax.random.key(0))
 K, B = 8, 16  # 8 micro-batches of 16 sequences per outer step
@@ -22,9 +22,9 @@ gn = eqx_gn.GaussNewton(
     eqx_gn.SoftmaxCrossEntropy(),
     solver=eqx_gn.InnerOptimizer(
         learning_rate=3e-2,
-        schedule="global_cosine",  # one cosine over all inner steps of the run
+        schedule="global_cosine",  # one cosine over the run
         total_steps=10,
-        adam_filter=lm.embedding_and_head(model),  # AdamW there, Muon elsewhere
+        adam_filter=lm.embedding_and_head(model),  # AdamW; Muon elsewhere
     ),
     blocks=lm.layerwise_blocks(model),  # None: full GN
 )

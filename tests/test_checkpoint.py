@@ -363,7 +363,6 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="runner not yet switched to restore_latest", strict=False)
 @pytest.mark.parametrize(
     "damage", ["flipped bytes", "truncated file", "garbled meta", "missing data file"]
 )

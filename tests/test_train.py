@@ -211,6 +211,42 @@ def test_an_existing_run_is_not_overwritten_or_resumed_differently(tmp_path, cac
         train(config.replace(steps=7, resume=True))
 
 
+def test_gradient_accumulation_gives_the_one_batch_step(tmp_path, cache_dir):
+    # AdamW over 4 accumulated micro-batches of 4 sequences against the same steps
+    # on the 16 sequences at once: the same losses up to float rounding.
+    base = small(tmp_path, cache_dir, "whole", optimizer="adamw", checkpoint_every=0)
+    train(base)
+    train(base.replace(out=str(tmp_path / "acc"), grad_accumulation=4))
+    whole, accumulated = records(base.out), records(tmp_path / "acc")
+    assert len(whole) == len(accumulated) == 6
+    for a, b in zip(whole, accumulated, strict=True):
+        for name in ("train_loss", "val_loss"):
+            if name in a:
+                np.testing.assert_allclose(b[name], a[name], rtol=2e-6, err_msg=name)
+    # The step really changed: the main phase's steps differ in their last bits.
+    assert any(
+        a["train_loss"] != b["train_loss"]
+        for a, b in zip(whole[3:], accumulated[3:], strict=True)
+    )
+    with pytest.raises(ConfigError, match="grad_accumulation applies to first-order"):
+        TrainConfig(grad_accumulation=2)
+    with pytest.raises(ConfigError, match="not divisible by grad_accumulation=3"):
+        TrainConfig(optimizer="adamw", grad_accumulation=3)
+
+
+def test_a_learning_rate_sweep_compiles_once(tmp_path, cache_dir):
+    # The learning rate is an argument of the compiled steps: a run that differs
+    # only in it reuses every compiled function, and still trains differently.
+    # A sequence length no other test uses, so the first run compiles.
+    first = small(
+        tmp_path, cache_dir, "a", lr=0.02, seq_len=24, steps=4, checkpoint_every=0
+    )
+    one = train(first)
+    two = train(first.replace(out=str(tmp_path / "b"), lr=0.05))
+    assert one["compile_s"] > 0 and two["compile_s"] == 0.0
+    assert one["final_val_loss"] != two["final_val_loss"]
+
+
 def test_missing_text_is_a_config_error(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="does not exist"):
         train(small(tmp_path, cache_dir, "x", text=str(tmp_path / "missing.txt")))

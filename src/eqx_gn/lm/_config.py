@@ -162,6 +162,14 @@ class TrainConfig:
         group="optimization",
         metavar="K",
     )
+    grad_accumulation: int = _setting(
+        1,
+        "first-order optimizers: micro-batches per step whose gradients are "
+        "averaged (the same step in smaller passes, GN's layout with K); must divide "
+        "batch_size",
+        group="optimization",
+        metavar="A",
+    )
     ls_batches: int = _setting(
         2, "GN: line-search batches per step", group="optimization"
     )
@@ -441,6 +449,7 @@ def _validate(config: TrainConfig) -> None:
 
     for name in ("steps", "batch_size", "micro_batches", "ls_batches", "ls_grid"):
         integer(name)
+    integer("grad_accumulation")
     for name in ("eval_batches", "eval_batch_size", "cg_iterations"):
         integer(name)
     for name in ("eval_every", "checkpoint_every", "seed"):
@@ -507,6 +516,16 @@ def _validate(config: TrainConfig) -> None:
             f"batch_size={config.batch_size} is not divisible by micro_batches="
             f"{config.micro_batches}: GN splits each step's batch into "
             "micro_batches equal micro-batches"
+        )
+    if config.is_gn and config.grad_accumulation != 1:
+        raise ConfigError(
+            "grad_accumulation applies to first-order optimizers; GN splits its "
+            "batch into micro_batches"
+        )
+    if config.batch_size % config.grad_accumulation:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not divisible by grad_accumulation="
+            f"{config.grad_accumulation}"
         )
     if config.resume and config.overwrite:
         raise ConfigError("resume and overwrite exclude each other")

@@ -66,6 +66,10 @@ def make_mesh(config: TrainConfig) -> Mesh:
 
 def _check_divisible(config: TrainConfig, devices: int) -> None:
     sizes = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
+    if config.grad_accumulation > 1:
+        sizes["batch_size / grad_accumulation"] = (
+            config.batch_size // config.grad_accumulation
+        )
     if config.is_gn:
         sizes["batch_size / micro_batches"] = config.micro_batch_size
         sizes["ls_batch_size"] = config.line_search_batch_size

@@ -2,7 +2,11 @@ r"""The optimizer of each phase of a run, as a hashable recipe.
 
 A recipe holds exactly the settings its optimizer is built from, so two runs whose
 recipes are equal run the same computation: the recipe is the compile-cache key of
-its step (`eqx_gn.lm._steps`), and no hand-kept list of fields can go stale.
+its step (`eqx_gn.lm._steps`), and no hand-kept list of fields can go stale. The
+(peak) learning rate is the one setting left out of the key: the optimizer is built
+at unit peak and its updates are scaled by the learning rate, an array argument of
+the step (for GN, the inner solver's ``learning_rate`` leaf), so a learning-rate
+sweep compiles each step once.
 
 - warm-up: AdamW ($\beta_2$ = ``b2``) at the constant ``warmup_lr``;
 - ``adamw``: AdamW with a cosine decay of ``lr`` to 0 over the main steps;
@@ -24,6 +28,7 @@ Every schedule is [`eqx_gn.cosine_decay`][].
 
 import dataclasses
 
+import equinox as eqx
 import optax
 
 from .._gauss_newton import GaussNewton
@@ -48,7 +53,7 @@ def _cosine(peak: float, steps: int) -> optax.Schedule:
 class WarmupRecipe:
     """AdamW at a constant learning rate."""
 
-    lr: float
+    lr: float | None
     b2: float
     weight_decay: float
     max_grad_norm: float
@@ -57,7 +62,7 @@ class WarmupRecipe:
         del model
         return optax.chain(
             optax.clip_by_global_norm(self.max_grad_norm),
-            optax.adamw(self.lr, b1=0.9, b2=self.b2, weight_decay=self.weight_decay),
+            optax.adamw(1.0, b1=0.9, b2=self.b2, weight_decay=self.weight_decay),
         )
 
 
@@ -66,14 +71,14 @@ class FirstOrderRecipe:
     """AdamW, Muon, SOAP or PSGD-Kron with a cosine decay of the learning rate."""
 
     optimizer: str
-    lr: float
+    lr: float | None
     steps: int
     b2: float
     weight_decay: float
     max_grad_norm: float
 
     def build(self, model: Transformer) -> optax.GradientTransformation:
-        schedule = _cosine(self.lr, self.steps)
+        schedule = _cosine(1.0, self.steps)
         if self.optimizer == "muon":
             return muon_adamw(
                 schedule,
@@ -125,9 +130,10 @@ class GaussNewtonRecipe:
                 max_grad_norm=self.max_grad_norm,
             )
             solver_cls = ProxLinear if self.solver == "prox" else InnerOptimizer
+            # The step sets the learning rate (`with_learning_rate`).
             solver = solver_cls(
                 inner,
-                learning_rate=self.lr,
+                learning_rate=1.0,
                 schedule="global_cosine",
                 total_steps=self.steps,
                 warm_start=True,
@@ -142,6 +148,19 @@ class GaussNewtonRecipe:
 
 
 Recipe = WarmupRecipe | FirstOrderRecipe | GaussNewtonRecipe
+
+
+def compile_key(recipe: Recipe) -> Recipe:
+    """What the compiled step depends on: the recipe without its learning rate."""
+    return dataclasses.replace(recipe, lr=None)
+
+
+def with_learning_rate(gn: GaussNewton, lr) -> GaussNewton:
+    """``gn`` with its inner solver's learning rate set to ``lr`` (an array, traced
+    under ``jit``); unchanged for a solver without one (CG)."""
+    if not isinstance(gn.solver, InnerOptimizer | ProxLinear):
+        return gn
+    return eqx.tree_at(lambda g: g.solver.learning_rate, gn, lr)
 
 
 def phase_recipe(config: TrainConfig, phase: str) -> Recipe:

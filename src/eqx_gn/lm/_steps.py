@@ -15,13 +15,14 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._batches import mean_loss
 from .._gauss_newton import GaussNewton, GNStats
 from ._model import apply_lm
 from ._pipeline import inputs_and_targets
-from ._recipes import LM_LOSS
+from ._recipes import LM_LOSS, with_learning_rate
 
 
 def _constrain(tree, sharding):
@@ -38,16 +39,31 @@ def _next_key(key_data):
 
 
 @eqx.filter_jit
-def first_order_step(optimizer, model, opt_state, key_data, batch, sharding):
-    """One optax step on ``batch`` ``(batch_size, seq_len + 1)``."""
+def first_order_step(optimizer, lr, model, opt_state, key_data, batch, sharding):
+    """One optax step at learning rate ``lr`` (the optimizer is built at unit
+    peak) on ``batch``: ``(batch_size, seq_len + 1)``, or ``(A, batch_size / A,
+    seq_len + 1)`` micro-batches whose gradients are averaged (gradient
+    accumulation: the same mean loss and gradient, in ``A`` smaller passes)."""
 
-    def loss_fn(model):
+    def loss_fn(model, batch):
+        inputs, targets = inputs_and_targets(batch)
         return LM_LOSS.value(apply_lm(model, inputs), targets)
 
-    inputs, targets = inputs_and_targets(batch)
-    loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+    value_and_grad = eqx.filter_value_and_grad(loss_fn)
+    if batch.ndim == 2:
+        loss, grads = value_and_grad(model, batch)
+    else:
+
+        def accumulate(carry, micro_batch):
+            loss, grads = value_and_grad(model, micro_batch)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        first = value_and_grad(model, batch[0])
+        (loss, grads), _ = jax.lax.scan(accumulate, first, batch[1:])
+        loss, grads = jax.tree.map(lambda x: x / batch.shape[0], (loss, grads))
     params = eqx.filter(model, eqx.is_inexact_array)
     updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     model = eqx.apply_updates(model, updates)
     out = (model, opt_state, _next_key(key_data), {"train_loss": loss})
     return _constrain(out, sharding)
@@ -69,8 +85,10 @@ GN_METRICS = (
 
 
 @eqx.filter_jit
-def gn_step(gn, model, gn_state, key_data, batches, ls_batches, sharding):
-    """One GN step on stacked micro-batches and line-search batches."""
+def gn_step(gn, lr, model, gn_state, key_data, batches, ls_batches, sharding):
+    """One GN step on stacked micro-batches and line-search batches, at inner
+    learning rate ``lr``."""
+    gn = with_learning_rate(gn, lr)
     model, gn_state, stats = gn.step(
         model, gn_state, inputs_and_targets(batches), inputs_and_targets(ls_batches)
     )

@@ -18,7 +18,9 @@ every optimizer and phase. A GN step splits it into ``micro_batches``
 micro-batches (`eqx_gn.lm._pipeline.GlobalBatches.stacked`). The line search draws
 its own batches, ``ls_batches`` micro-batches of ``ls_batch_size`` sequences, from
 a second iterator over the training split with another seed; their tokens are
-counted apart (``ls_tokens``) and in ``tokens_read``.
+counted apart (``ls_tokens``) and in ``tokens_read``. With ``grad_accumulation =
+A``, a first-order main step averages the gradients of ``A`` micro-batches laid
+out as GN's (the same step, in smaller passes).
 
 **Metrics.** Each record has ``step`` (counting all phases from 1), ``phase``
 (``"warmup"`` or ``"main"``), ``tokens`` (training tokens of the optimizer steps
@@ -57,7 +59,7 @@ from ._config import ConfigError, TrainConfig
 from ._model import LMConfig, Transformer, count_params, get_config
 from ._parallel import DATA_AXIS, initialize_distributed, make_mesh, sync
 from ._pipeline import GlobalBatches, batch_iterator
-from ._recipes import learning_rate_at, phase_recipe
+from ._recipes import compile_key, learning_rate_at, phase_recipe
 from ._report import corpus_name, eval_line, start_line
 from ._run_dir import RunDirectory
 from ._steps import (
@@ -211,9 +213,12 @@ class _Training:
     def _enter_phase(self, phase: str) -> None:
         self.phase = phase
         self.recipe = phase_recipe(self.config, phase)
+        self.key = compile_key(self.recipe)
         self.optimizer = self.recipe.build(self.model)
+        lr = 0.0 if self.recipe.lr is None else self.recipe.lr
+        self.lr = jax.device_put(jnp.asarray(lr, jnp.float32), self.replicated)
         args = (self.optimizer, self.model, self.replicated)
-        init = self._compiled(f"{phase}-init", init_opt_state, self.recipe, args)
+        init = self._compiled(f"{phase}-init", init_opt_state, self.key, args)
         self.opt_state = init(*args)
 
     def _state(self):
@@ -257,26 +262,21 @@ class _Training:
     def _step(self) -> dict[str, Any]:
         config = self.config
         batch = next(self.iterators["train_iter"])
+        state = (self.optimizer, self.lr, self.model, self.opt_state, self.key_data)
         if self.phase == "main" and config.is_gn:
             micro = self.batches.stacked(batch, config.micro_batches)
             ls = self.batches.stacked(
                 next(self.iterators["ls_iter"]), config.ls_batches
             )
-            args = (
-                self.optimizer,
-                self.model,
-                self.opt_state,
-                self.key_data,
-                micro,
-                ls,
-            )
-            fn = gn_step
+            args, fn = (*state, micro, ls, self.replicated), gn_step
         else:
-            flat = self.batches.flat(batch)
-            args = (self.optimizer, self.model, self.opt_state, self.key_data, flat)
-            fn = first_order_step
-        args = (*args, self.replicated)
-        compiled = self._compiled(self.phase, fn, self.recipe, args)
+            accumulation = config.grad_accumulation if self.phase == "main" else 1
+            if accumulation > 1:
+                batch = self.batches.stacked(batch, accumulation)
+            else:
+                batch = self.batches.flat(batch)
+            args, fn = (*state, batch, self.replicated), first_order_step
+        compiled = self._compiled(self.phase, fn, self.key, args)
         self.model, self.opt_state, self.key_data, metrics = compiled(*args)
         return json_ready(metrics)
 

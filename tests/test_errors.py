@@ -192,4 +192,3 @@ def test_autodiff_loss_hvp_names_a_tangent_of_the_wrong_structure():
     with pytest.raises(ValueError) as info:
         loss.hvp(outputs, targets, {"a": jnp.ones((5, 2))})
     one_line(info, "AutodiffLoss.hvp", "(5, 2)", "(5, 3)")
-

@@ -253,22 +253,58 @@ def test_missing_text_is_a_config_error(tmp_path, cache_dir):
 
 
 @pytest.mark.multidevice
-def test_data_parallel_mesh_matches_one_device(tmp_path, cache_dir):
+@pytest.mark.parametrize(
+    "optimizer, mesh",
+    [("gn", dict(data_parallel=8)), ("gn", dict(data_parallel=2, fsdp=4)),
+     ("muon", dict(fsdp=8))],
+)  # fmt: skip
+def test_a_mesh_matches_one_device(tmp_path, cache_dir, optimizer, mesh):
     # 8 simulated CPU devices (tests/conftest.py): every micro-batch, line-search
-    # batch and evaluation batch of 8 sequences is split one sequence per device.
-    # The one-device run is the configuration of the resume test, so its steps are
-    # already compiled when the tests run in order.
-    config = small(tmp_path, cache_dir, "one", optimizer="gn", checkpoint_every=0)
-    train(config)
-    summary = train(config.replace(out=str(tmp_path / "eight"), data_parallel=8))
-    resolved = json.loads((tmp_path / "eight" / "config.json").read_text())["resolved"]
+    # batch and evaluation batch of 8 sequences is split one sequence per device;
+    # with an fsdp axis, parameters and optimizer state are sharded along it too.
+    config = small(tmp_path, cache_dir, "one", optimizer=optimizer, checkpoint_every=0)
+    single = train(config)
+    summary = train(config.replace(out=str(tmp_path / "mesh"), **mesh))
+    resolved = json.loads((tmp_path / "mesh" / "config.json").read_text())["resolved"]
     assert resolved["devices"] == 8
-    one, eight = records(config.out), records(summary["out"])
-    assert len(one) == len(eight) == 6
-    for a, b in zip(one, eight, strict=True):
+    assert resolved["mesh"] == {"data": mesh.get("data_parallel", 1),
+                                "fsdp": mesh.get("fsdp", 1)}  # fmt: skip
+    one, many = records(config.out), records(summary["out"])
+    assert len(one) == len(many) == 6
+    for a, b in zip(one, many, strict=True):
         for name in ("train_loss", "val_loss", "loss_before", "loss_after"):
             if name in a:
                 np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=name)
+    # Sharding the state along fsdp divides what the fullest device holds (but for
+    # the few arrays no fsdp size divides, kept whole).
+    share = summary["param_bytes_per_device"] / single["param_bytes_per_device"]
+    fsdp = mesh.get("fsdp", 1)
+    assert 1 / fsdp <= share < (1.0 if fsdp == 1 else 1.3 / fsdp) + 1e-9
+
+
+@pytest.mark.multidevice
+def test_fsdp_state_shards_and_resumes_bit_for_bit(tmp_path, cache_dir):
+    from jax.sharding import PartitionSpec as P
+
+    from eqx_gn.lm._parallel import StateLayout, make_mesh
+
+    config = small(tmp_path, cache_dir, "whole", data_parallel=2, fsdp=4,
+                   checkpoint_every=2)  # fmt: skip
+    layout = StateLayout(make_mesh(config))
+    # The rule: the largest dimension that fsdp divides, floats only.
+    assert layout.sharding((6, 16), np.float32).spec == P(None, "fsdp")
+    assert layout.sharding((16, 16), np.float32).spec == P("fsdp", None)
+    assert layout.sharding((6, 3), np.float32).spec == P()
+    assert layout.sharding((16,), np.int32).spec == P()
+    train(config)
+    cut = config.replace(out=str(tmp_path / "cut"), stop_after=5)
+    train(cut)
+    train(cut.replace(stop_after=None, resume=True))
+    assert records(cut.out) == records(config.out)
+    _, whole = final_arrays(config.out)
+    _, resumed = final_arrays(cut.out)
+    for a, b in zip(whole, resumed, strict=True):
+        assert a.tobytes() == b.tobytes()
 
 
 _WORKER = textwrap.dedent(

@@ -85,13 +85,21 @@ def _number(kind: type) -> Any:
     return parse
 
 
-def _mesh(text: str) -> int:
-    name, _, size = text.partition("=")
-    if name.strip() != "data" or not size.strip().isdigit() or int(size) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected data=N with N >= 1 devices, got {text!r}"
-        )
-    return int(size)
+def _mesh(text: str) -> dict[str, int]:
+    """``data=N``, ``fsdp=M`` or ``data=N,fsdp=M`` -> the settings they give."""
+    names = {"data": "data_parallel", "fsdp": "fsdp"}
+    values = {}
+    for item in text.split(","):
+        name, _, size = item.partition("=")
+        name = name.strip()
+        if name not in names or name in values or not size.strip().isdigit():
+            raise argparse.ArgumentTypeError(
+                f"expected data=N, fsdp=M or data=N,fsdp=M, got {text!r}"
+            )
+        if int(size) < 1:
+            raise argparse.ArgumentTypeError(f"{name} needs >= 1 devices, got {text!r}")
+        values[name] = int(size)
+    return {names[name]: size for name, size in values.items()}
 
 
 def _value_type(field: dataclasses.Field) -> type:
@@ -246,6 +254,7 @@ def _config_values(args: argparse.Namespace, default_out: str) -> dict[str, Any]
     """The settings given on the command line (the others keep their defaults)."""
     skip = ("command", "methods", "lr") if args.command == "compare" else ("command",)
     values = {k: v for k, v in vars(args).items() if k not in skip}
+    values.update(values.pop("data_parallel", {}))
     if values.get("distributed"):
         if "num_processes" not in values:
             values["num_processes"] = _env_int("JAX_NUM_PROCESSES")

@@ -269,12 +269,22 @@ class TrainConfig:
     # -- parallelism
     data_parallel: int | None = _setting(
         None,
-        "devices of the data mesh: every batch is split over them; None: 1, or all "
-        "devices with distributed",
+        "devices of the mesh's data axis, every batch split over data x fsdp (the "
+        "command line's --mesh data=N,fsdp=M sets both); None: 1, or all devices "
+        "over fsdp with distributed",
         group="parallelism",
         role=EXECUTION,
         flag="--mesh",
-        metavar="data=N",
+        metavar="data=N,fsdp=M",
+    )
+    fsdp: int = _setting(
+        1,
+        "devices of the mesh's fsdp axis: parameters and optimizer state are "
+        "sharded along it (each array along its largest dimension that M divides), "
+        "batches over data x fsdp",
+        group="parallelism",
+        role=EXECUTION,
+        hidden=True,
     )
     distributed: bool = _setting(
         False,
@@ -450,6 +460,7 @@ def _validate(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "micro_batches", "ls_batches", "ls_grid"):
         integer(name)
     integer("grad_accumulation")
+    integer("fsdp")
     for name in ("eval_batches", "eval_batch_size", "cg_iterations"):
         integer(name)
     for name in ("eval_every", "checkpoint_every", "seed"):

@@ -1,7 +1,8 @@
 """The jitted functions of a run, and the process-wide cache of their compiled forms.
 
-Every function returns its outputs constrained to the sharding of the state it was
-given, so a compiled step takes its own outputs back. A compiled function is shared
+Every function returns its outputs constrained to the run's `StateLayout` (the
+sharding of every array of the training state on the mesh), so a compiled step
+takes its own outputs back. A compiled function is shared
 by every run of the process (a comparison, a resumed run, tests) whose *key* is
 equal: the function, its recipe (`eqx_gn.lm._recipes`: exactly the settings the
 optimizer is built from), the model's configuration, and the shapes, dtypes and
@@ -25,21 +26,12 @@ from ._pipeline import inputs_and_targets
 from ._recipes import LM_LOSS, with_learning_rate
 
 
-def _constrain(tree, sharding):
-    return jax.tree.map(
-        lambda x: (
-            jax.lax.with_sharding_constraint(x, sharding) if eqx.is_array(x) else x
-        ),
-        tree,
-    )
-
-
 def _next_key(key_data):
     return jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key_data))[0])
 
 
 @eqx.filter_jit
-def first_order_step(optimizer, lr, model, opt_state, key_data, batch, sharding):
+def first_order_step(optimizer, lr, model, opt_state, key_data, batch, layout):
     """One optax step at learning rate ``lr`` (the optimizer is built at unit
     peak) on ``batch``: ``(batch_size, seq_len + 1)``, or ``(A, batch_size / A,
     seq_len + 1)`` micro-batches whose gradients are averaged (gradient
@@ -66,7 +58,7 @@ def first_order_step(optimizer, lr, model, opt_state, key_data, batch, sharding)
     updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     model = eqx.apply_updates(model, updates)
     out = (model, opt_state, _next_key(key_data), {"train_loss": loss})
-    return _constrain(out, sharding)
+    return layout.constrain(out)
 
 
 #: The GN statistics in each GN step's metrics record, in this order.
@@ -85,7 +77,7 @@ GN_METRICS = (
 
 
 @eqx.filter_jit
-def gn_step(gn, lr, model, gn_state, key_data, batches, ls_batches, sharding):
+def gn_step(gn, lr, model, gn_state, key_data, batches, ls_batches, layout):
     """One GN step on stacked micro-batches and line-search batches, at inner
     learning rate ``lr``."""
     gn = with_learning_rate(gn, lr)
@@ -95,24 +87,24 @@ def gn_step(gn, lr, model, gn_state, key_data, batches, ls_batches, sharding):
     metrics = {"train_loss": stats.loss_before}
     metrics |= {name: getattr(stats, name) for name in GN_METRICS}
     out = (model, gn_state, _next_key(key_data), metrics)
-    return _constrain(out, sharding)
+    return layout.constrain(out)
 
 
 @eqx.filter_jit
-def init_opt_state(optimizer, model, sharding):
+def init_opt_state(optimizer, model, layout):
     """The optimizer's state before its first step."""
     if isinstance(optimizer, GaussNewton):
         state = optimizer.init(model)
     else:
         state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    return _constrain(state, sharding)
+    return layout.constrain(state)
 
 
 @eqx.filter_jit
-def eval_loss(model, batches, sharding):
+def eval_loss(model, batches, layout):
     """The mean loss over stacked validation batches."""
     loss = mean_loss(apply_lm, LM_LOSS, model, inputs_and_targets(batches))
-    return _constrain(loss, sharding)
+    return layout.constrain(loss)
 
 
 assert set(GN_METRICS) <= {f.name for f in GNStats.__dataclass_fields__.values()}

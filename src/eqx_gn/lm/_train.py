@@ -52,12 +52,17 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ._checkpoint import Checkpointer
 from ._config import ConfigError, TrainConfig
 from ._model import LMConfig, Transformer, count_params, get_config
-from ._parallel import DATA_AXIS, initialize_distributed, make_mesh, sync
+from ._parallel import (
+    BATCH_AXES,
+    StateLayout,
+    initialize_distributed,
+    make_mesh,
+    sync,
+)
 from ._pipeline import GlobalBatches, batch_iterator
 from ._recipes import compile_key, learning_rate_at, phase_recipe
 from ._report import corpus_name, eval_line, start_line
@@ -78,15 +83,16 @@ _LS_SEED_OFFSET = 1_000_003
 
 
 @functools.lru_cache(maxsize=8)
-def _initializer(model_config: LMConfig, sharding: NamedSharding) -> Callable:
-    """``seed -> (params, key_data)``, jitted with replicated outputs."""
+def _initializer(model_config: LMConfig, layout: StateLayout) -> Callable:
+    """``seed -> (params, key_data)``, jitted with outputs laid out by ``layout``."""
 
     def init(seed):
         key = jax.random.key(seed)
         params = eqx.filter(Transformer(model_config, key), eqx.is_array)
         return params, jax.random.key_data(jax.random.fold_in(key, 1))
 
-    return jax.jit(init, out_shardings=sharding)
+    shapes = jax.eval_shape(init, jnp.zeros((), jnp.int32))
+    return jax.jit(init, out_shardings=layout.shardings(shapes))
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,9 +152,9 @@ class _Training:
         self.primary = jax.process_index() == 0
         self.run_dir = RunDirectory(config.out, primary=self.primary)
         self.mesh = make_mesh(config)
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.layout = StateLayout(self.mesh)
         self.batches = GlobalBatches(
-            self.mesh, DATA_AXIS, process_count=self.process_count
+            self.mesh, BATCH_AXES, process_count=self.process_count
         )
         try:
             self.splits = _splits(config)
@@ -199,7 +205,7 @@ class _Training:
         self.static = eqx.filter(
             shapes, lambda x: isinstance(x, jax.ShapeDtypeStruct), inverse=True
         )
-        init = _initializer(self.model_config, self.replicated)
+        init = _initializer(self.model_config, self.layout)
         params, self.key_data = init(jnp.asarray(self.config.seed, jnp.int32))
         self.model = eqx.combine(params, self.static)
 
@@ -216,8 +222,8 @@ class _Training:
         self.key = compile_key(self.recipe)
         self.optimizer = self.recipe.build(self.model)
         lr = 0.0 if self.recipe.lr is None else self.recipe.lr
-        self.lr = jax.device_put(jnp.asarray(lr, jnp.float32), self.replicated)
-        args = (self.optimizer, self.model, self.replicated)
+        self.lr = jax.device_put(jnp.asarray(lr, jnp.float32), self.layout.replicated)
+        args = (self.optimizer, self.model, self.layout)
         init = self._compiled(f"{phase}-init", init_opt_state, self.key, args)
         self.opt_state = init(*args)
 
@@ -268,21 +274,21 @@ class _Training:
             ls = self.batches.stacked(
                 next(self.iterators["ls_iter"]), config.ls_batches
             )
-            args, fn = (*state, micro, ls, self.replicated), gn_step
+            args, fn = (*state, micro, ls, self.layout), gn_step
         else:
             accumulation = config.grad_accumulation if self.phase == "main" else 1
             if accumulation > 1:
                 batch = self.batches.stacked(batch, accumulation)
             else:
                 batch = self.batches.flat(batch)
-            args, fn = (*state, batch, self.replicated), first_order_step
+            args, fn = (*state, batch, self.layout), first_order_step
         compiled = self._compiled(self.phase, fn, self.key, args)
         self.model, self.opt_state, self.key_data, metrics = compiled(*args)
         return json_ready(metrics)
 
     def _evaluate(self) -> float:
         start = time.perf_counter()
-        args = (self.model, self.eval_batches, self.replicated)
+        args = (self.model, self.eval_batches, self.layout)
         compiled = self._compiled("eval", eval_loss, "eval", args)
         loss = float(compiled(*args))
         self.eval_s += time.perf_counter() - start
@@ -444,6 +450,7 @@ class _Training:
             "train_tokens": len(self.splits.train),
             "validation_tokens": len(self.splits.validation),
             "devices": self.mesh.devices.size,
+            "mesh": dict(self.mesh.shape),
             "processes": self.process_count,
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
@@ -465,6 +472,9 @@ class _Training:
             "tokens": counters.tokens,
             "ls_tokens": counters.ls_tokens,
             "tokens_read": counters.tokens + counters.ls_tokens,
+            "param_bytes_per_device": self.layout.bytes_per_device(
+                (self.model, self.opt_state)
+            ),
             "rejected_steps": counters.rejected_steps if config.is_gn else None,
             "time_s": counters.time_s,
             "compile_s": self.compile_s,

@@ -230,14 +230,14 @@ def test_non_finite_state_is_refused(tmp_path, bad):
 def test_non_finite_checkpoint_on_disk_is_skipped(tmp_path, monkeypatch):
     # A non-finite checkpoint written by an older version (no refusal, no
     # digests) is not resumed from.
-    import eqx_gn.lm._checkpoint as module
+    import eqx_gn.lm._integrity as integrity
 
     directory = tmp_path / "checkpoints"
     checkpointer = Checkpointer(directory)
     checkpointer.save(1, _state(1.0), _iterators(), {"step": 1})
     state = _state(2.0)
     state["params"]["b"] = state["params"]["b"].at[0].set(jnp.nan)
-    monkeypatch.setattr(module, "_leaf_digest", _finite_digest(module._leaf_digest))
+    monkeypatch.setattr(integrity, "leaf_digest", _finite_digest(integrity.leaf_digest))
     checkpointer.verify_saves = False
     checkpointer.save(2, state, _iterators(), {"step": 2})
     monkeypatch.undo()

@@ -14,13 +14,8 @@ it had never stopped:
   the byte length of the metrics file at that step, ...). Under the reserved key
   ``"_checkpoint"`` it also holds the checkpoint's *record*: the shape and dtype of
   every array, a SHA-256 digest of every array and of every iterator state, for
-  every process, and a digest of the meta dictionary itself.
-
-An array's digest covers its dtype, shape and bytes. Where the array is fully
-addressable (a single-process run, or a replicated state) it is the digest of the
-whole array, the same on every process; otherwise each process digests the
-distinct shards it holds (with their positions), and the record keeps one digest
-per process.
+  every process, and a digest of the meta dictionary itself (the digests are
+  described in `eqx_gn.lm._integrity`).
 
 **Integrity.** ``save`` refuses a state with a non-finite floating-point leaf
 (`CheckpointError`), so no checkpoint is ever written that a run could not
@@ -42,9 +37,7 @@ it), so a run killed at any moment leaves only complete checkpoints behind.
 """
 
 import gc
-import hashlib
 import json
-import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -57,12 +50,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from ._integrity import (
+    KIND_NAMES,
+    digest_table,
+    everywhere,
+    iterator_digest,
+    leaf_digest,
+    make_record,
+    meta_digest,
+    silence_failed_reads,
+    sync,
+)
+
 _STATE = "state"
 _META = "meta"
 _RECORD = "_checkpoint"
-_VERSION = 1
-_FULL, _SHARDS = 1, 2
-_KIND_NAMES = {_FULL: "full", _SHARDS: "shards"}
 
 
 class CheckpointError(ValueError):
@@ -81,115 +83,11 @@ def _abstract(leaf: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
 
 
-def _is_float(dtype: Any) -> bool:
-    return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
-
-
-def _hash_array(h: Any, value: np.ndarray) -> None:
-    value = np.ascontiguousarray(value)
-    h.update(f"{value.dtype.name}|{list(value.shape)}|".encode())
-    h.update(value.tobytes())
-
-
-def _leaf_digest(leaf: Any) -> tuple[int, bytes, bool]:
-    """``(kind, sha256 digest, all finite)`` of one array, from what this process
-    holds: the whole array if it is fully addressable, else its distinct shards."""
-    h = hashlib.sha256()
-    finite = True
-    if getattr(leaf, "is_fully_addressable", True):
-        value = np.asarray(leaf)
-        _hash_array(h, value)
-        if _is_float(value.dtype):
-            finite = bool(np.isfinite(value).all())
-        return _FULL, h.digest(), finite
-    shards = {}
-    for shard in leaf.addressable_shards:
-        index = tuple(
-            (s.start or 0, n if s.stop is None else s.stop)
-            for s, n in zip(shard.index, leaf.shape, strict=True)
-        )
-        shards.setdefault(index, shard)
-    h.update(f"{leaf.dtype}|{list(leaf.shape)}|".encode())
-    for index in sorted(shards):
-        value = np.asarray(shards[index].data)
-        h.update(repr(index).encode())
-        _hash_array(h, value)
-        if _is_float(value.dtype):
-            finite = finite and bool(np.isfinite(value).all())
-    return _SHARDS, h.digest(), finite
-
-
-def _iterator_digest(iterator: grain.DatasetIterator) -> bytes:
-    state = json.dumps(iterator.get_state(), sort_keys=True)
-    return hashlib.sha256(state.encode()).digest()
-
-
-def _meta_digest(meta: Mapping[str, Any], record: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in record.items() if k != "meta_digest"}
-    text = json.dumps({"meta": meta, "record": body}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _gather(local: np.ndarray) -> np.ndarray:
-    """``local`` of every process, stacked along a new leading axis."""
-    if jax.process_count() == 1:
-        return local[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(local))
-
-
-def _everywhere(ok: bool) -> bool:
-    """Whether ``ok`` holds on every process."""
-    return bool(_gather(np.array([ok], dtype=np.uint8)).all())
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _short(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = lines[0].split(". See full")[0] if lines else ""
     text = text if len(text) <= 120 else text[:117] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-def _left_by_a_failed_read(unraisable: Any) -> bool:
-    """Whether an unraisable exception is the debris of an abandoned orbax read:
-    one of its read coroutines closed by the garbage collector, or a TensorStore
-    callback finding orbax's event loop closed."""
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None:
-        return "orbax" in code.co_filename
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return (
-        unraisable.exc_type is RuntimeError
-        and str(unraisable.exc_value) == "Event loop is closed"
-        and tb is not None
-        and "asyncio" in tb.tb_frame.f_code.co_filename
-    )
-
-
-def _silence_failed_reads() -> None:
-    """From now on, drop the debris of abandoned orbax reads (which the garbage
-    collector would print with long tracebacks, at any later time); every other
-    unraisable exception goes to the hook in place before."""
-    if getattr(sys.unraisablehook, "_eqx_gn_checkpoint", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        if not _left_by_a_failed_read(unraisable):
-            previous(unraisable)
-
-    hook._eqx_gn_checkpoint = True  # pyright: ignore[reportFunctionMemberAccess]
-    sys.unraisablehook = hook
 
 
 def _read(what: str, read: Callable[[], Any]) -> Any:
@@ -198,7 +96,7 @@ def _read(what: str, read: Callable[[], Any]) -> Any:
         return read()
     except Exception as error:
         # When one array fails, orbax abandons the other reads of the same item.
-        _silence_failed_reads()
+        silence_failed_reads()
         reason = f"{what}: {_short(error)}"
     gc.collect()
     raise _Damaged(reason)
@@ -277,11 +175,7 @@ class Checkpointer:
         with_paths, _ = jax.tree_util.tree_flatten_with_path(state)
         paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
         leaves = [leaf for _, leaf in with_paths]
-        local = [_leaf_digest(leaf) for leaf in leaves]
-        local_iterators = [_iterator_digest(it) for it in iterators.values()]
-        rows = [[kind, int(finite), *digest] for kind, digest, finite in local]
-        rows += [[0, 1, *digest] for digest in local_iterators]
-        table = _gather(np.array(rows, dtype=np.uint8).reshape(len(rows), 34))
+        table = digest_table(leaves, iterators.values())
         for i in range(len(leaves)):
             if not table[:, i, 1].all():
                 leaf = leaves[i]
@@ -290,23 +184,8 @@ class Checkpointer:
                     f"leaf {i} ({paths[i] or 'root'}, {leaf.dtype}"
                     f"{list(leaf.shape)}) is not finite"
                 )
-        n = len(leaves)
-        record: dict[str, Any] = {
-            "version": _VERSION,
-            "leaves": [
-                {"shape": list(leaf.shape), "dtype": str(leaf.dtype)} for leaf in leaves
-            ],
-            "digests": [
-                [f"{_KIND_NAMES[int(r[0])]}:{bytes(r[2:]).hex()}" for r in table[p, :n]]
-                for p in range(table.shape[0])
-            ],
-            "iterators": {
-                name: [bytes(table[p, n + j, 2:]).hex() for p in range(table.shape[0])]
-                for j, name in enumerate(iterators)
-            },
-        }
         plain = json.loads(json.dumps(dict(meta)))
-        record["meta_digest"] = _meta_digest(plain, record)
+        record = make_record(leaves, table, list(iterators), plain)
         items = {
             _STATE: ocp.args.StandardSave(leaves),
             _META: ocp.args.JsonSave({**plain, _RECORD: record}),
@@ -321,7 +200,7 @@ class Checkpointer:
                 self._load_arrays(step, lambda meta: leaves)
             except _Damaged as error:
                 reason = str(error)
-            if not _everywhere(reason is None):
+            if not everywhere(reason is None):
                 aside = self._move_aside([step])[0]
                 _warn(
                     f"checkpoint step {step} in {self.directory} did not read back "
@@ -352,11 +231,11 @@ class Checkpointer:
                 k += 1
                 target = self.directory / f"damaged-{step}.{k}"
             targets.append(target)
-        _sync("eqx_gn_checkpoint_aside_start")
+        sync("eqx_gn_checkpoint_aside_start")
         if jax.process_index() == 0:
             for step, target in zip(steps, targets, strict=True):
                 (self.directory / str(step)).rename(target)
-        _sync("eqx_gn_checkpoint_aside_done")
+        sync("eqx_gn_checkpoint_aside_done")
         self._manager.reload()
         return targets
 
@@ -388,7 +267,7 @@ class Checkpointer:
         if record is None:
             return meta, None
         try:
-            good = record["meta_digest"] == _meta_digest(meta, record)
+            good = record["meta_digest"] == meta_digest(meta, record)
         except Exception:
             good = False
         if not good:
@@ -444,13 +323,11 @@ class Checkpointer:
         if record is None:
             self._check_structure(step, [(x.shape, x.dtype) for x in saved], leaves)
         for i, array in enumerate(saved):
-            kind, digest, finite = _leaf_digest(array)
+            kind, digest, finite = leaf_digest(array)
             # A digest of another kind (shards against whole array) comes from a
             # different process layout and cannot be compared.
-            found = f"{_KIND_NAMES[kind]}:{digest.hex()}"
-            same_kind = (
-                record is not None and mine[i].split(":")[0] == _KIND_NAMES[kind]
-            )
+            found = f"{KIND_NAMES[kind]}:{digest.hex()}"
+            same_kind = record is not None and mine[i].split(":")[0] == KIND_NAMES[kind]
             if same_kind and mine[i] != found:
                 raise _Damaged(f"digest mismatch in array {i}")
             if not finite:
@@ -483,7 +360,7 @@ class Checkpointer:
                         expected = record["iterators"][name][jax.process_index()]
                     except Exception:
                         raise _Damaged(f"no digest of iterator {name!r}") from None
-                    if _iterator_digest(it).hex() != expected:
+                    if iterator_digest(it).hex() != expected:
                         raise _Damaged(f"digest mismatch in iterator {name!r}")
         except _Damaged:
             self._rewind(iterators, before)
@@ -509,14 +386,14 @@ class Checkpointer:
             meta, record, state = self._load_arrays(step, template)
         except _Damaged as error:
             reason = str(error)
-        if not _everywhere(reason is None):
+        if not everywhere(reason is None):
             raise _Damaged(reason or "damaged on another process")
         before = {name: it.get_state() for name, it in iterators.items()}
         try:
             self._load_iterators(step, iterators, record)
         except _Damaged as error:
             reason = str(error)
-        if not _everywhere(reason is None):
+        if not everywhere(reason is None):
             if reason is None:
                 self._rewind(iterators, before)
             raise _Damaged(reason or "damaged on another process")

@@ -9,12 +9,11 @@ import pytest
 from eqx_gn.lm._plot import (
     WARMUP_LABEL,
     default_title,
-    labels_for,
-    load_runs,
     loss_figure,
     plot_runs,
     series,
 )
+from eqx_gn.lm._runs import labels_for, load_runs
 
 SEQ_LEN = 8
 LS_TOKENS_PER_STEP = 16  # ls_batches * ls_batch_size * seq_len of the fixtures

@@ -37,15 +37,7 @@ from ._checkpoint import (  # noqa: E402
     CheckpointError as CheckpointError,
     CheckpointWarning as CheckpointWarning,
 )
-from ._config import (  # noqa: E402
-    BLOCKS as BLOCKS,
-    DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
-    OPTIMIZERS as OPTIMIZERS,
-    SOLVERS as SOLVERS,
-    ConfigError as ConfigError,
-    TrainConfig as TrainConfig,
-    parse_method as parse_method,
-)
+from ._config import TrainConfig as TrainConfig  # noqa: E402
 from ._corpus import (  # noqa: E402
     corpus_hash as corpus_hash,
     load_corpus as load_corpus,
@@ -54,6 +46,14 @@ from ._corpus import (  # noqa: E402
     shakespeare_paths as shakespeare_paths,
     split_documents as split_documents,
     strip_play_markdown as strip_play_markdown,
+)
+from ._errors import ConfigError as ConfigError  # noqa: E402
+from ._methods import (  # noqa: E402
+    BLOCKS as BLOCKS,
+    DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
+    OPTIMIZERS as OPTIMIZERS,
+    SOLVERS as SOLVERS,
+    parse_method as parse_method,
 )
 from ._model import (  # noqa: E402
     CONFIGS as CONFIGS,
@@ -79,10 +79,8 @@ from ._pipeline import (  # noqa: E402
     inputs_and_targets as inputs_and_targets,
     window_dataset as window_dataset,
 )
-from ._plot import (  # noqa: E402
-    load_metrics as load_metrics,
-    plot_runs as plot_runs,
-)
+from ._plot import plot_runs as plot_runs  # noqa: E402
+from ._runs import load_metrics as load_metrics  # noqa: E402
 from ._tokenizers import (  # noqa: E402
     AbstractTokenizer as AbstractTokenizer,
     BPETokenizer as BPETokenizer,

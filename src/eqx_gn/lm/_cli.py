@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._checkpoint import CheckpointError
-from ._config import ConfigError, TrainConfig, describe, parse_method, settings
+from ._config import TrainConfig, describe, settings
+from ._errors import ConfigError
+from ._methods import parse_method
 
 _DESCRIPTION = """\
 Train the paper's LLaMA-style language model with Gauss-Newton (GN) or a

@@ -6,49 +6,28 @@ what the run computes (a resumed run must keep it) or only how the run is carrie
 out (output directory, checkpoints, progress, processes). The `eqx-gn` command's
 options and help, and the API reference, are generated from these descriptions.
 
-**GN settings are orthogonal.** ``optimizer="gn"`` chooses Gauss-Newton; ``blocks``
-(``"full"`` or ``"layerwise"``) chooses the partition of the parameters and
-``solver`` (``"inner"``, ``"prox"`` or ``"cg"``) the subproblem solver. Every
-combination trains. A *method* names a combination in one word for comparisons
-and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-cg``, ... (the
-non-default settings after ``gn``, joined by ``-``); its *label* is the same with
-spaces (``"gn layerwise cg"``).
+GN's settings (``blocks``, ``solver``) are orthogonal, and a method names a
+combination in one word (`eqx_gn.lm._methods`).
 """
 
 import dataclasses
 import math
 from typing import Any
 
+from ._errors import ConfigError
+from ._methods import (
+    BLOCKS,
+    DEFAULT_LEARNING_RATES,
+    OPTIMIZERS,
+    SOLVERS,
+    parse_method,
+)
 from ._model import CONFIGS
-
-#: The optimizers of the main phase, in the order the CLI lists them.
-OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "psgd", "gn")
-#: The block partitions of GN: one block, or one block per layer.
-BLOCKS: tuple[str, ...] = ("full", "layerwise")
-#: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
-#: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
-SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
-#: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
-#: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
-#: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64
-#: sequences of 64 bytes).
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "adamw": 3e-3,
-    "muon": 5e-2,
-    "soap": 1e-2,
-    "psgd": 1e-3,
-    "gn": 3e-2,
-}
 
 #: A field defines the run: a resumed run must keep it.
 DEFINES = "defines"
 #: A field says how the run is carried out: a resumed run may change it.
 EXECUTION = "execution"
-
-
-class ConfigError(ValueError):
-    """A bad configuration, or input data that cannot be used, found before any
-    training step runs. The message is one line that says what to change."""
 
 
 def _setting(
@@ -415,38 +394,6 @@ def settings() -> tuple[dataclasses.Field, ...]:
     """The fields of `TrainConfig`, each with its ``metadata``: ``help``, ``group``,
     ``role``, ``metavar``, ``flag``, ``choices`` and ``hidden``."""
     return dataclasses.fields(TrainConfig)
-
-
-def parse_method(method: str) -> dict[str, str]:
-    """``optimizer``, ``blocks`` and ``solver`` of a method name.
-
-    ``"adamw"``, ``"muon"``, ``"soap"``, or ``"gn"`` followed by any of
-    ``-layerwise``/``-full`` and ``-inner``/``-prox``/``-cg`` (``"gn-layerwise-cg"``).
-    """
-    optimizer, *rest = method.strip().split("-")
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"unknown method {method!r}: it must start with one of "
-            f"{', '.join(OPTIMIZERS)}"
-        )
-    values = {"optimizer": optimizer, "blocks": "full", "solver": "inner"}
-    if rest and optimizer != "gn":
-        raise ConfigError(
-            f"unknown method {method!r}: only gn takes settings (gn-layerwise, "
-            "gn-prox, gn-cg, ...)"
-        )
-    seen = set()
-    for part in rest:
-        field = "blocks" if part in BLOCKS else "solver" if part in SOLVERS else None
-        if field is None or field in seen:
-            raise ConfigError(
-                f"unknown method {method!r}: after gn- come a block partition "
-                f"({'/'.join(BLOCKS)}) and a solver ({'/'.join(SOLVERS)}), each at "
-                "most once"
-            )
-        seen.add(field)
-        values[field] = part
-    return values
 
 
 def _validate(config: TrainConfig) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._config import ConfigError, TrainConfig
+from ._config import TrainConfig
+from ._errors import ConfigError
 
 #: The mesh axis of data parallelism.
 DATA_AXIS = "data"

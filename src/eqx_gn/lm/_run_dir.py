@@ -26,7 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._config import ConfigError, TrainConfig
+from ._config import TrainConfig
+from ._errors import ConfigError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

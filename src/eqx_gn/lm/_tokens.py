@@ -11,6 +11,7 @@ processes sharing the directory never see a partial file::
         hash16 = corpus_hash of the whole corpus
 """
 
+import functools
 import os
 import uuid
 from collections.abc import Sequence
@@ -131,4 +132,40 @@ def prepare_splits(
             val_docs, tokenizer, folder / f"validation-{suffix}"
         ),
         corpus_hash=digest,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _bundled_splits(
+    tokenizer: str, vocab_size: int | None, val_fraction: float, cache_dir: str | None
+) -> TokenSplits:
+    return prepare_splits(
+        None,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        cache_dir=cache_dir,
+    )
+
+
+def cached_splits(
+    text: PathLike | None,
+    *,
+    tokenizer: Literal["byte", "bpe"] = "byte",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    cache_dir: PathLike | None = None,
+) -> TokenSplits:
+    """`prepare_splits` (seed 0), keeping the bundled corpus's splits in memory:
+    reading the plays takes seconds, and they do not change while a process runs
+    (a comparison, a study, tests)."""
+    if text is None:
+        cache = None if cache_dir is None else str(cache_dir)
+        return _bundled_splits(tokenizer, vocab_size, val_fraction, cache)
+    return prepare_splits(
+        text,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        cache_dir=cache_dir,
     )

@@ -54,7 +54,8 @@ import jax
 import jax.numpy as jnp
 
 from ._checkpoint import Checkpointer
-from ._config import ConfigError, TrainConfig
+from ._config import TrainConfig
+from ._errors import ConfigError
 from ._model import LMConfig, Transformer, count_params, get_config
 from ._parallel import (
     BATCH_AXES,
@@ -76,7 +77,7 @@ from ._steps import (
     init_opt_state,
     json_ready,
 )
-from ._tokens import TokenSplits, prepare_splits
+from ._tokens import cached_splits
 
 #: The seed offset of the line-search batches' iterator.
 _LS_SEED_OFFSET = 1_000_003
@@ -93,35 +94,6 @@ def _initializer(model_config: LMConfig, layout: StateLayout) -> Callable:
 
     shapes = jax.eval_shape(init, jnp.zeros((), jnp.int32))
     return jax.jit(init, out_shardings=layout.shardings(shapes))
-
-
-@functools.lru_cache(maxsize=4)
-def _bundled_corpus_splits(
-    tokenizer: str, vocab_size: int | None, val_fraction: float, cache_dir: str | None
-) -> TokenSplits:
-    # Reading the bundled plays takes seconds; they do not change while a process
-    # runs (a comparison, a sweep, tests), so their splits are kept.
-    return prepare_splits(
-        None,
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        val_fraction=val_fraction,
-        cache_dir=cache_dir,
-    )
-
-
-def _splits(config: TrainConfig) -> TokenSplits:
-    if config.text is None:
-        return _bundled_corpus_splits(
-            config.tokenizer, config.vocab_size, config.val_fraction, config.cache_dir
-        )
-    return prepare_splits(
-        config.text,
-        tokenizer=config.tokenizer,
-        vocab_size=config.vocab_size,
-        val_fraction=config.val_fraction,
-        cache_dir=config.cache_dir,
-    )
 
 
 @dataclasses.dataclass
@@ -157,7 +129,13 @@ class _Training:
             self.mesh, BATCH_AXES, process_count=self.process_count
         )
         try:
-            self.splits = _splits(config)
+            self.splits = cached_splits(
+                config.text,
+                tokenizer=config.tokenizer,
+                vocab_size=config.vocab_size,
+                val_fraction=config.val_fraction,
+                cache_dir=config.cache_dir,
+            )
             overrides = {"vocab_size": self.splits.tokenizer.vocab_size}
             if config.seq_len is not None:
                 overrides["seq_len"] = config.seq_len

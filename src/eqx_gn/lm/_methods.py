@@ -1,0 +1,63 @@
+"""Methods: the optimizers of a run's main phase and, for Gauss-Newton, its
+settings, named in one word.
+
+``optimizer="gn"`` chooses Gauss-Newton; ``blocks`` (``"full"`` or ``"layerwise"``)
+chooses the partition of the parameters and ``solver`` (``"inner"``, ``"prox"`` or
+``"cg"``) the subproblem solver. Every combination trains. A *method* names a
+combination in one word for comparisons and studies: ``gn``, ``gn-layerwise``,
+``gn-prox``, ``gn-layerwise-cg``, ... (the non-default settings after ``gn``,
+joined by ``-``); its *label* is the same with spaces (``"gn layerwise cg"``).
+"""
+
+from ._errors import ConfigError
+
+#: The optimizers of the main phase, in the order the CLI lists them.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "psgd", "gn")
+#: The block partitions of GN: one block, or one block per layer.
+BLOCKS: tuple[str, ...] = ("full", "layerwise")
+#: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
+#: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
+SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
+#: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
+#: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
+#: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64
+#: sequences of 64 bytes).
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "adamw": 3e-3,
+    "muon": 5e-2,
+    "soap": 1e-2,
+    "psgd": 1e-3,
+    "gn": 3e-2,
+}
+
+
+def parse_method(method: str) -> dict[str, str]:
+    """``optimizer``, ``blocks`` and ``solver`` of a method name.
+
+    ``"adamw"``, ``"muon"``, ``"soap"``, or ``"gn"`` followed by any of
+    ``-layerwise``/``-full`` and ``-inner``/``-prox``/``-cg`` (``"gn-layerwise-cg"``).
+    """
+    optimizer, *rest = method.strip().split("-")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"unknown method {method!r}: it must start with one of "
+            f"{', '.join(OPTIMIZERS)}"
+        )
+    values = {"optimizer": optimizer, "blocks": "full", "solver": "inner"}
+    if rest and optimizer != "gn":
+        raise ConfigError(
+            f"unknown method {method!r}: only gn takes settings (gn-layerwise, "
+            "gn-prox, gn-cg, ...)"
+        )
+    seen = set()
+    for part in rest:
+        field = "blocks" if part in BLOCKS else "solver" if part in SOLVERS else None
+        if field is None or field in seen:
+            raise ConfigError(
+                f"unknown method {method!r}: after gn- come a block partition "
+                f"({'/'.join(BLOCKS)}) and a solver ({'/'.join(SOLVERS)}), each at "
+                "most once"
+            )
+        seen.add(field)
+        values[field] = part
+    return values

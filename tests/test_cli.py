@@ -76,6 +76,14 @@ def test_train_defaults_on_a_cut_down_budget(env, tmp_path):
         "--out", out, "--no-progress",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # Without a progress bar: a start line, then a line per evaluation.
+    start, *evaluations = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith(("start", "step"))
+    ]
+    assert start.startswith("start: gn; tiny model") and "Shakespeare" in start
+    assert [line.split()[1] for line in evaluations] == ["1/3", "3/3"]
     assert "gn on the tiny model" in result.stdout
     assert "final validation loss" in result.stdout
     assert str(out) in result.stdout
@@ -158,11 +166,17 @@ def test_compare_methods_then_plot(env, tmp_path):
         ),
         (["train", "--solver", "newton"], "invalid choice: 'newton'"),
         (["plot", "/no/such/run"], "not a run directory"),
+        (["train", "--out", "TMP:/a_file"], "is a file, not a directory"),
+        (["train", "--out", "TMP:/a_file/run"], "cannot create out="),
+        (["plot", "TMP:/", "--format", "gif"], "--format 'gif'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, args, message):
-    result = eqx_gn(env, *args, "--out" if args[0] != "plot" else "--title",
-                    tmp_path / "out")  # fmt: skip
+    (tmp_path / "a_file").write_text("x")
+    args = [str(tmp_path / a[5:]) if str(a).startswith("TMP:/") else a for a in args]
+    if "--out" not in args:
+        args += ["--out" if args[0] != "plot" else "--title", tmp_path / "out"]
+    result = eqx_gn(env, *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

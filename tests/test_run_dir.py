@@ -87,3 +87,18 @@ def test_a_file_or_an_uncreatable_path_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cannot create out="):
         _prepare(file / "run")
     assert file.read_text() == "x"
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero_and_says_so(tmp_path, capsys):
+    from eqx_gn.lm import train
+
+    config = TrainConfig(
+        optimizer="adamw", steps=2, batch_size=8, seq_len=16, eval_every=0,
+        eval_batches=1, eval_batch_size=8, progress=False, resume=True,
+        out=str(tmp_path / "new"), cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    summary = train(config)
+    assert summary["steps"] == 2 and summary["completed"]
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "starting at step 0" in err
+    assert err.count("\n") == 1

@@ -12,7 +12,7 @@ reruns in study.json's run format (curves included). The reruns train under
 whose directory has a ``summary.json``, or that ``fine_crossing.json`` already
 holds, is not trained again.
 
-    python benchmarks/fine_crossing.py benchmarks/results/study_300
+    python benchmarks/fine_crossing.py benchmarks/results/study_tiny
 """
 
 import argparse
@@ -20,15 +20,21 @@ import dataclasses
 import json
 from pathlib import Path
 
-from study import (
-    BASELINES,
-    REPO,
-    dumps,
-    known_runs,
-    method_config,
-    read_run_dir,
-    with_target,
-)
+from eqx_gn.lm import parse_method
+from eqx_gn.lm._study import BASELINES, dumps, read_run_dir, with_target
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def known_runs(previous: dict, runs_dir: Path) -> dict:
+    """The reruns fine_crossing.json holds, updated from their directories."""
+    known = {rec["name"]: rec for rec in previous.get("runs", [])}
+    if runs_dir.is_dir():
+        for path in sorted(runs_dir.iterdir()):
+            rec = read_run_dir(path, "fine", None) if path.is_dir() else None
+            if rec is not None:
+                known[rec["name"]] = rec
+    return known
 
 
 def rerun_config(source: dict, out: Path):
@@ -38,7 +44,7 @@ def rerun_config(source: dict, out: Path):
 
     fields = {f.name for f in dataclasses.fields(lm.TrainConfig)}
     config = {k: v for k, v in source["config"].items() if k in fields}
-    config.update(method_config(source["method"]))
+    config.update(parse_method(source["method"]))
     config.update(eval_every=1, out=str(out), overwrite=True)
     return lm.TrainConfig(**config)
 
@@ -58,22 +64,22 @@ def main():
     study_dir = Path(args.study)
     study = json.loads((study_dir / "study.json").read_text())
     study_runs = {rec["name"]: rec for rec in study["runs"]}
-    largest = str(max(int(b) for b in study["settings"]["batch_sizes"].split(",")))
+    largest = str(max(study["settings"]["batch_sizes"]))
     runs_dir = Path(args.runs_dir or REPO / "runs" / "study" / study_dir.name / "fine")
     result_file = study_dir / "fine_crossing.json"
     previous = json.loads(result_file.read_text()) if result_file.exists() else {}
     known = known_runs(previous, runs_dir)
     target, warmup = study["target"], study["warmup_steps"]
     rows = {}
-    for method, by_batch in study["table"].items():
-        chosen = by_batch[largest].get("refined", by_batch[largest])
+    for method, by_batch in study["chosen"].items():
+        chosen = by_batch[largest]
         name = chosen["run"]
         source = study_runs[name]
         if name not in known:
             from eqx_gn import lm
 
             lm.train(rerun_config(source, runs_dir / name))
-            known[name] = read_run_dir(runs_dir / name)
+            known[name] = read_run_dir(runs_dir / name, "fine", target)
         fine = known[name] = with_target(known[name], target)
         coarse = train_losses(source["curve"])
         fine_losses = train_losses(fine["curve"])

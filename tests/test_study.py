@@ -1,313 +1,371 @@
-"""The study's bookkeeping (`benchmarks/study.py --report-only`) on hand-made runs:
-which target it sets, which learning rate and step count it reports, and the
-claim ratios, against numbers worked out by hand; the consolidated study.json
-(every run with its curve) and a report from it alone; method names against the
-runner's fields."""
+"""The study's bookkeeping (`eqx_gn.lm._study`) on hand-made runs, no training: the
+equal budget (every method the same number of runs at every batch size), the
+declared grids, the refinement rule applied to every method alike, the target
+rule, line-search tokens in tokens_to_target, reuse of finished runs, study.json
+and the results page drawn from it alone, and one-line errors."""
 
-import importlib.util
+import argparse
+import itertools
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import pytest
 
-STUDY = Path(__file__).parents[1] / "benchmarks" / "study.py"
-STEPS = 20
+from eqx_gn.lm import ConfigError, _study as study
+from eqx_gn.lm._study import Point, plan_grid, refine
+
+SEQ = 10
+STEPS = 40
 EVAL_EVERY = 5
-# The runner's configuration of a hand-made run's method, old style (GN's block
-# structure and solver in the optimizer name) and new.
-OLD_STYLE = {"gn-layerwise": {"optimizer": "gn-layerwise"}}
-NEW_STYLE = {"gn": {"optimizer": "gn", "blocks": "full", "solver": "inner"}}
+WARMUP = 4
+METHODS = ("adamw", "muon", "soap", "psgd", "gn", "gn-layerwise", "gn-prox")
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location("study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
-def write_run(runs, name, losses, seconds_per_step=1.0, steps=STEPS, target=None):
-    """A finished run: a record per step, validation loss ``losses[i]`` at step
-    ``5 (i + 1)``."""
-    method, batch, lr, *rest = name.split("_")
-    k = int(rest[0][1:]) if rest and rest[0].startswith("K") else 8
-    seed = int(rest[-1][len("seed+") :]) if rest and "seed" in rest[-1] else 0
-    last = EVAL_EVERY * len(losses) if target is not None else steps
-    records = [
-        {
-            "step": step,
-            "phase": "warmup" if step == 1 else "main",
-            "tokens": 100 * step,
-            "time_s": seconds_per_step * step,
-            "train_loss": 3.0 - 0.01 * step,
-        }
-        | (
-            {"val_loss": losses[step // EVAL_EVERY - 1]}
-            if step % EVAL_EVERY == 0
-            else {}
-        )
-        for step in range(1, last + 1)
+# -- the declared grids and the refinement rule ---------------------------------
+
+
+def test_grids_are_declared_and_of_the_same_size():
+    for runs in (2, 3, 5):
+        for method in METHODS:
+            grid = plan_grid(method, runs)
+            assert len(grid) == runs - 1
+            centre = study.search_space(method).centre
+            # Learning rates x3 apart, centred (geometrically) on the centre.
+            lrs = [p.lr for p in grid]
+            assert math.prod(lrs) ** (1 / len(lrs)) == pytest.approx(centre, rel=1e-3)
+            for a, b in itertools.pairwise(lrs):
+                assert b / a == pytest.approx(3, rel=1e-3)
+    # N = 3: baselines two learning rates; GN two corners of lr x K, K from {8, 4}.
+    assert plan_grid("adamw", 3) == [Point(0.001732), Point(0.005196)]
+    assert plan_grid("gn", 3) == [Point(0.01, 8), Point(0.03, 4)]
+    assert plan_grid("gn-layerwise", 3) == plan_grid("gn", 3)
+    assert [p.micro_batches for p in plan_grid("gn-prox", 5)] == [8, 4, 8, 4]
+
+
+def outcome(steps, best=2.0):
+    return {"steps_to_target": steps, "best_val_loss": best}
+
+
+@pytest.mark.parametrize(
+    "method, tried, expected",
+    [
+        # The best run at an edge: one x3 step outward, for every method alike.
+        ("adamw", [(1e-3, None, 30), (3e-3, None, 20)], Point(9e-3)),
+        ("muon", [(1e-2, None, 20), (3e-2, None, None)], Point(3.333e-3)),
+        ("psgd", [(1e-3, None, None), (3e-3, None, 25)], Point(9e-3)),
+        # Runs on both sides: half a step (x3^(1/2)) toward the better neighbour.
+        ("soap", [(1e-3, None, 40), (3e-3, None, 20), (9e-3, None, 30)],
+         Point(5.196e-3)),
+        ("soap", [(1e-3, None, 25), (3e-3, None, 20), (9e-3, None, 30)],
+         Point(1.732e-3)),
+        # GN's corners (lr_low, K 8) and (lr_high, K 4): no run with the best one's
+        # K on either side, so toward the declared centre.
+        ("gn", [(0.01, 8, 20), (0.03, 4, 30)], Point(0.03, 8)),
+        ("gn-prox", [(0.01, 8, 30), (0.03, 4, 20)], Point(0.01, 4)),
+        # Ties in steps go to the lower best loss.
+        ("adamw", [(1e-3, None, 20), (3e-3, None, 20)], Point(3.333e-4)),
+    ],
+)  # fmt: skip
+def test_refinement_rule(method, tried, expected):
+    tried = [
+        (Point(lr, k), outcome(steps, 2.0 - 0.1 * (i == 0)))
+        for i, (lr, k, steps) in enumerate(tried)
     ]
-    path = runs / name
-    path.mkdir(parents=True)
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    summary = {
-        "completed": True,
-        "steps": last,
-        "target_loss": target,
-        "best_val_loss": min(losses),
-        "final_val_loss": losses[-1],
-        "time_s": records[-1]["time_s"],
-    }
-    (path / "summary.json").write_text(json.dumps(summary))
-    config = {
-        **OLD_STYLE.get(method, NEW_STYLE.get(method, {"optimizer": method})),
-        "batch_size": int(batch[1:]),
-        "lr": float(lr[2:]),
-        "micro_batches": k,
-        "seed": seed,
-        "target_loss": target,
-    }
-    resolved = {"warmup_steps": 1}
-    (path / "config.json").write_text(
-        json.dumps({"config": config, "resolved": resolved})
-    )
+    assert refine(method, tried) == expected
 
 
-def report(out, *args, methods="adamw,muon,gn,gn-layerwise", check=True):
-    result = subprocess.run(
-        [sys.executable, str(STUDY), "--out", str(out / "results"),
-         "--runs-dir", str(out / "runs"), "--steps", str(STEPS),
-         "--batch-sizes", "8,32", "--methods", methods, "--report-only", *args],
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_refinement_never_repeats_a_run():
+    tried = [(Point(1e-3), outcome(20)), (Point(3.333e-4), outcome(30))]
+    tried += [(Point(3e-3), outcome(None))]
+    # Both sides tried: half a step toward the better neighbour (3.3e-4, 30 steps).
+    assert refine("adamw", tried) == Point(5.774e-4)
+    tried += [(Point(5.774e-4), outcome(40))]
+    assert refine("adamw", tried) not in [p for p, _ in tried]
+
+
+# -- a fake runner: hand-made runs, written as the runner writes them -------------
+
+
+def quality(method, lr, k):
+    """Loss drop per step of a hand-made run: best at lr = 2x the method's centre;
+    GN better at K = 8 than 4; GN's line search reads 2 micro-batches per step."""
+    centre = study.search_space(method).centre
+    q = {"adamw": 0.02, "muon": 0.04, "soap": 0.03, "psgd": 0.025}.get(method, 0.08)
+    q *= math.exp(-(math.log(lr / (2 * centre)) ** 2) / 4)
+    if k == 4:
+        q *= 0.8
+    return q
+
+
+class FakeTrainer:
+    """Stands in for `eqx_gn.lm.train`: writes config.json, metrics.jsonl and
+    summary.json like the runner (stopping at the target), and records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, config):
+        self.calls.append(config)
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        gn = config.optimizer == "gn"
+        q = quality(config.method, config.lr, config.micro_batches if gn else None)
+        q *= 1 + 0.05 * config.seed + 0.002 * math.log2(config.batch_size)
+        tokens_per_step = config.batch_size * SEQ
+        ls_per_step = 2 * (config.batch_size // config.micro_batches) * SEQ
+        records, ls, reached = [], 0, None
+        for step in range(1, config.steps + 1):
+            main = step > WARMUP
+            ls += ls_per_step if gn and main else 0
+            record = {
+                "step": step,
+                "phase": "main" if main else "warmup",
+                "tokens": step * tokens_per_step,
+                "time_s": step * (2.0 if gn else 1.0),
+                "train_loss": 4.0 - q * step,
+            }
+            if gn and main:
+                record["ls_tokens"] = ls
+            if step % EVAL_EVERY == 0:
+                record["val_loss"] = round(4.0 - q * step, 6)
+                target = config.target_loss
+                if target is not None and record["val_loss"] <= target:
+                    reached = step
+            records.append(record)
+            if reached:
+                break
+        resolved = {"warmup_steps": WARMUP, "seq_len": SEQ}
+        (out / "config.json").write_text(
+            json.dumps({"config": config.to_dict(), "resolved": resolved})
+        )
+        (out / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+        summary = {
+            "completed": True,
+            "steps": records[-1]["step"],
+            "target_loss": config.target_loss,
+            "target_reached": reached is not None,
+            "tokens_to_target": None,
+            "time_s": records[-1]["time_s"],
+        }
+        (out / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+
+def run_study(tmp_path, trainer, *extra, methods=None, runs=3):
+    methods = ",".join(METHODS) if methods is None else methods
+    args = parse(
+        "--methods", methods, "--batch-sizes", "8,32", "--steps", str(STEPS),
+        "--runs", str(runs), "--seeds", "3", "--out", str(tmp_path / "out"),
+        "--runs-dir", str(tmp_path / "runs"), *extra,
     )  # fmt: skip
-    if check:
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-    return result
+    settings = study.settings_from(args)
+    s = study.Study(settings, Path(args.out), Path(args.runs_dir), trainer,
+                    log=lambda line: None)  # fmt: skip
+    return s.execute()
 
 
 @pytest.fixture
-def study(tmp_path):
-    """The hand-made runs under ``tmp_path / "runs"``; the report goes to
-    ``tmp_path / "results"``."""
-    runs = tmp_path / "runs"
-    # AdamW at the largest batch sets the target: its best loss over the grid
-    # (3e-3, 1e-2, 3e-2), 1.9 at lr 1e-2; 3e-2 would be the edge but is not best.
-    write_run(runs, "adamw_b32_lr0.003", [3.0, 2.6, 2.3, 2.1])
-    write_run(runs, "adamw_b32_lr0.01", [2.8, 2.4, 2.0, 1.9])
-    write_run(runs, "adamw_b32_lr0.03", [2.9, 2.5, 2.2, 2.0])
-    write_run(runs, "adamw_b8_lr0.003", [3.0, 2.8, 2.6, 2.5])
-    write_run(runs, "adamw_b8_lr0.01", [3.0, 2.7, 2.5, 2.4])
-    write_run(runs, "adamw_b8_lr0.03", [3.1, 2.9, 2.7, 2.6])
-    # Muon, grid (1e-2, 3e-2, 1e-1): best at 3e-2 (crosses 1.9 at step 15).
-    write_run(runs, "muon_b32_lr0.01", [2.5, 2.1, 2.0, 1.9], target=1.9)
-    write_run(runs, "muon_b32_lr0.03", [2.4, 2.0, 1.85], target=1.9)
-    write_run(runs, "muon_b32_lr0.1", [2.6, 2.2, 1.95, 1.9], target=1.9)
-    write_run(runs, "muon_b8_lr0.01", [2.9, 2.6, 2.3, 2.1])
-    write_run(runs, "muon_b8_lr0.03", [2.8, 2.5, 2.2, 1.8], target=1.9)
-    write_run(runs, "muon_b8_lr0.1", [2.9, 2.6, 2.3, 2.2])
-    # GN, grid (1e-2, 3e-2, 1e-1): best at the edge 1e-2 (step 10), so the study
-    # looks up 1e-2 / 3, which is better still (step 5) and is reported.
-    write_run(runs, "gn_b32_lr0.01", [2.2, 1.8], 2.0, target=1.9)
-    write_run(runs, "gn_b32_lr0.03", [2.3, 2.0, 1.9], 2.0, target=1.9)
-    write_run(runs, "gn_b32_lr0.1", [2.5, 2.2, 2.0, 1.95], 2.0)
-    write_run(runs, "gn_b32_lr0.00333333", [1.88], 2.0, target=1.9)
-    write_run(runs, "gn_b8_lr0.01", [2.5, 2.1, 1.9], 2.0, target=1.9)
-    write_run(runs, "gn_b8_lr0.03", [2.5, 2.2, 2.0, 1.95], 2.0)
-    write_run(runs, "gn_b8_lr0.1", [2.6, 2.3, 2.1, 2.0], 2.0)
-    write_run(runs, "gn_b8_lr0.00333333", [2.6, 2.4, 2.2, 2.05], 2.0)
-    # Layerwise GN at the largest batch only: the smaller batch is "not run".
-    write_run(runs, "gn-layerwise_b32_lr0.01", [2.4, 1.9], 2.0, target=1.9)
-    write_run(runs, "gn-layerwise_b32_lr0.03", [2.4, 2.0, 1.9], 2.0, target=1.9)
-    write_run(runs, "gn-layerwise_b32_lr0.1", [2.4, 2.0, 1.9], 2.0, target=1.9)
-    return tmp_path
+def finished(tmp_path):
+    trainer = FakeTrainer()
+    result = run_study(tmp_path, trainer)
+    return tmp_path, trainer, result
 
 
-def read(study):
-    return json.loads((study / "results" / "study.json").read_text())
+def test_every_method_gets_the_same_budget(finished):
+    _, trainer, result = finished
+    searches = {}
+    for config in trainer.calls:
+        if config.seed == 0 and config.grad_accumulation == 1:
+            key = (config.method, config.batch_size)
+            searches[key] = searches.get(key, 0) + 1
+    # N = 3 trained runs per method and batch size, for all 7 methods at both.
+    assert searches == {(m, b): 3 for m in METHODS for b in (8, 32)}
+    assert result["runs_per_method_and_batch"] == {
+        m: {"8": 3, "32": 3} for m in METHODS
+    }
+    # Two more seeds of each method's chosen configuration at the largest batch.
+    seeds = [(c.method, c.batch_size, c.seed) for c in trainer.calls if c.seed]
+    assert sorted(seeds) == sorted((m, 32, s) for m in METHODS for s in (1, 2))
+    for method in METHODS:
+        chosen = result["chosen"][method]["32"]
+        for config in trainer.calls:
+            if config.method == method and config.seed:
+                assert config.lr == chosen["lr"]
+                if method.startswith("gn"):
+                    assert config.micro_batches == chosen["micro_batches"]
+        assert len(result["steps_to_target_by_seed"][method]) == 3
+    # The layout check: each baseline's chosen run with GN's chosen K micro-batches.
+    layout = [c for c in trainer.calls if c.grad_accumulation != 1]
+    k = result["chosen"]["gn"]["32"]["micro_batches"]
+    assert sorted(c.method for c in layout) == sorted(study.BASELINES)
+    assert {(c.batch_size, c.grad_accumulation) for c in layout} == {(32, k)}
 
 
-def test_report_sets_target_picks_runs_and_computes_the_claims(study):
-    stdout = report(study)
-    assert "target validation loss (AdamW's best at batch 32): 1.9000" in stdout
-    result = read(study)
-    table = result["table"]
-    assert result["target"] == result["target_loss"] == 1.9
-    assert table["adamw"]["32"]["steps_to_target"] == 20
-    assert table["adamw"]["8"]["steps_to_target"] is None
-    assert (table["muon"]["32"]["lr"], table["muon"]["32"]["steps_to_target"]) == (
-        0.03,
-        15,
-    )
-    assert table["muon"]["8"]["steps_to_target"] == 20
-    gn = table["gn"]["32"]
-    assert gn["lr"] == pytest.approx(0.01 / 3)
-    assert (gn["steps_to_target"], gn["time_to_target"]) == (5, 10.0)
-    assert gn["lr_sweep"] == {"0.01": 10, "0.03": 15, "0.1": None, "0.00333333": 5}
-    assert table["gn"]["8"]["steps_to_target"] == 15
-    assert "8" not in table["gn-layerwise"]
-    assert table["gn-layerwise"]["32"]["steps_to_target"] == 10
-    assert (gn["run"], table["muon"]["8"]["run"]) == (
-        "gn_b32_lr0.00333333",
-        "muon_b8_lr0.03",
-    )
-    assert (study / "results" / "steps_to_target.png").exists()
-    assert (study / "results" / "loss_curves.png").exists()
-
-    claims = result["claims"]
-    # Best baseline: Muon's 15 steps (15 s) against GN's 5 (10 s); warm-up is 1
-    # step of 20 (5%).
-    assert result["warmup_steps"] == 1
-    assert claims["best_baseline_steps_over_gn"] == pytest.approx(3.0)
-    assert claims["best_baseline_steps_over_gn_after_warmup"] == pytest.approx(14 / 4)
-    assert claims["gn_time_over_fastest_baseline"] == pytest.approx(10 / 15)
-    assert claims["layerwise_steps_over_gn"] == pytest.approx(2.0)
-    scaling = claims["steps_second_largest_over_largest"]
-    assert scaling["muon"] == pytest.approx(20 / 15)
-    assert scaling["gn"] == pytest.approx(15 / 5)
-    assert scaling["adamw"] is None and scaling["gn-layerwise"] is None
+def test_every_method_is_refined_by_the_same_rule(finished):
+    _, _, result = finished
+    runs = result["runs"]
+    for method in METHODS:
+        for batch in (8, 32):
+            mine = [
+                r for r in runs if r["method"] == method and r["batch_size"] == batch
+            ]
+            grid = [r for r in mine if r["role"] == "grid"]
+            (refined,) = [r for r in mine if r["role"] == "refine"]
+            points = [study._point_of(r) for r in grid]
+            assert points == plan_grid(method, 3)
+            tried = [(study._point_of(r), r) for r in grid]
+            assert study._point_of(refined) == refine(method, tried)
+            # The chosen run is the best of the three.
+            chosen = result["chosen"][method][str(batch)]
+            best = min([*grid, refined], key=study.rank)
+            assert chosen["run"] == best["name"]
+    # In this hand-made world every baseline is best at twice its centre, so the
+    # upper grid point wins and every baseline moves up by 3, the same move.
+    for method in study.BASELINES:
+        refined = [r for r in runs if r["method"] == method and r["role"] == "refine"]
+        for r in refined:
+            assert r["hyperparameters"]["lr"] == pytest.approx(
+                plan_grid(method, 3)[1].lr * 3, rel=1e-3
+            )
 
 
-def test_refined_and_seeded_runs_replace_the_largest_batch_entries(study):
-    runs = study / "runs"
-    # Muon's refinement: lr 3e-2 * 3^(1/2) reaches the target sooner (step 10).
-    write_run(runs, "muon_b32_lr0.0519615", [2.3, 1.85], target=1.9)
-    write_run(runs, "muon_b32_lr0.0173205", [2.5, 2.1, 1.9], target=1.9)
-    write_run(runs, "muon_b32_lr0.0519615_seed+1", [2.3, 2.0, 1.8], target=1.9)
-    # GN's refinement: K = 16 and 32 at its best learning rate, neither better.
-    write_run(runs, "gn_b32_lr0.00333333_K16", [2.0, 1.8], 2.0, target=1.9)
-    write_run(runs, "gn_b32_lr0.00333333_K32", [1.9], 2.0, target=1.9)
-    stdout = report(study, "--refine", "--seeds", "2")
-    result = read(study)
-    muon = result["table"]["muon"]["32"]["refined"]
-    assert (muon["lr"], muon["steps_to_target"]) == (pytest.approx(0.0519615), 10)
-    assert muon["steps_to_target_by_seed"] == {"0": 10, "1": 15}
-    gn = result["table"]["gn"]["32"]["refined"]
-    # A tie at 5 steps (K = 8 and K = 32) goes to the lower best loss: K = 8.
-    assert (gn["micro_batches"], gn["steps_to_target"]) == (None, 5)
-    assert [c["steps"] for c in gn["candidates"]] == [5, 10, 5]
-    assert gn["run"] == "gn_b32_lr0.00333333"
-    refined = result["claims_refined"]
-    assert refined["best_baseline_steps_over_gn"] == pytest.approx(10 / 5)
-    assert "steps_second_largest_over_largest" not in refined
-    assert "muon" in stdout and "lr 0.052" in stdout
-
-
-def test_study_json_holds_every_run_with_its_curve(study):
-    write_run(study / "runs", "gn_b32_lr0.00333333_K16", [2.0, 1.8], target=1.9)
-    report(study)
-    result = read(study)
-    runs = {run["name"]: run for run in result["runs"]}
-    # Every finished run, the one this report did not use too.
-    names = {p.name for p in (study / "runs").iterdir()}
-    assert set(runs) == names and len(names) == 24
-    assert result["settings"]["batch_sizes"] == "8,32"
-    assert "out" not in result["settings"]
-    gn = runs["gn_b32_lr0.01"]
-    assert (gn["method"], gn["batch_size"], gn["seed"]) == ("gn", 32, 0)
-    assert gn["hyperparameters"] == {"lr": 0.01, "micro_batches": 8}
-    # Against the study's target 1.9: reached at step 10 (loss 1.8), 1,000 tokens,
-    # 2 s per step.
-    assert (gn["steps_to_target"], gn["tokens_to_target"]) == (10, 1000)
-    assert gn["time_to_target"] == 20.0
-    assert (gn["final_val_loss"], gn["best_val_loss"]) == (1.8, 1.8)
-    assert gn["summary"]["steps"] == 10 and gn["resolved"] == {"warmup_steps": 1}
-    curve = gn["curve"]
-    assert curve["step"] == list(range(1, 11))
-    assert curve["val_loss"] == [None] * 4 + [2.2] + [None] * 4 + [1.8]
-    assert curve["phase"][:2] == ["warmup", "main"]
-    assert curve["ls_tokens"] == [0] * 10  # not in the hand-made records
-    assert curve["train_loss"][0] == pytest.approx(2.99)
-    assert runs["gn_b32_lr0.00333333_K16"]["hyperparameters"]["micro_batches"] == 16
-    # An old-style configuration ("gn-layerwise" as the optimizer) gets its name.
-    assert runs["gn-layerwise_b32_lr0.1"]["method"] == "gn-layerwise"
-    assert runs["adamw_b8_lr0.01"]["steps_to_target"] is None
-    # Each curve's list on one line.
-    text = (study / "results" / "study.json").read_text()
-    assert re.search(r'"step": \[1,2,3,4,5,6,7,8,9,10\]', text)
-
-
-def test_report_from_study_json_alone(study):
-    report(study)
-    first = read(study)
-    first_plot = (study / "results" / "loss_curves.png").read_bytes()
-    shutil.rmtree(study / "runs")
-    (study / "results" / "loss_curves.png").unlink()
-    stdout = report(study)
-    assert "target validation loss (AdamW's best at batch 32): 1.9000" in stdout
-    second = read(study)
-    assert second == first
-    assert (study / "results" / "loss_curves.png").read_bytes() == first_plot
-    # A tagged report over a subset, from study.json alone: its own entry under
-    # reports, the same runs, the untagged report left as it was.
-    report(study, "--tag", "_sub", methods="adamw,gn")
-    third = read(study)
-    assert set(third["reports"]["_sub"]["table"]) == {"adamw", "gn"}
-    assert third["reports"]["_sub"]["table"]["gn"] == first["table"]["gn"]
-    assert third["runs"] == first["runs"]
-    assert {k: v for k, v in third.items() if k != "reports"} == first
-    assert (study / "results" / "steps_to_target_sub.png").exists()
-
-
-def test_nothing_to_report(tmp_path):
-    result = report(tmp_path, check=False)
-    assert result.returncode != 0
-    assert "no finished AdamW run at batch 32" in result.stderr
-    result = report(tmp_path, methods="adamw,gn-blockwise", check=False)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [
-        "--methods: unknown method 'gn-blockwise'; use adamw, muon, soap or "
-        "gn[-layerwise][-prox|-cg]"
+def test_target_is_adamws_best_at_the_largest_batch(finished):
+    base, trainer, result = finished
+    adamw = [
+        r for r in result["runs"] if r["method"] == "adamw" and r["batch_size"] == 32
     ]
+    search = [r for r in adamw if r["role"] in ("grid", "refine")]
+    assert len(search) == 3
+    assert result["target"] == min(r["best_val_loss"] for r in search)
+    # AdamW's runs at the largest batch trained with no target; every other run
+    # stopped at this one.
+    for config in trainer.calls:
+        first = config.method == "adamw" and config.batch_size == 32 and not config.seed
+        if first and config.grad_accumulation == 1:
+            assert config.target_loss is None
+        else:
+            assert config.target_loss == result["target"]
+    # A given target replaces the rule; AdamW then trains against it too.
+    other = FakeTrainer()
+    given = run_study(base / "given", other, "--target", "3.5")
+    assert given["target"] == 3.5
+    assert {c.target_loss for c in other.calls} == {3.5}
+
+
+def test_tokens_to_target_count_line_search_tokens(finished):
+    _, _, result = finished
+    for run in result["runs"]:
+        if run["steps_to_target"] is None:
+            continue
+        step = run["steps_to_target"]
+        tokens = step * run["batch_size"] * SEQ
+        if run["method"].startswith("gn"):
+            k = run["hyperparameters"]["micro_batches"]
+            tokens += (step - WARMUP) * 2 * (run["batch_size"] // k) * SEQ
+        assert run["tokens_to_target"] == tokens, run["name"]
+    gn = [r for r in result["runs"] if r["method"] == "gn" and r["steps_to_target"]]
+    assert gn and all(
+        r["tokens_to_target"] > r["steps_to_target"] * r["batch_size"] * SEQ for r in gn
+    )
+
+
+def test_claims_from_the_chosen_runs(finished):
+    _, _, result = finished
+    chosen = {m: result["chosen"][m]["32"] for m in METHODS}
+    steps = {m: chosen[m]["steps_to_target"] for m in METHODS}
+    base = min(study.BASELINES, key=lambda m: steps[m] or math.inf)
+    claims = result["claims"]["largest"]
+    assert claims["best_baseline"] == base
+    assert claims["best_baseline_steps_over_gn"] == pytest.approx(
+        steps[base] / steps["gn"]
+    )
+    assert claims["best_baseline_steps_over_gn_after_warmup"] == pytest.approx(
+        (steps[base] - WARMUP) / (steps["gn"] - WARMUP)
+    )
+    assert claims["layerwise_steps_over_gn"] == pytest.approx(
+        steps["gn-layerwise"] / steps["gn"]
+    )
+    times = {m: chosen[m]["time_to_target"] for m in study.BASELINES}
+    fastest = min(t for t in times.values() if t is not None)
+    assert claims["gn_time_over_fastest_baseline"] == pytest.approx(
+        chosen["gn"]["time_to_target"] / fastest
+    )
+    assert result["claims"]["by_batch"]["8"]["batch_size"] == 8
+
+
+def test_finished_runs_are_reused_and_study_json_suffices(finished):
+    tmp_path, _trainer, result = finished
+    again = FakeTrainer()
+    assert run_study(tmp_path, again)["runs"] == result["runs"]
+    assert again.calls == []
+    # From study.json alone, the run directories gone: the same result.
+    for path in (tmp_path / "runs").iterdir():
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    alone = run_study(tmp_path, None)
+    assert alone["runs"] == result["runs"] and alone["chosen"] == result["chosen"]
+    # study.json's runs carry what `eqx-gn plot` reads.
+    saved = json.loads((tmp_path / "out" / "study.json").read_text())
+    run = saved["runs"][0]
+    for key in ("config", "summary", "curve", "method", "batch_size"):
+        assert key in run
+    for key in ("step", "phase", "tokens", "ls_tokens", "time_s", "train_loss"):
+        assert len(run["curve"][key]) == len(run["curve"]["step"])
+    assert saved["plots"] == ["steps_to_target.png", "loss_curves.png"]
+
+
+def test_eqx_gn_plot_reads_study_json(finished):
+    from eqx_gn.lm._plot import load_runs
+
+    tmp_path, _, _result = finished
+    source = load_runs(tmp_path / "out")
+    assert {r.label for r in source.runs} == {m.replace("-", " ") for m in METHODS}
+
+
+def test_report_page_traces_to_study_json(finished, tmp_path):
+    from eqx_gn.lm._study_report import write_report
+
+    base, _, result = finished
+    page = tmp_path / "docs" / "results.md"
+    write_report([base / "out"], page)
+    text = page.read_text()
+    assert str(base / "out" / "study.json") in text or "out/study.json" in text
+    assert f"{result['target']:.4f}" in text
+    gn = result["chosen"]["gn"]["32"]
+    assert f"| {gn['steps_to_target']} " in text
+    ratio = result["claims"]["largest"]["best_baseline_steps_over_gn"]
+    assert f"{ratio:.2f}" in text
+    assert (page.parent / "assets" / "out" / "steps_to_target.png").exists()
 
 
 @pytest.mark.parametrize(
-    "method, fields",
+    "argv, message",
     [
-        ("adamw", {"optimizer": "adamw"}),
-        ("soap", {"optimizer": "soap"}),
-        ("gn", {"optimizer": "gn", "blocks": "full", "solver": "inner"}),
-        ("gn-layerwise", {"optimizer": "gn", "blocks": "layerwise", "solver": "inner"}),
-        ("gn-prox", {"optimizer": "gn", "blocks": "full", "solver": "prox"}),
-        ("gn-cg", {"optimizer": "gn", "blocks": "full", "solver": "cg"}),
-        (
-            "gn-layerwise-prox",
-            {"optimizer": "gn", "blocks": "layerwise", "solver": "prox"},
-        ),
+        (["--methods", "adamw,sgd"], "unknown method 'sgd'"),
+        (["--methods", "adamw,gn-cg"], "GN with CG has no learning rate"),
+        (["--methods", "adamw,adamw"], "lists a method twice"),
+        (["--batch-sizes", "8,6", "--methods", "adamw,gn"],
+         "--batch-sizes 6 is not divisible by gn's K=8"),
+        (["--batch-sizes", "8,x"], "--batch-sizes takes integers"),
+        (["--runs", "1"], "--runs must be >= 2"),
     ],
-)
-def test_method_names_and_runner_fields(method, fields):
-    study = load_study()
-    assert study.method_config(method) == fields
-    assert study.method_name(fields) == method
+)  # fmt: skip
+def test_one_line_errors(argv, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        study.settings_from(parse(*argv))
+    assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "config, method",
-    [
-        ({"optimizer": "gn-layerwise"}, "gn-layerwise"),
-        ({"optimizer": "gn-prox"}, "gn-prox"),
-        ({"optimizer": "gn"}, "gn"),
-        ({"optimizer": "muon"}, "muon"),
-        ({"optimizer": "gn", "blocks": "layerwise", "solver": "cg"}, "gn-layerwise-cg"),
-    ],
-)
-def test_method_name_of_old_and_new_configs(config, method):
-    assert load_study().method_name(config) == method
-
-
-@pytest.mark.parametrize(
-    "method", ["sgd", "gn-prox-layerwise", "gn-full", "gn-prox-cg", "gn-", "layerwise"]
-)
-def test_unknown_method_names(method):
-    with pytest.raises(ValueError, match=f"unknown method '{method}'"):
-        load_study().method_config(method)
+def test_report_only_without_adamw_runs(tmp_path):
+    with pytest.raises(ConfigError, match="cannot set the target"):
+        run_study(tmp_path, None, methods="adamw,gn")

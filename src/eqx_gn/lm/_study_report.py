@@ -1,0 +1,421 @@
+"""Tables of a study and its results page, from ``study.json`` alone.
+
+`write_report` renders the page: every number on it is read from the studies'
+``study.json`` files, which the page names, with the key each number comes from.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ._study import BASELINES, copy_plots
+
+#: The paper's figure: GN's steps to the target against the best baseline's.
+PAPER_STEP_RATIO = 5.4
+#: Layerwise GN's steps within this factor of full GN's.
+LAYERWISE_BOUND = 1.4
+
+
+def _fmt(value: Any, spec: str = "{}") -> str:
+    return "not reached" if value is None else spec.format(value)
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    """Steps to the target of each method's chosen run, per batch size, and the
+    claims at the largest."""
+    sizes = result["settings"]["batch_sizes"]
+    print(f"\ntarget {result['target']:.4f}: steps to target (chosen run)")
+    print(f"{'method':<14}" + "".join(f"{b:>10}" for b in sizes))
+    for method, row in result["chosen"].items():
+        cells = [row.get(str(b), {}).get("steps_to_target", "-") for b in sizes]
+        print(f"{method:<14}" + "".join(f"{c!s:>10}" for c in cells))
+    print(json.dumps(result["claims"]["largest"], indent=1))
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), Path.cwd())
+    except ValueError:  # another drive
+        return str(path)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measurable" if ok is None else ("met" if ok else "**missed**")
+
+
+def _study_section(result: dict, file: str, assets: str) -> list[str]:
+    s = result["settings"]
+    sizes = s["batch_sizes"]
+    largest = str(max(sizes))
+    runs = {r["name"]: r for r in result["runs"]}
+    first = next(iter(runs.values()))
+    resolved = first["resolved"]
+    seq = resolved.get("seq_len") or s["seq_len"]
+    params = first["summary"].get("num_params")
+    lines = [
+        f"## The {s['model']} model",
+        "",
+        f"From `{file}`. Corpus: {s['text'] or 'Shakespeare (bundled)'}, "
+        f"{s['tokenizer']} tokenizer; {params:,} parameters"
+        if params
+        else f"From `{file}`.",
+    ]
+    lines[-1] += (
+        f"; sequences of {seq} tokens; {s['steps']} steps per run, the first "
+        f"{result['warmup_steps']} AdamW warm-up (`warmup_steps`); validation "
+        f"every {s['eval_every']} steps on {s['eval_batches']} fixed batches of "
+        f"{s['eval_batch_size']} sequences. Device: {result['device']['device']} "
+        f"({result['device']['backend']}, `device`). Runs per method and batch size: "
+        f"{s['runs']} (`runs_per_method_and_batch`); seeds of each chosen "
+        f"configuration at batch {largest}: {s['seeds']}."
+    )
+    lines += [
+        "",
+        f"**Target:** validation loss **{result['target']:.4f}** (`target`): "
+        f"{result['target_rule']}.",
+        "",
+        "### Steps to the target",
+        "",
+        "Each method's chosen run (the best of its runs by steps to the target, "
+        "then validation loss; `chosen[method][batch].steps_to_target`), steps "
+        "counted from 1, warm-up included:",
+        "",
+    ]
+    header = "| method | " + " | ".join(
+        f"{b} seq ({int(b) * seq:,} tok/step)" for b in sizes
+    )
+    lines += [header + " |", "|---" * (len(sizes) + 1) + "|"]
+    for method, row in result["chosen"].items():
+        cells = []
+        for b in sizes:
+            e = row.get(str(b))
+            if e is None:
+                cells.append("not run")
+                continue
+            hp = f"lr {e['lr']:.3g}" + (
+                f", K {e['micro_batches']}" if e["micro_batches"] else ""
+            )
+            cells.append(f"{_fmt(e['steps_to_target'])} ({hp})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Tokens read to the target at batch {largest} (training and, for GN, "
+        "line-search tokens; `chosen[method][batch].tokens_to_target`), training "
+        "time to the target (no compilation or evaluation; `time_to_target`) and "
+        "time per main-phase step (`time_per_step`):",
+        "",
+        "| method | tokens to target | time to target (s) | s/step | best val loss |",
+        "|---|---|---|---|---|",
+    ]
+    for method, row in result["chosen"].items():
+        e = row.get(largest)
+        if e is None:
+            continue
+        lines.append(
+            f"| {method} | {_fmt(e['tokens_to_target'], '{:,}')} | "
+            f"{_fmt(e['time_to_target'], '{:.1f}')} | "
+            f"{_fmt(e['time_per_step'], '{:.3f}')} | {e['best_val_loss']:.4f} |"
+        )
+    seeds = result.get("steps_to_target_by_seed") or {}
+    if s["seeds"] > 1 and seeds:
+        lines += [
+            "",
+            f"Steps to the target by seed at batch {largest} "
+            "(`steps_to_target_by_seed`; the chosen configuration, seeds "
+            f"{', '.join(str(s['seed'] + i) for i in range(s['seeds']))}):",
+            "",
+            "| method | "
+            + " | ".join(f"seed {i}" for i in range(s["seeds"]))
+            + " | median |",
+            "|---" * (s["seeds"] + 2) + "|",
+        ]
+        med = result["claims"]["largest"].get("seeds", {}).get("median_steps", {})
+        for method, values in seeds.items():
+            lines.append(
+                f"| {method} | "
+                + " | ".join(_fmt(v) for v in values)
+                + f" | {_fmt(med.get(method))} |"
+            )
+    layouts = result.get("layouts") or {}
+    if layouts:
+        lines += [
+            "",
+            f"**Layouts** (`layouts`): each first-order method's chosen run at batch "
+            f"{largest} ran once more with gradient accumulation over GN's chosen "
+            "K micro-batches (the same step; GN's layout). Time per main-phase step:",
+            "",
+            "| method | one batch (s/step) | K micro-batches (s/step) | ratio |",
+            "|---|---|---|---|",
+        ]
+        for method, e in layouts.items():
+            one, acc = e["time_per_step_one_batch"], e["time_per_step_accumulated"]
+            ratio = None if not one or not acc else acc / one
+            lines.append(
+                f"| {method} (K = {e['grad_accumulation']}) | {_fmt(one, '{:.3f}')} | "
+                f"{_fmt(acc, '{:.3f}')} | {_fmt(ratio, '{:.2f}')} |"
+            )
+        lines += [
+            "",
+            "The tables above time each method in its own layout (first-order "
+            "methods: one batch per step; GN: K micro-batches).",
+        ]
+    lines += [
+        "",
+        f"![steps to target]({assets}/steps_to_target.png)",
+        "",
+        f"![loss curves]({assets}/loss_curves.png)",
+        "",
+    ]
+    return lines
+
+
+def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
+    lines = [
+        "## The claims, as measured",
+        "",
+        f"At each study's largest batch (`claims.largest`; seed {studies[0][0]['settings']['seed']} "
+        "runs, and the medians over seeds where a study has several, "
+        "`claims.largest.seeds`). Steps after the warm-up subtract the shared "
+        "AdamW warm-up from both counts, as the paper counts steps after its AdamW "
+        "pre-training.",
+        "",
+        "| claim | " + " | ".join(
+            f"{r['settings']['model']}, batch {max(r['settings']['batch_sizes'])}"
+            for r, _ in studies
+        ) + " |",
+        "|---" * (len(studies) + 1) + "|",
+    ]  # fmt: skip
+
+    def row(name, cells):
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def ratio_cell(value, ok):
+        return f"{_fmt(value, '{:.2f}x')} ({_verdict(ok)})"
+
+    cells = []
+    for r, _ in studies:
+        c = r["claims"]["largest"]
+        cells.append(f"{c['best_baseline'] or 'none'} {_fmt(c['best_baseline_steps'])}"
+                     f" / GN {_fmt(c['gn_steps'])}")  # fmt: skip
+    row("best baseline's steps / GN's steps", cells)
+    cells = []
+    for r, _ in studies:
+        v = r["claims"]["largest"]["best_baseline_steps_over_gn_after_warmup"]
+        cells.append(ratio_cell(v, None if v is None else v >= PAPER_STEP_RATIO))
+    row(f"GN >= {PAPER_STEP_RATIO}x fewer steps than the best baseline after the "
+        "warm-up (`best_baseline_steps_over_gn_after_warmup`)", cells)  # fmt: skip
+    cells = []
+    for r, _ in studies:
+        v = r["claims"]["largest"]["best_baseline_steps_over_gn"]
+        cells.append(_fmt(v, "{:.2f}x"))
+    row("the same, warm-up included (`best_baseline_steps_over_gn`)", cells)
+    if any(r["claims"]["largest"].get("seeds") for r, _ in studies):
+        cells = []
+        for r, _ in studies:
+            sd = r["claims"]["largest"].get("seeds")
+            if not sd or r["settings"]["seeds"] < 2:
+                cells.append("one seed only")
+                continue
+            v = sd["best_baseline_steps_over_gn_after_warmup"]
+            cells.append(
+                f"{_fmt(v, '{:.2f}x')} ({sd['best_baseline'] or 'none'}; "
+                f"{_verdict(None if v is None else v >= PAPER_STEP_RATIO)})"
+            )
+        row("the same over the seeds' medians, after the warm-up", cells)
+    cells = []
+    for r, _ in studies:
+        c = r["claims"]["largest"]
+        v = c["gn_time_over_fastest_baseline"]
+        cells.append(
+            f"{_fmt(v, '{:.2f}x')} of {c['fastest_baseline'] or 'none'}'s "
+            f"({_verdict(None if v is None else v <= 1.0)})"
+        )
+    row("GN's time to target <= the fastest baseline's "
+        "(`gn_time_over_fastest_baseline`)", cells)  # fmt: skip
+    cells = []
+    for r, _ in studies:
+        v = r["claims"]["largest"]["layerwise_steps_over_gn"]
+        cells.append(ratio_cell(v, None if v is None else v <= LAYERWISE_BOUND))
+    row(f"layerwise GN within {LAYERWISE_BOUND}x of full GN's steps "
+        "(`layerwise_steps_over_gn`)", cells)  # fmt: skip
+    lines += [
+        "",
+        "**With batch size** (`claims.by_batch[batch]`): the best baseline's steps "
+        "over GN's (after the warm-up), GN's time over the fastest baseline's, "
+        "layerwise over full GN's steps:",
+        "",
+        "| model | batch | best baseline | baseline / GN steps (after warm-up) | "
+        "GN / fastest baseline time | layerwise / GN steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, _ in studies:
+        for b, c in sorted(r["claims"]["by_batch"].items(), key=lambda t: int(t[0])):
+            lines.append(
+                f"| {r['settings']['model']} | {b} | {c['best_baseline'] or 'none'} | "
+                f"{_fmt(c['best_baseline_steps_over_gn'], '{:.2f}')} "
+                f"({_fmt(c['best_baseline_steps_over_gn_after_warmup'], '{:.2f}')}) | "
+                f"{_fmt(c['gn_time_over_fastest_baseline'], '{:.2f}')} | "
+                f"{_fmt(c['layerwise_steps_over_gn'], '{:.2f}')} |"
+            )
+    return [*lines, ""]
+
+
+def _protocol(result: dict) -> list[str]:
+    s = result["settings"]
+    lines = [
+        "## The protocol",
+        "",
+        "Declared in code before any run (`eqx_gn.lm._study.SEARCH_SPACES`, "
+        "recorded in each study.json under `search_spaces` and `grids`):",
+        "",
+        f"| method | searched | learning-rate centre | grid (N = {s['runs']}) |",
+        "|---|---|---|---|",
+    ]
+    for method, space in result["search_spaces"].items():
+        grid = ", ".join(
+            f"lr {p['lr']:.4g}"
+            + (f" K {p['micro_batches']}" if p["micro_batches"] else "")
+            for p in result["grids"][method]
+        )
+        what = "inner learning rate, K" if space["micro_batches"] else "learning rate"
+        lines.append(f"| {method} | {what} | {space['lr_centre']:.4g} | {grid} |")
+    lines += [
+        "",
+        f"**The rule, the same for every method** (`rule`): {result['rule']}.",
+        "",
+        "Every run of a method at a batch size counts against its budget: N runs "
+        "for every method at every batch size (`runs_per_method_and_batch`). The "
+        "chosen configuration at the largest batch is then trained with "
+        f"{s['seeds'] - 1} more seeds (model initialisation and data order). "
+        "Steps, tokens and time to the target are read at the first evaluation at "
+        "or below it; tokens count every token a method read, GN's line-search "
+        "batches included; time is training time, compilation and evaluation "
+        "excluded alike.",
+        "",
+    ]
+    return lines
+
+
+def command_of(settings: dict, out: str) -> str:
+    """The ``eqx-gn study`` command line that makes a study with ``settings``."""
+    defaults = {
+        "tokenizer": "byte",
+        "warmup_fraction": 0.1,
+        "eval_every": 5,
+        "eval_batches": 4,
+        "eval_batch_size": 32,
+        "ls_batches": 2,
+        "seed": 0,
+    }
+    parts = ["eqx-gn study"]
+    for key in (
+        "text",
+        "tokenizer",
+        "vocab_size",
+        "model",
+        "seq_len",
+        "methods",
+        "batch_sizes",
+        "steps",
+        "runs",
+        "seeds",
+        "target",
+        "warmup_fraction",
+        "eval_every",
+        "eval_batches",
+        "eval_batch_size",
+        "ls_batches",
+        "seed",
+    ):
+        value = settings.get(key)
+        if value is None or defaults.get(key) == value:
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        parts.append(f"--{key.replace('_', '-')} {value}")
+    if not settings.get("layout_check", True):
+        parts.append("--no-layout-check")
+    parts.append(f"--out {out}")
+    return " \\\n    ".join(parts)
+
+
+def _commands(studies, study_dirs, path: Path) -> list[str]:
+    lines = [
+        "## How to run it",
+        "",
+        "The studies on this page (each reuses its finished runs, so a command "
+        "run again only trains what is missing; the per-run directories go under "
+        "`--runs-dir`, default `OUT/runs`):",
+        "",
+        "```bash",
+    ]
+    for (result, _), d in zip(studies, study_dirs, strict=True):
+        lines.append(command_of(result["settings"], _display(Path(d))))
+    others = " ".join(f"--report-with {_display(Path(d))}" for d in study_dirs[1:])
+    lines += [
+        "# this page, from the study.json files alone:",
+        f"eqx-gn study --out {_display(Path(study_dirs[0]))} --report-only "
+        f"--report {_display(path)} {others}".rstrip(),
+        "```",
+        "",
+    ]
+    return lines
+
+
+def write_report(study_dirs: list[Path], path: Path) -> None:
+    """The results page at ``path`` from the studies' ``study.json``; their plots
+    are copied to ``assets/<study directory name>/`` beside it."""
+    studies = []
+    for d in study_dirs:
+        file = Path(d) / "study.json"
+        if not file.exists():
+            from ._config import ConfigError
+
+            raise ConfigError(f"no study.json in {d}")
+        studies.append((json.loads(file.read_text()), _display(file)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files = ", ".join(f"`{f}`" for _, f in studies)
+    lines = [
+        "# Results",
+        "",
+        "Steps, tokens and time to one target validation loss, for every method at "
+        "every batch size under the same tuning budget. Every number on this page "
+        f"is read from {files} (key names in parentheses); the page is written by "
+        "`eqx-gn study --report` from those files alone.",
+        "",
+    ]
+    lines += _claims_section(studies)
+    lines += _protocol(studies[0][0])
+    lines += _commands(studies, study_dirs, path)
+    for (result, file), d in zip(studies, study_dirs, strict=True):
+        assets = path.parent / "assets" / Path(d).name
+        copy_plots(Path(d), assets)
+        rel = os.path.relpath(assets, path.parent)
+        lines += _study_section(result, file, rel)
+    lines += _baselines_note(studies)
+    path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _baselines_note(studies: list[tuple[dict, str]]) -> list[str]:
+    """PSGD-Kron's step cost against AdamW's, from the same runs."""
+    lines = ["## PSGD-Kron's step cost", ""]
+    for r, file in studies:
+        largest = str(max(r["settings"]["batch_sizes"]))
+        chosen = r["chosen"]
+        a = chosen.get("adamw", {}).get(largest, {}).get("time_per_step")
+        p = chosen.get("psgd", {}).get(largest, {}).get("time_per_step")
+        if a and p:
+            lines.append(
+                f"- {r['settings']['model']}, batch {largest}: PSGD-Kron "
+                f"{p:.3f} s/step against AdamW's {a:.3f} s/step: {p / a:.2f}x "
+                f"(`chosen[psgd|adamw][{largest}].time_per_step`, `{file}`)."
+            )
+    others = [m for m in BASELINES if m != "adamw"]
+    lines += [
+        "",
+        f"(The other baselines' times per step are in the tables above: "
+        f"{', '.join(others)}.)",
+        "",
+    ]
+    return lines

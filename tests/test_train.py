@@ -336,10 +336,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir):
+@pytest.mark.parametrize("mesh", [{}, {"fsdp": 2}], ids=["data", "fsdp"])
+def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir, mesh):
     # Two processes with one CPU device each (gloo collectives), each reading only
-    # its half of every batch; stopped after step 3 and resumed from the checkpoint
-    # at step 2, against one process that ran straight through.
+    # its half of every batch (and with fsdp, holding half of the state); stopped
+    # after step 3 and resumed from the checkpoint at step 2, against one process
+    # that ran straight through.
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -368,11 +370,13 @@ def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir):
     two = tmp_path / "two"
     single = launch(0, 1, 0, tmp_path / "one")
     port = _free_port()
-    cut = summaries([launch(i, 2, port, two, stop_after=3) for i in range(2)])
+    cut = summaries([launch(i, 2, port, two, stop_after=3, **mesh) for i in range(2)])
     assert [s["steps"] for s in cut] == [3, 3]
     assert not any(s["completed"] for s in cut)
     port = _free_port()
-    resumed = summaries([launch(i, 2, port, two, resume=True) for i in range(2)])
+    resumed = summaries(
+        [launch(i, 2, port, two, resume=True, **mesh) for i in range(2)]
+    )
     (reference,) = summaries([single])
 
     assert [s["steps"] for s in resumed] == [4, 4]

@@ -313,3 +313,93 @@ def test_from_layers_rejects_duplicate_block_names(getkey):
     model = eqx.nn.MLP(2, 2, 4, 1, key=getkey())
     with pytest.raises(ValueError, match="unique"):
         eqx_gn.Blocks.from_layers(model, lambda m: m.layers[:1], rest="layer0")
+
+
+# ------------------------------------------------------------- stacked layers
+class _Layer(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array
+
+
+class _Stacked(eqx.Module):
+    inp: jax.Array
+    layers: _Layer
+    out: jax.Array
+
+
+def _stacked(num_layers=3, bias_layers=None):
+    bias_layers = num_layers if bias_layers is None else bias_layers
+    return _Stacked(
+        inp=jnp.ones((2, 3)),
+        layers=_Layer(jnp.ones((num_layers, 3, 3)), jnp.ones((bias_layers, 3))),
+        out=jnp.ones(3),
+    )
+
+
+def test_from_stacked_layers_queries():
+    model = _stacked()
+    blocks = eqx_gn.Blocks.from_stacked_layers(
+        model,
+        lambda m: m.layers,
+        remainder={"inp": subtree_spec(model, lambda m: m.inp)},
+    )
+    # Leaves in flatten order: inp (0), layers.weight (1), layers.bias (2), out (3).
+    assert blocks.names == ("layer0", "layer1", "layer2", "inp", "rest")
+    assert blocks.members("layer1") == ((1, 1), (2, 1))
+    assert blocks.members("inp") == ((0, None),)
+    assert blocks.members("rest") == ((3, None),)
+    assert blocks.leaf_indices("layer2") == (1, 2)
+    assert blocks.paths("layer2") == (".layers.weight[2]", ".layers.bias[2]")
+    assert blocks.paths("rest") == (".out",)
+    assert jax.tree.leaves(blocks.mask("layer0")) == [False, True, True, False]
+    assert blocks.leaf_block == (3, -1, -1, 4)
+    assert blocks.layer_blocks == (None, (0, 1, 2), (0, 1, 2), None)
+    assert "layer0: 0 leaves + 2 slices" in repr(blocks)
+    blocks.check_model(model)
+    # join puts parameters outside the stack into a layer's block.
+    joined = eqx_gn.Blocks.from_stacked_layers(
+        model,
+        lambda m: m.layers,
+        names=["a", "b", "c"],
+        join={-1: subtree_spec(model, lambda m: m.out)},
+    )
+    assert joined.names == ("a", "b", "c", "rest")
+    assert joined.paths("c") == (".layers.weight[2]", ".layers.bias[2]", ".out")
+    assert joined.paths("rest") == (".inp",)
+
+
+def test_from_stacked_layers_errors():
+    model = _stacked()
+    build = eqx_gn.Blocks.from_stacked_layers
+    with pytest.raises(ValueError, match=r"\.layers\.bias has leading size 2"):
+        build(_stacked(bias_layers=2), lambda m: m.layers)
+    with pytest.raises(ValueError, match=r"stacked leaf \.layers is a scalar"):
+        build(_Stacked(jnp.ones(2), jnp.asarray(1.0), jnp.ones(1)), lambda m: m.layers)
+    with pytest.raises(ValueError, match="holds no parameter"):
+        build(_Stacked(jnp.ones(2), jnp.arange(3), jnp.ones(1)), lambda m: m.layers)
+    with pytest.raises(ValueError, match="3 layers but got 2 names"):
+        build(model, lambda m: m.layers, names=["a", "b"])
+    with pytest.raises(ValueError, match="join key 3 out of range"):
+        build(model, lambda m: m.layers, join={3: subtree_spec(model, lambda m: m.out)})
+    with pytest.raises(ValueError, match=r"join\[0\] selects no parameter outside"):
+        build(
+            model, lambda m: m.layers, join={0: subtree_spec(model, lambda m: m.layers)}
+        )
+    with pytest.raises(ValueError, match="is not a part of the model"):
+        build(model, lambda m: jnp.ones(3))
+    with pytest.raises(ValueError, match=r"stacked\(model\) failed"):
+        build(model, lambda m: m.nothing)
+    with pytest.raises(ValueError, match="names must be unique"):
+        build(model, lambda m: m.layers, names=["a", "b", "rest"])
+    blocks = build(model, lambda m: m.layers)
+    with pytest.raises(ValueError, match=r"split \.layers\.weight into 3 layers"):
+        blocks.check_model(_stacked(num_layers=4))
+
+
+def test_stacked_blocks_are_static_under_jit():
+    model = _stacked()
+    blocks = eqx_gn.Blocks.from_stacked_layers(model, lambda m: m.layers)
+    assert jax.tree.leaves(blocks) == []
+    assert hash(blocks) == hash(
+        eqx_gn.Blocks.from_stacked_layers(model, lambda m: m.layers)
+    )

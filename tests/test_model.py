@@ -14,9 +14,11 @@ from eqx_gn.lm import (
     apply_lm,
     apply_rope,
     count_params,
+    embedding_and_head,
     get_config,
     layerwise_blocks,
 )
+from helpers import raises_invalid
 
 
 def _tiny(**overrides):
@@ -228,3 +230,108 @@ def test_layerwise_quadratic_model_gradient(getkey):
     np.testing.assert_allclose(value, true_value, rtol=1e-12)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(true_grad), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------ scanned layers
+_SMALL = dict(vocab_size=13, width=16, heads=2, ffn=24, seq_len=8)
+
+
+def _stack_like(tree, scanned):
+    """An unscanned model's parameter-shaped tree, with its blocks stacked, in the
+    structure of the scanned model's."""
+    return eqx.tree_at(
+        lambda t: (t.embedding, t.blocks, t.final_norm, t.head),
+        eqx.filter(scanned, eqx.is_inexact_array),
+        (
+            tree.embedding,
+            jax.tree.map(lambda *xs: jnp.stack(xs), *tree.blocks),
+            tree.final_norm,
+            tree.head,
+        ),
+    )
+
+
+def test_scanned_model_is_the_same_function(getkey):
+    key = getkey()
+    config = _tiny(depth=3, **_SMALL)
+    plain = Transformer(config, key)
+    scanned = Transformer(_tiny(depth=3, scan_layers=True, **_SMALL), key)
+    assert get_config("tiny", scan_layers=True).scan_layers
+    assert scanned.blocks.mlp.w1.weight.shape == (3, config.ffn, config.width)
+    assert count_params(scanned) == count_params(plain) == config.num_params
+    # Same key: the same weights, stacked (exactly).
+    stacked = _stack_like(eqx.filter(plain, eqx.is_inexact_array), scanned)
+    for a, b in zip(
+        jax.tree.leaves(stacked),
+        jax.tree.leaves(eqx.filter(scanned, eqx.is_inexact_array)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    tokens = _tokens(getkey(), (2, 8), config.vocab_size)
+    np.testing.assert_allclose(
+        _apply(scanned, tokens), _apply(plain, tokens), rtol=1e-6, atol=1e-6
+    )
+    with raises_invalid("scan_layers must be a bool", annotated=True):
+        get_config("tiny", scan_layers=1)
+
+
+def test_scanned_layerwise_blocks_and_gnvp_equal_unscanned(getkey):
+    key = getkey()
+    plain = Transformer(_tiny(depth=3, **_SMALL), key, dtype=jnp.float64)
+    scanned = Transformer(
+        _tiny(depth=3, scan_layers=True, **_SMALL), key, dtype=jnp.float64
+    )
+    blocks_p, blocks_s = layerwise_blocks(plain), layerwise_blocks(scanned)
+    names = ("embedding", "block0", "block1", "block2", "head")
+    assert blocks_p.names == blocks_s.names == names
+    blocks_s.check_model(scanned)
+    # The same parameters in every block: block i holds slice i of every stacked
+    # leaf, the last block also the final norm.
+    for name in names:
+        expected = [
+            p.replace(f".blocks[{name[-1]}]", ".blocks") + f"[{name[-1]}]"
+            if p.startswith(".blocks[")
+            else p
+            for p in blocks_p.paths(name)
+        ]
+        assert sorted(blocks_s.paths(name)) == sorted(expected)
+    tokens = _tokens(getkey(), (2, 9), 13)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    params = eqx.filter(plain, eqx.is_inexact_array)
+    keys = iter(jax.random.split(getkey(), len(jax.tree.leaves(params))))
+    v = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), params)
+    for b_p, b_s in [(blocks_p, blocks_s), (None, None)]:
+        got = eqx_gn.gnvp(
+            apply_lm, scanned, batch, _stack_like(v, scanned), loss=loss, blocks=b_s
+        )
+        want = eqx_gn.gnvp(apply_lm, plain, batch, v, loss=loss, blocks=b_p)
+        for a, b in zip(
+            jax.tree.leaves(got),
+            jax.tree.leaves(_stack_like(want, scanned)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_embedding_and_head_on_scanned_model(getkey):
+    scanned = Transformer(_tiny(depth=2, scan_layers=True, **_SMALL), getkey())
+    spec = embedding_and_head(scanned)
+    selected = eqx.filter(eqx.filter(scanned, eqx.is_inexact_array), spec)
+    paths = [
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(selected)[0]
+    ]
+    # The embedding, the head and the stacked norm scales (one vector per layer);
+    # every stacked matrix is left to Muon.
+    assert sorted(paths) == [
+        ".blocks.attention_norm.scale",
+        ".blocks.mlp_norm.scale",
+        ".embedding.weight",
+        ".head.weight",
+    ]
+    plain = Transformer(_tiny(depth=2, **_SMALL), getkey())
+    selected = eqx.filter(
+        eqx.filter(plain, eqx.is_inexact_array), embedding_and_head(plain)
+    )
+    assert len(jax.tree.leaves(selected)) == 2

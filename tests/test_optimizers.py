@@ -2,6 +2,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import eqx_gn
@@ -53,3 +54,34 @@ def test_muon_adamw_clips_by_global_norm(getkey):
 def test_muon_adamw_rejects_unknown_layout():
     with pytest.raises(ValueError, match="weight_layout"):
         eqx_gn.muon_adamw(weight_layout="rows")
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_muon_adamw_stacked_weight_is_per_layer(getkey, layout):
+    # A (L, m, n) stacked weight (the layers of a scanned model) gets exactly the
+    # updates of L separate (m, n) weights, over steps (Muon's momentum) too; the
+    # layers' scales differ so a whole-stack normalisation would show.
+    num_layers, m, n = 3, 5, 7
+    stacked = {"w": jax.random.normal(getkey(), (num_layers, m, n)), "b": jnp.ones(n)}
+    separate = {"w": [stacked["w"][i] for i in range(num_layers)], "b": stacked["b"]}
+    tx = eqx_gn.muon_adamw(0.1, weight_layout=layout, max_grad_norm=None)
+    state_s, state_l = tx.init(stacked), tx.init(separate)
+    for _ in range(2):
+        scales = jnp.asarray([0.1, 1.0, 10.0])[:, None, None]
+        g = {
+            "w": scales * jax.random.normal(getkey(), (num_layers, m, n)),
+            "b": jax.random.normal(getkey(), (n,)),
+        }
+        g_l = {"w": [g["w"][i] for i in range(num_layers)], "b": g["b"]}
+        up_s, state_s = tx.update(g, state_s, stacked)
+        up_l, state_l = tx.update(g_l, state_l, separate)
+        np.testing.assert_allclose(
+            up_s["w"], jnp.stack(up_l["w"]), rtol=1e-5, atol=1e-7
+        )
+        np.testing.assert_allclose(up_s["b"], up_l["b"], rtol=1e-6)
+        # Each layer's update is orthogonalised: singular values cluster.
+        for i in range(num_layers):
+            s = np.linalg.svd(np.asarray(up_s["w"][i]), compute_uv=False)
+            assert s.max() / s.min() < 2.0
+        stacked = optax.apply_updates(stacked, up_s)
+        separate = optax.apply_updates(separate, up_l)

@@ -11,6 +11,7 @@ from typing import Any, final
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
@@ -57,10 +58,17 @@ class Blocks(eqx.Module):
     """A disjoint, covering partition of a model's parameters into named blocks.
 
     The parameters are the model's ``eqx.is_inexact_array`` leaves. Build one with
-    [`Blocks.full`][eqx_gn.Blocks.full], [`Blocks.from_filters`][eqx_gn.Blocks.from_filters]
-    or [`Blocks.from_layers`][eqx_gn.Blocks.from_layers]; every constructor checks
-    that the blocks are non-empty, disjoint and cover every parameter, and names the
-    offending leaves by their path when they are not.
+    [`Blocks.full`][eqx_gn.Blocks.full], [`Blocks.from_filters`][eqx_gn.Blocks.from_filters],
+    [`Blocks.from_layers`][eqx_gn.Blocks.from_layers] or, for a stack of layers
+    stored as one module whose leaves have a leading layer axis (applied with
+    ``jax.lax.scan``), [`Blocks.from_stacked_layers`][eqx_gn.Blocks.from_stacked_layers];
+    every constructor checks that the blocks are non-empty, disjoint and cover every
+    parameter, and names the offending leaves by their path when they are not.
+
+    A block holds whole leaves and, for stacked leaves, slices ``leaf[i]`` along the
+    leading axis. ``leaf_block[j]`` is the block of whole leaf ``j``, or ``-1`` for a
+    stacked leaf, whose slices' blocks are ``layer_blocks[j]`` (one per index along
+    the leading axis; ``None`` for whole leaves).
 
     ```python
     model = eqx.nn.MLP(8, 4, 32, 2, key=jax.random.key(0))
@@ -74,6 +82,7 @@ class Blocks(eqx.Module):
     leaf_block: tuple[int, ...] = eqx.field(static=True)
     leaf_paths: tuple[str, ...] = eqx.field(static=True)
     treedef: Any = eqx.field(static=True)
+    layer_blocks: tuple[tuple[int, ...] | None, ...] = eqx.field(static=True)
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -164,6 +173,125 @@ class Blocks(eqx.Module):
         return cls._from_masks(model, masks, all_names)
 
     @classmethod
+    @typecheck
+    def from_stacked_layers(
+        cls,
+        model: Model,
+        stacked: Callable[[Model], Any],
+        *,
+        names: Sequence[str] | None = None,
+        remainder: Mapping[str, FilterSpec] | None = None,
+        rest: str = "rest",
+        join: Mapping[int, FilterSpec] | None = None,
+    ) -> "Blocks":
+        """One block per layer of a stacked module, plus remainder blocks.
+
+        ``stacked(model)`` is a submodule whose parameters all have a leading axis of
+        the same size $L$: the layers' weights stacked, applied with ``jax.lax.scan``
+        (``lambda m: m.blocks``, say). Block ``i`` holds the slices ``leaf[i]`` of all
+        of them, so the blocks equal ``from_layers`` on the same layers kept as a
+        list. ``join`` adds parameters outside the stack to a layer's block: ``{-1:
+        spec}`` puts what ``spec`` selects (an Equinox filter spec) in the last
+        layer's block. Every other parameter goes to the first ``remainder`` filter
+        that selects it, in the mapping's order, and whatever is still left forms a
+        block named ``rest``, as in [`from_layers`][eqx_gn.Blocks.from_layers].
+
+        ``leaf_indices``, ``mask`` and ``paths`` of a layer's block name the stacked
+        leaves it holds a slice of (``paths`` with the index, ``...weight[3]``);
+        ``members`` gives ``(leaf, index)`` pairs. GN products compute all $L$ layer
+        blocks in one ``jax.vmap`` over the layer index, so compile time does not grow
+        with $L$.
+        """
+        try:
+            part = stacked(model)
+        except Exception as e:
+            raise ValueError(
+                f"Blocks.from_stacked_layers: stacked(model) failed ({first_line(e)})."
+            ) from e
+        nothing = jax.tree.map(lambda _: False, model)
+        try:
+            spec = eqx.tree_at(
+                stacked,
+                nothing,
+                replace_fn=lambda node: jax.tree.map(lambda _: True, node),
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"Blocks.from_stacked_layers: stacked(model) (a {type(part).__name__}) "
+                f"is not a part of the model ({first_line(e)})."
+            ) from e
+        paths, treedef = _params_with_paths(model)
+        leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+        in_stack = _filter_mask(model, spec)
+        if not in_stack.any():
+            raise ValueError(
+                "Blocks.from_stacked_layers: stacked(model) holds no parameter."
+            )
+        sizes = {}
+        for j in np.flatnonzero(in_stack):
+            shape = leaves[j].shape
+            if not shape:
+                raise ValueError(
+                    f"Blocks.from_stacked_layers: stacked leaf {paths[j]} is a scalar; "
+                    "stacked leaves need a leading layer axis."
+                )
+            sizes[int(j)] = shape[0]
+        first = min(sizes)
+        num_layers = sizes[first]
+        for j, size in sizes.items():
+            if size != num_layers:
+                raise ValueError(
+                    f"Blocks.from_stacked_layers: stacked leaf {paths[j]} has leading "
+                    f"size {size} but {paths[first]} has {num_layers}; every leaf of "
+                    "stacked(model) needs the same number of layers."
+                )
+        if names is None:
+            names = [f"layer{i}" for i in range(num_layers)]
+        names = [str(n) for n in names]
+        if len(names) != num_layers:
+            raise ValueError(
+                f"stacked(model) has {num_layers} layers but got {len(names)} names."
+            )
+        # Whole leaves: joined to a layer, then remainder, then rest. Blocks 0..L-1
+        # are the layers.
+        owner = np.full(len(paths), -1)
+        taken = in_stack.copy()
+        for layer, jspec in (join or {}).items():
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(
+                    f"join key {layer} out of range for {num_layers} stacked layers."
+                )
+            mask = _filter_mask(model, jspec) & ~taken
+            if not mask.any():
+                raise ValueError(
+                    f"join[{layer}] selects no parameter outside the stacked layers."
+                )
+            owner[mask] = layer % num_layers
+            taken |= mask
+        all_names = list(names)
+        for name, rspec in (remainder or {}).items():
+            mask = _filter_mask(model, rspec) & ~taken
+            if not mask.any():
+                raise ValueError(
+                    f"remainder block {name!r} selects no parameter outside the layers."
+                )
+            owner[mask] = len(all_names)
+            all_names.append(name)
+            taken |= mask
+        if not taken.all():
+            owner[~taken] = len(all_names)
+            all_names.append(rest)
+        if len(set(all_names)) != len(all_names):
+            raise ValueError(f"block names must be unique, got {all_names}.")
+        leaf_block = tuple(
+            -1 if in_stack[j] else int(owner[j]) for j in range(len(paths))
+        )
+        layer_blocks = tuple(
+            tuple(range(num_layers)) if in_stack[j] else None for j in range(len(paths))
+        )
+        return cls(tuple(all_names), leaf_block, tuple(paths), treedef, layer_blocks)
+
+    @classmethod
     def _from_masks(cls, model: Model, masks: Sequence[np.ndarray], names) -> "Blocks":
         paths, treedef = _params_with_paths(model)
         if not paths:
@@ -186,7 +314,25 @@ class Blocks(eqx.Module):
             missing = [paths[i] for i in np.flatnonzero(counts == 0)]
             raise ValueError("parameters in no block: " + _format_paths(missing))
         leaf_block = tuple(int(b) for b in masks.argmax(axis=0))
-        return cls(tuple(names), leaf_block, tuple(paths), treedef)
+        return cls(
+            tuple(names), leaf_block, tuple(paths), treedef, (None,) * len(paths)
+        )
+
+    def _reordered(self, names: Sequence[str]) -> "Blocks":
+        """The same partition with its blocks in the order of ``names``."""
+        if sorted(names) != sorted(self.names):
+            raise ValueError(f"cannot reorder blocks {self.names} as {tuple(names)}.")
+        new = {self.names.index(n): k for k, n in enumerate(names)}
+        return Blocks(
+            tuple(names),
+            tuple(-1 if b < 0 else new[b] for b in self.leaf_block),
+            self.leaf_paths,
+            self.treedef,
+            tuple(
+                None if ls is None else tuple(new[b] for b in ls)
+                for ls in self.layer_blocks
+            ),
+        )
 
     # ----------------------------------------------------------------- queries
     @property
@@ -194,21 +340,42 @@ class Blocks(eqx.Module):
         """The number of blocks."""
         return len(self.names)
 
-    def leaf_indices(self, block: int | str) -> tuple[int, ...]:
-        """Positions (in flatten order of the parameters) of a block's leaves."""
+    def members(self, block: int | str) -> tuple[tuple[int, int | None], ...]:
+        """``(leaf, index)`` pairs of a block: the position of each leaf (in flatten
+        order of the parameters) and ``None`` when the block holds the whole leaf, or
+        ``i`` when it holds the slice ``leaf[i]`` of a stacked leaf."""
         b = self._index(block)
-        return tuple(i for i, owner in enumerate(self.leaf_block) if owner == b)
+        out = []
+        for j, (owner, layers) in enumerate(
+            zip(self.leaf_block, self.layer_blocks, strict=True)
+        ):
+            if layers is None:
+                if owner == b:
+                    out.append((j, None))
+            else:
+                out.extend((j, i) for i, o in enumerate(layers) if o == b)
+        return tuple(out)
+
+    def leaf_indices(self, block: int | str) -> tuple[int, ...]:
+        """Positions (in flatten order of the parameters) of the leaves a block holds,
+        wholly or (for stacked leaves) a slice of."""
+        return tuple(dict.fromkeys(j for j, _ in self.members(block)))
 
     def mask(self, block: int | str) -> PyTree[bool]:
-        """A bool PyTree over the parameters, ``True`` on the leaves of ``block``."""
-        b = self._index(block)
+        """A bool PyTree over the parameters, ``True`` on the leaves ``block`` holds,
+        wholly or a slice of."""
+        index = set(self.leaf_indices(block))
         return jax.tree.unflatten(
-            self.treedef, [owner == b for owner in self.leaf_block]
+            self.treedef, [j in index for j in range(len(self.leaf_block))]
         )
 
     def paths(self, block: int | str) -> tuple[str, ...]:
-        """The paths of the parameters in ``block``."""
-        return tuple(self.leaf_paths[i] for i in self.leaf_indices(block))
+        """The paths of the parameters in ``block``; a slice of a stacked leaf is its
+        path with the index, ``.blocks.mlp.w1.weight[3]``."""
+        return tuple(
+            self.leaf_paths[j] + ("" if i is None else f"[{i}]")
+            for j, i in self.members(block)
+        )
 
     def _index(self, block: int | str) -> int:
         if isinstance(block, str):
@@ -236,10 +403,23 @@ class Blocks(eqx.Module):
                 "these Blocks were built for a model of another structure"
                 + (": " + "; ".join(detail) if detail else ".")
             )
+        leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+        for j, layers in enumerate(self.layer_blocks):
+            if layers is None:
+                continue
+            shape = jnp.shape(leaves[j])
+            if not shape or shape[0] != len(layers):
+                raise ValueError(
+                    f"these Blocks split {paths[j]} into {len(layers)} layers, but "
+                    f"the model's leaf has shape {shape}."
+                )
 
     def __repr__(self) -> str:
-        sizes = [len(self.leaf_indices(b)) for b in range(self.num_blocks)]
-        inner = ", ".join(
-            f"{n}: {s} leaves" for n, s in zip(self.names, sizes, strict=True)
-        )
+        def describe(b):
+            members = self.members(b)
+            whole = sum(i is None for _, i in members)
+            sliced = len(members) - whole
+            return f"{whole} leaves" + (f" + {sliced} slices" if sliced else "")
+
+        inner = ", ".join(f"{n}: {describe(b)}" for b, n in enumerate(self.names))
         return f"Blocks({inner})"

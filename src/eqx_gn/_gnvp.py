@@ -108,8 +108,13 @@ class QuadraticModel(eqx.Module):
 
     # ------------------------------------------------------------ internals
     def _block_maps(self, b: int):
-        """``(index, whole, linear_b)``: block ``b``'s leaf positions, whether it
-        holds every parameter, and the tangent map restricted to it.
+        """``(members, whole, linear_b)``: block ``b``'s ``(leaf, index)`` members
+        (see [`Blocks.members`][eqx_gn.Blocks.members]), whether it holds every
+        parameter whole, and the tangent map restricted to it.
+
+        ``linear_b`` takes one tangent per member: the whole leaf, or for a slice
+        ``leaf[i]`` of a stacked leaf the slice, scattered into zeros at ``i`` (its
+        transpose takes slice ``i`` of the full cotangent).
 
         The one-block fast path (``whole=True``, full GN): the restriction is the
         linear map itself, so no zero tangents are built and ``_per_block`` calls
@@ -120,33 +125,112 @@ class QuadraticModel(eqx.Module):
         would actually run.
         """
         leaves, treedef = jax.tree.flatten(self.params)
-        index = self.blocks.leaf_indices(b)
-        if len(index) == len(leaves):
+        members = self.blocks.members(b)
+        if len(members) == len(leaves) and all(i is None for _, i in members):
             return (
-                index,
+                members,
                 True,
                 lambda xs: self.linear_map(jax.tree.unflatten(treedef, xs)),
             )
 
         def linear_b(xs):
             full = [jnp.zeros_like(x) for x in leaves]
-            for i, x in zip(index, xs, strict=True):
-                full[i] = x
+            for (j, i), x in zip(members, xs, strict=True):
+                full[j] = x if i is None else full[j].at[i].set(x)
             return self.linear_map(jax.tree.unflatten(treedef, full))
 
-        return index, False, linear_b
+        return members, False, linear_b
+
+    def _layer_groups(self):
+        """The blocks of each stacked module that ``_per_block`` computes in one
+        ``jax.vmap`` over the layer index: ``(layers, stacked, joined)`` with
+        ``layers[i]`` the block of layer ``i``, ``stacked`` the stacked leaves (every
+        layer block holds slice ``i`` of each) and ``joined`` the whole leaves some
+        layer block also holds. Every other block is computed on its own."""
+        blocks = self.blocks
+        groups = {}
+        for j, layers in enumerate(blocks.layer_blocks):
+            if layers is not None:
+                groups.setdefault(layers, []).append(j)
+        out = []
+        for layers, stacked in groups.items():
+            if len(set(layers)) != len(layers):  # pragma: no cover - not built
+                continue
+            shared = [
+                j
+                for j, ls in enumerate(blocks.layer_blocks)
+                if ls is not None and set(ls) & set(layers)
+            ]
+            if sorted(shared) != sorted(stacked):  # pragma: no cover - not built
+                continue
+            joined = [j for j, o in enumerate(blocks.leaf_block) if o in layers]
+            out.append((layers, tuple(stacked), tuple(joined)))
+        return out
+
+    def _per_layer(self, d_leaves, layers, stacked, joined, output_fn):
+        """The blocks of one stacked module in one ``jax.vmap`` over the layer index
+        ``i``: the tangent is slice ``i`` of the stacked leaves' ``d`` (one-hot along
+        their leading axis) and the joined whole leaves of layer ``i``'s block.
+        Returns the summed values and the cotangents of ``stacked`` and ``joined``.
+        Inside a scan the zero layers cannot be pruned, so this is ``L`` full tangent
+        passes, but one traced program whatever ``L``."""
+        leaves, treedef = jax.tree.flatten(self.params)
+        num_layers = len(layers)
+        # gates[k][i]: whether joined leaf joined[k] is in layer i's block.
+        gates = [
+            jnp.asarray(
+                [self.blocks.leaf_block[j] == b for b in layers],
+                dtype=self.loss_value.dtype,
+            )
+            for j in joined
+        ]
+
+        def one_layer(i, xs_stacked, gates_i):
+            def linear_i(xs):
+                xs_s, xs_j = xs
+                full = [jnp.zeros_like(x) for x in leaves]
+                for j, x in zip(stacked, xs_s, strict=True):
+                    hot = (jnp.arange(num_layers) == i).astype(x.dtype)
+                    full[j] = hot.reshape((num_layers,) + (1,) * x.ndim) * x[None]
+                for j, x, g in zip(joined, xs_j, gates_i, strict=True):
+                    full[j] = g.astype(x.dtype) * x
+                return self.linear_map(jax.tree.unflatten(treedef, full))
+
+            xs = (xs_stacked, [d_leaves[j] for j in joined])
+            # As in _per_block: the JVP of the linear map prunes the zero leaves.
+            _, u = jax.jvp(linear_i, (xs,), (xs,))
+            value, r = output_fn(u)
+            (ct,) = jax.linear_transpose(linear_i, xs)(r)
+            return value, ct
+
+        values, (ct_s, ct_j) = jax.vmap(one_layer)(
+            jnp.arange(num_layers), [d_leaves[j] for j in stacked], gates
+        )
+        return jnp.sum(values), list(ct_s), [c.sum(axis=0) for c in ct_j]
 
     def _per_block(self, d: Any, output_fn, what: str, local_values: bool):
         """Sum over blocks of ``output_fn(J_b d_b) -> (value, r_b)``, and the
         param-space vector whose block b is ``J_b^T r_b``. With ``local_values``,
         the values are per-shard partial sums, summed over the axis once at the end.
+        The layer blocks of a stacked module are computed together (``_per_layer``).
         """
         d_leaves = as_varying(check_like_params(d, self.params, what), self.axis_name)
         out = [None] * len(d_leaves)
         total = jnp.zeros((), self.loss_value.dtype)
+        in_groups = set()
+        for layers, stacked, joined in self._layer_groups():
+            in_groups.update(layers)
+            value, ct_s, ct_j = self._per_layer(
+                d_leaves, layers, stacked, joined, output_fn
+            )
+            for j, x in zip(stacked + joined, ct_s + ct_j, strict=True):
+                out[j] = x
+            total = total + value
         for b in range(self.blocks.num_blocks):
-            index, whole, linear_b = self._block_maps(b)
-            d_b = [d_leaves[i] for i in index]
+            if b in in_groups:
+                continue
+            members, whole, linear_b = self._block_maps(b)
+            d_b = [d_leaves[j] if i is None else d_leaves[j][i] for j, i in members]
             if whole:
                 u_b = linear_b(d_b)
             else:
@@ -156,8 +240,12 @@ class QuadraticModel(eqx.Module):
                 _, u_b = jax.jvp(linear_b, (d_b,), (d_b,))
             value_b, r_b = output_fn(u_b)
             (ct_b,) = jax.linear_transpose(linear_b, d_b)(r_b)
-            for i, x in zip(index, ct_b, strict=True):
-                out[i] = x
+            for (j, i), x in zip(members, ct_b, strict=True):
+                if i is None:
+                    out[j] = x
+                else:  # pragma: no cover - stacked blocks go through _per_layer
+                    acc = jnp.zeros_like(d_leaves[j]) if out[j] is None else out[j]
+                    out[j] = acc.at[i].set(x)
             total = total + value_b
         out = psum(out, self.axis_name)
         if local_values:

@@ -9,7 +9,14 @@ from ._custom_types import FilterSpec
 from ._misc import is_none
 
 
-def _muon_dimension_numbers(adam_filter: FilterSpec | None, dims: MuonDimensionNumbers):
+def _muon_dimension_numbers(adam_filter: FilterSpec | None, reduction: int):
+    # Axes counted from the end: a 3-D leaf (L, ., .) is L stacked matrices, and
+    # optax treats every axis that is neither the reduction nor the output axis as a
+    # batch axis, orthogonalising (and scaling) each layer's matrix on its own.
+    dims = MuonDimensionNumbers(
+        reduction_axis=reduction - 2, output_axis=-1 - reduction
+    )
+
     def dimension_numbers(params):
         if adam_filter is None:
             to_adam = jax.tree.map(lambda _: False, params)
@@ -22,7 +29,9 @@ def _muon_dimension_numbers(adam_filter: FilterSpec | None, dims: MuonDimensionN
                 is_leaf=is_none,
             )
         return jax.tree.map(
-            lambda p, a: dims if (p is not None and p.ndim == 2 and not a) else None,
+            lambda p, a: (
+                dims if (p is not None and p.ndim in (2, 3) and not a) else None
+            ),
             params,
             to_adam,
             is_leaf=is_none,
@@ -42,10 +51,15 @@ def muon_adamw(
     max_grad_norm: float | None = 1.0,
     weight_layout: str = "out_in",
 ) -> optax.GradientTransformation:
-    """Muon on 2-D weight matrices, AdamW on everything else.
+    """Muon on weight matrices, AdamW on everything else.
 
     Muon (``optax.contrib.muon``: Nesterov momentum orthogonalised by a Newton-Schulz
-    iteration) updates every 2-D parameter that ``adam_filter`` does not select;
+    iteration) updates every 2-D parameter that ``adam_filter`` does not select, and
+    every 3-D one as a stack of matrices along its leading axis (the stacked layers
+    of a scanned model, e.g. ``LMConfig.scan_layers``): each layer's matrix is
+    orthogonalised and scaled on its own, as if it were a separate 2-D parameter
+    (a stacked vector, ``(L, n)``, looks like a matrix: select it with
+    ``adam_filter``, as [`eqx_gn.lm.embedding_and_head`][] does for a scanned model);
     AdamW updates 1-D parameters (norm scales, biases) and whatever ``adam_filter``
     selects (an Equinox filter spec over the parameters, e.g. the embedding and the
     output head, as in the paper). Gradients are first clipped to global norm
@@ -59,7 +73,6 @@ def muon_adamw(
             f"weight_layout must be 'out_in' or 'in_out', got {weight_layout!r}."
         )
     reduction = 1 if weight_layout == "out_in" else 0
-    dims = MuonDimensionNumbers(reduction_axis=reduction, output_axis=1 - reduction)
     muon = optax.contrib.muon(
         learning_rate,
         beta=momentum,
@@ -67,7 +80,7 @@ def muon_adamw(
         adam_b1=adam_b1,
         adam_b2=adam_b2,
         adam_weight_decay=weight_decay,
-        muon_weight_dimension_numbers=_muon_dimension_numbers(adam_filter, dims),
+        muon_weight_dimension_numbers=_muon_dimension_numbers(adam_filter, reduction),
     )
     if max_grad_norm is None:
         return muon

@@ -10,10 +10,14 @@ with causal multi-head attention whose queries and keys are rotated by RoPE. The
 are no biases anywhere; RMSNorm has a learnable scale. Matrices are stored
 ``(fan_out, fan_in)``, as in ``eqx.nn.Linear``, and applied as ``x @ weight.T``.
 
-The blocks are a Python tuple of [`TransformerBlock`][eqx_gn.lm.TransformerBlock]
-modules (not a scanned stack), so that each block is its own subtree and the
-layerwise partition of the paper is a plain Equinox filter: see
-[`layerwise_blocks`][eqx_gn.lm.layerwise_blocks].
+By default the blocks are a Python tuple of
+[`TransformerBlock`][eqx_gn.lm.TransformerBlock] modules, so that each block is its
+own subtree and the layerwise partition of the paper is a plain Equinox filter. With
+``LMConfig.scan_layers`` they are one ``TransformerBlock`` whose arrays have a
+leading ``depth`` axis (the same weights, stacked), applied with ``jax.lax.scan``:
+the model is traced and compiled once per block instead of ``depth`` times, so
+compile time does not grow with depth. [`layerwise_blocks`][eqx_gn.lm.layerwise_blocks]
+gives the same partition for both.
 """
 
 import dataclasses
@@ -48,8 +52,13 @@ class LMConfig(eqx.Module):
     seq_len: int = eqx.field(static=True)
     rope_base: float = eqx.field(default=10000.0, static=True)
     norm_eps: float = eqx.field(default=1e-6, static=True)
+    scan_layers: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(
+                f"LMConfig.scan_layers must be a bool, got {self.scan_layers!r}."
+            )
         for name in ("vocab_size", "width", "depth", "heads", "ffn", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -107,7 +116,8 @@ def get_config(name: str, **overrides) -> LMConfig:
     """The named configuration (a key of ``CONFIGS``), with ``overrides`` applied.
 
     ``get_config("tiny", vocab_size=512, seq_len=32)`` is the tiny model with a larger
-    vocabulary and a shorter context.
+    vocabulary and a shorter context; ``get_config("tiny", scan_layers=True)`` stacks
+    its blocks and scans over them.
     """
     if name not in CONFIGS:
         raise ValueError(f"unknown model config {name!r}; known: {sorted(CONFIGS)}.")
@@ -275,10 +285,16 @@ class Transformer(eqx.Module):
     $\\mathcal N(0, 0.02^2)$ and every RMSNorm scale to one, in ``dtype`` (float32
     by default). Calling it on one sequence of token ids gives next-token logits;
     [`apply_lm`][eqx_gn.lm.apply_lm] applies it to a batch.
+
+    ``blocks`` is a tuple of ``depth`` blocks, or with ``config.scan_layers`` one
+    block whose arrays are the same blocks' arrays stacked along a leading axis
+    (``blocks.mlp.w1.weight`` has shape ``(depth, ffn, width)``), applied with
+    ``jax.lax.scan``. The same key gives the same weights, and the same function,
+    either way.
     """
 
     embedding: Embedding
-    blocks: tuple[TransformerBlock, ...]
+    blocks: tuple[TransformerBlock, ...] | TransformerBlock
     final_norm: RMSNorm
     head: Linear
     config: LMConfig
@@ -288,7 +304,14 @@ class Transformer(eqx.Module):
             raise ValueError(f"Transformer: dtype must be floating, got {dtype}.")
         ke, kh, *kb = jax.random.split(key, 2 + config.depth)
         self.embedding = Embedding(config.vocab_size, config.width, key=ke, dtype=dtype)
-        self.blocks = tuple(TransformerBlock(config, key=k, dtype=dtype) for k in kb)
+        if config.scan_layers:
+            self.blocks = eqx.filter_vmap(
+                lambda k: TransformerBlock(config, key=k, dtype=dtype)
+            )(jnp.stack(kb))
+        else:
+            self.blocks = tuple(
+                TransformerBlock(config, key=k, dtype=dtype) for k in kb
+            )
         self.final_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=dtype)
         self.head = Linear(config.width, config.vocab_size, key=kh, dtype=dtype)
         self.config = config
@@ -308,8 +331,16 @@ class Transformer(eqx.Module):
                 f"seq_len={self.config.seq_len}."
             )
         x = self.embedding(tokens)
-        for block in self.blocks:
-            x = block(x)
+        if self.config.scan_layers:
+            arrays, static = eqx.partition(self.blocks, eqx.is_array)
+
+            def layer(x, arrays_i):
+                return eqx.combine(arrays_i, static)(x), None
+
+            x, _ = jax.lax.scan(layer, x, arrays)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.head(self.final_norm(x))
 
 
@@ -330,7 +361,9 @@ def layerwise_blocks(model: Transformer) -> Blocks:
 
     Blocks ``embedding``, ``block0``, ..., ``block{depth-1}``, ``head``: one per
     transformer block (attention, MLP and their norms), with the final RMSNorm in
-    the last transformer block's group. ``depth + 2`` blocks in all.
+    the last transformer block's group. ``depth + 2`` blocks in all. On a model with
+    ``scan_layers``, block ``block{i}`` holds slice ``i`` of every stacked array
+    ([`eqx_gn.Blocks.from_stacked_layers`][]), so both give the same partition.
     """
     nothing = jax.tree.map(lambda _: False, model)
 
@@ -339,12 +372,23 @@ def layerwise_blocks(model: Transformer) -> Blocks:
             where, nothing, replace_fn=lambda node: jax.tree.map(lambda _: True, node)
         )
 
-    depth = len(model.blocks)
+    depth = model.config.depth
+    names = ["embedding", *(f"block{i}" for i in range(depth)), "head"]
+    if model.config.scan_layers:
+        return Blocks.from_stacked_layers(
+            model,
+            lambda m: m.blocks,
+            names=names[1:-1],
+            remainder={
+                "embedding": only(lambda m: m.embedding),
+                "head": only(lambda m: m.head),
+            },
+            join={-1: only(lambda m: m.final_norm)},
+        )._reordered(names)
     specs = [only(lambda m: m.embedding)]
     specs += [only(lambda m, i=i: m.blocks[i]) for i in range(depth - 1)]
     specs.append(only(lambda m: (m.blocks[-1], m.final_norm)))
     specs.append(only(lambda m: m.head))
-    names = ["embedding", *(f"block{i}" for i in range(depth)), "head"]
     return Blocks.from_filters(model, specs, names=names)
 
 
@@ -371,11 +415,16 @@ def embedding_and_head(model: Transformer) -> PyTree[bool]:
 
     The paper's optimizers treat these 2-D matrices like vectors: AdamW, not Muon.
     Pass it as ``adam_filter`` to [`eqx_gn.muon_adamw`][] or
-    [`eqx_gn.InnerOptimizer`][].
+    [`eqx_gn.InnerOptimizer`][]. On a model with ``scan_layers`` it also selects the
+    stacked RMSNorm scales: 2-D arrays ``(depth, width)`` that are one vector per
+    layer (AdamW, as in the unscanned model), not a matrix for Muon.
     """
     nothing = jax.tree.map(lambda _: False, model)
+    where = (
+        (lambda m: (m.embedding, m.head, m.blocks.attention_norm, m.blocks.mlp_norm))
+        if model.config.scan_layers
+        else (lambda m: (m.embedding, m.head))
+    )
     return eqx.tree_at(
-        lambda m: (m.embedding, m.head),
-        nothing,
-        replace_fn=lambda node: jax.tree.map(lambda _: True, node),
+        where, nothing, replace_fn=lambda node: jax.tree.map(lambda _: True, node)
     )

@@ -303,7 +303,7 @@ def test_scanned_layer_blocks_under_shard_map():
         return q.gnvp(v), q.value_and_grad(v), q.linearized_loss_value_and_grad(v)
 
     arrays, static = eqx.partition(model, eqx.is_array)
-    mesh = jax.make_mesh((8,), ("data",))
+    mesh = eqx_gn.data_mesh(8)
     sharded = jax.jit(
         jax.shard_map(
             lambda a, b, v: products(eqx.combine(a, static), b, v, "data"),

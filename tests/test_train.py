@@ -247,6 +247,21 @@ def test_a_learning_rate_sweep_compiles_once(tmp_path, cache_dir):
     assert one["final_val_loss"] != two["final_val_loss"]
 
 
+def test_scanned_layers_train_as_the_list_of_blocks(tmp_path, cache_dir):
+    # The same weights stacked and applied with lax.scan: layerwise GN (one block
+    # per layer, from slices of the stacked leaves) takes the same steps.
+    config = small(tmp_path, cache_dir, "list", blocks="layerwise", checkpoint_every=0)
+    train(config)
+    summary = train(config.replace(out=str(tmp_path / "scan"), scan_layers=True))
+    saved = json.loads((tmp_path / "scan" / "config.json").read_text())
+    assert saved["resolved"]["model_config"]["scan_layers"] is True
+    listed, scanned = records(config.out), records(summary["out"])
+    for a, b in zip(listed, scanned, strict=True):
+        for name in ("train_loss", "val_loss", "model_end", "step_size"):
+            if name in a:
+                np.testing.assert_allclose(b[name], a[name], rtol=1e-4, err_msg=name)
+
+
 def test_missing_text_is_a_config_error(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match="does not exist"):
         train(small(tmp_path, cache_dir, "x", text=str(tmp_path / "missing.txt")))

@@ -107,6 +107,12 @@ class TrainConfig:
     seq_len: int | None = _setting(
         None, "context length in tokens; None: the model's", group="model"
     )
+    scan_layers: bool = _setting(
+        False,
+        "the transformer blocks as one stacked module applied with jax.lax.scan "
+        "(the same function and weights; compile time flat in depth)",
+        group="model",
+    )
     # -- optimization
     optimizer: str = _setting(
         "gn",

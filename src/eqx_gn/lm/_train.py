@@ -136,7 +136,10 @@ class _Training:
                 val_fraction=config.val_fraction,
                 cache_dir=config.cache_dir,
             )
-            overrides = {"vocab_size": self.splits.tokenizer.vocab_size}
+            overrides = {
+                "vocab_size": self.splits.tokenizer.vocab_size,
+                "scan_layers": config.scan_layers,
+            }
             if config.seq_len is not None:
                 overrides["seq_len"] = config.seq_len
             self.model_config = get_config(config.model, **overrides)

@@ -303,10 +303,18 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--scan-layers",
+        action="store_true",
+        help="stacked blocks applied with lax.scan (layerwise blocks are slices); "
+        "implies --skip-naive",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
     if args.products < 2:
         parser.error("--products must be at least 2")
+    if args.scan_layers:
+        args.skip_naive = True
 
     config = LMConfig(
         vocab_size=args.vocab,
@@ -315,6 +323,7 @@ def main(argv=None):
         heads=args.heads,
         ffn=args.ffn or 4 * args.width,
         seq_len=args.seq,
+        scan_layers=args.scan_layers,
     )
     device = jax.devices()[0]
     kmodel, kdata, kdir = jax.random.split(jax.random.key(args.seed), 3)
@@ -484,7 +493,7 @@ def main(argv=None):
 
     tag = (
         f"w{args.width}_d{args.depth}_h{args.heads}_f{config.ffn}_v{args.vocab}"
-        f"_s{args.seq}_b{args.batch}"
+        f"_s{args.seq}_b{args.batch}" + ("_scan" if args.scan_layers else "")
     )
     kind = device.platform if device.platform == "cpu" else device.device_kind
     kind = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")

@@ -65,6 +65,9 @@ def parse():
     p.add_argument("--heads", type=int)
     p.add_argument("--ffn", type=int)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument(
+        "--scan-layers", action="store_true", help="stacked blocks applied with scan"
+    )
     p.add_argument("--micro-batches", type=int, default=8, help="K")
     p.add_argument("--micro-batch-size", type=int, default=8, help="b")
     p.add_argument("--ls-batches", type=int, help="paper's search batches (default K)")
@@ -100,7 +103,9 @@ def main():
         for name in ("width", "depth", "heads", "ffn")
         if getattr(args, name) is not None
     }
-    config = lm.get_config(args.model, seq_len=args.seq, **overrides)
+    config = lm.get_config(
+        args.model, seq_len=args.seq, scan_layers=args.scan_layers, **overrides
+    )
     model = lm.Transformer(config, jax.random.key(args.seed))
     splits = lm.prepare_splits()
     if splits.tokenizer.vocab_size != config.vocab_size:
@@ -353,6 +358,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.model}-w{config.width}-d{config.depth}-s{args.seq}-K{k}b{b}"
+    tag += "-scan" if args.scan_layers else ""
     path = out / f"step_cost_{jax.default_backend()}_{tag}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")

@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from ._custom_types import AxisName, typecheck
-from ._sharding import error_if_any, psum
+from ._sharding import error_if_any, has_explicit_axes, psum
 
 
 class AbstractLoss(eqx.Module):
@@ -171,7 +171,13 @@ class SoftmaxCrossEntropy(AbstractLoss):
         outputs, labels, weights = self._prepare(outputs, targets)
         logp = jax.nn.log_softmax(outputs, axis=-1)
         safe = jnp.clip(labels, 0, outputs.shape[-1] - 1)
-        nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+        if has_explicit_axes(logp):
+            # A gather along a sharded class axis has no unambiguous sharding on an
+            # explicit mesh; selecting with a mask and summing is exact (one term).
+            hit = jax.nn.one_hot(safe, outputs.shape[-1], dtype=jnp.bool_)
+            nll = -jnp.sum(jnp.where(hit, logp, 0), axis=-1)
+        else:
+            nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
         total = _total_weight(weights, labels.shape, outputs.dtype, axis_name)
         scale = _scale(weights, total, outputs.dtype, labels.shape)
         return psum(jnp.sum(nll * scale), axis_name)

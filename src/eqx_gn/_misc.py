@@ -4,16 +4,32 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ._sharding import has_explicit_axes
+
 
 def is_none(x) -> bool:
     """``is_leaf`` for flattening a filtered model with its ``None`` holes kept."""
     return x is None
 
 
+def vdot(x, y) -> Array:
+    """``jnp.vdot(x, y)``; on explicitly sharded arrays, ``sum(conj(x) * y)``.
+
+    ``jnp.vdot`` flattens both operands and contracts them with a dot: on an
+    explicit mesh the flattening of a sharded minor axis is an unsupported reshape,
+    and a contraction over a sharded axis is ambiguous (``ShardingTypeError``). An
+    elementwise product followed by a full reduction is neither: the reduction's
+    result is replicated. Elsewhere ``jnp.vdot`` is kept, bit for bit.
+    """
+    if has_explicit_axes(x) or has_explicit_axes(y):
+        return jnp.sum(jnp.conj(x) * y)
+    return jnp.vdot(x, y)
+
+
 def tree_vdot(a, b) -> Array:
     """The inner product of two PyTrees of the same structure."""
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    terms = [jnp.vdot(x, y) for x, y in pairs]
+    terms = [vdot(x, y) for x, y in pairs]
     if not terms:
         return jnp.zeros(())
     return sum(terms[1:], start=terms[0])

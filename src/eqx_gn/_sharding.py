@@ -36,6 +36,16 @@ def _varying_axes(x) -> frozenset:
     return frozenset(vma)
 
 
+def has_explicit_axes(x) -> bool:
+    """Whether ``x`` is typed on a mesh with ``AxisType.Explicit`` axes: under
+    ``jax.set_mesh`` with an explicit mesh (``jax.make_mesh``'s default), or an
+    array placed on one. Such values carry their sharding in their type, and
+    contractions or gathers over their sharded axes must be unambiguous."""
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    types = getattr(mesh, "axis_types", None) or ()
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
+
+
 def as_varying(tree: PyTree, axis_name: AxisName) -> PyTree:
     """Mark every array leaf of ``tree`` as varying over ``axis_name``."""
     axes = _axis_tuple(axis_name)

@@ -23,7 +23,25 @@ class CGState(eqx.Module):
 
 
 def _concatenate(batches):
-    return jax.tree.map(lambda x: jnp.reshape(x, (-1, *x.shape[2:])), batches)
+    """The K micro-batches as one batch: ``(K, B, ...) -> (B * K, ...)``.
+
+    Examples are taken in ``(b, k)`` order, not ``(k, b)``: the batch axis moves to
+    the front first, so that when it is sharded (over a ``data`` axis) every device
+    already holds the contiguous rows it owns afterwards. Merging ``K`` into a
+    sharded major axis is a local reshape; the ``(k, b)`` order would need each
+    device's rows from every micro-batch moved (XLA's "involuntary full
+    rematerialization" under ``jit``, and an unsupported reshape on an
+    explicit-sharding mesh). The loss is a mean over positions, so the order of
+    the examples changes nothing but rounding.
+    """
+
+    def merge(x):
+        if jnp.ndim(x) < 2:
+            return jnp.reshape(x, (-1,))
+        x = jnp.swapaxes(x, 0, 1)
+        return jnp.reshape(x, (-1, *x.shape[2:]))
+
+    return jax.tree.map(merge, batches)
 
 
 @final

@@ -254,8 +254,10 @@ def test_explicit_mesh_line_searches(line_search):
     ]
 
 
-def test_explicit_mesh_default_inner_optimizer_with_replicated_parameters():
-    """The default inner optimizer (Muon + AdamW), parameters replicated."""
+@pytest.mark.parametrize("layout", ["replicated", "fsdp"])
+def test_explicit_mesh_default_inner_optimizer(layout):
+    """The default inner optimizer (Muon + AdamW): with parameters split over
+    'fsdp', Muon gathers each matrix whole for its Newton-Schulz iteration."""
     model, batches, ls_batches = _problem()
     gn = eqx_gn.GaussNewton(
         apply,
@@ -265,7 +267,7 @@ def test_explicit_mesh_default_inner_optimizer_with_replicated_parameters():
     reference = _two_steps(gn, model, batches, ls_batches)
     mesh = _explicit_mesh()
     with jax.set_mesh(mesh):
-        m = _place_model(model, "replicated", mesh, True)
+        m = _place_model(model, layout, mesh, True)
         b = _place_batch(batches, P(None, "data"), mesh, True)
         lb = _place_batch(ls_batches, P(None, "data"), mesh, True)
         sharded = _two_steps(gn, m, b, lb)

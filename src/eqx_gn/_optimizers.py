@@ -3,10 +3,50 @@
 import equinox as eqx
 import jax
 import optax
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 from ._custom_types import FilterSpec
 from ._misc import is_none
+from ._sharding import has_explicit_axes
+
+
+def _on_whole_arrays(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """``inner`` on whole (replicated) copies of explicitly sharded leaves, its
+    updates put back onto each leaf's sharding.
+
+    Muon's Newton-Schulz iteration multiplies a matrix by its transpose, which is
+    ambiguous on an explicit-sharding mesh when the matrix is split (FSDP), so the
+    matrix is gathered first, as FSDP gathers weights for a layer's computation.
+    Its state is then replicated. Without explicit axes this changes nothing.
+    """
+
+    def gather(tree):
+        return jax.tree.map(
+            lambda x: jax.sharding.reshard(x, P()) if has_explicit_axes(x) else x,
+            tree,
+        )
+
+    def init(params):
+        return inner.init(gather(params))
+
+    def update(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        specs = [
+            jax.typeof(u).sharding.spec if has_explicit_axes(u) else None
+            for u in leaves
+        ]
+        params = None if params is None else gather(params)
+        new, state = inner.update(gather(updates), state, params)
+        new_leaves = [
+            u if spec is None else jax.sharding.reshard(u, spec)
+            for u, spec in zip(jax.tree.leaves(new), specs, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, new_leaves), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def _muon_dimension_numbers(adam_filter: FilterSpec | None, reduction: int):
@@ -66,7 +106,8 @@ def muon_adamw(
     ``max_grad_norm`` (``None`` for no clipping). ``weight_layout`` says how 2-D
     weights are stored: ``"out_in"`` (``eqx.nn.Linear``'s ``(out, in)``, the
     default) or ``"in_out"`` (``x @ W`` layouts); Muon's shape-dependent scale
-    depends on it.
+    depends on it. On an explicit-sharding mesh, each sharded matrix is gathered
+    whole for the Newton-Schulz iteration and its update split again afterwards.
     """
     if weight_layout not in ("out_in", "in_out"):
         raise ValueError(
@@ -82,6 +123,7 @@ def muon_adamw(
         adam_weight_decay=weight_decay,
         muon_weight_dimension_numbers=_muon_dimension_numbers(adam_filter, reduction),
     )
+    muon = _on_whole_arrays(muon)
     if max_grad_norm is None:
         return muon
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), muon)

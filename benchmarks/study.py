@@ -3,11 +3,11 @@ arguments on, so ``python benchmarks/study.py ARGS`` is ``eqx-gn study ARGS``.
 
 The published study (docs/results.md) was made by::
 
-    eqx-gn study --model tiny --seq-len 64 --batch-sizes 8,16,32,128 --steps 80 \\
+    eqx-gn study --model tiny --seq-len 64 --batch-sizes 8,16,32,64,128 --steps 80 \\
         --runs 3 --seeds 3 --out benchmarks/results/study_tiny \\
         --runs-dir runs/study/tiny
     eqx-gn study --model prototype --seq-len 64 --batch-sizes 8,32 --steps 50 \\
-        --runs 3 --seeds 1 --no-layout-check --out benchmarks/results/study_prototype \\
+        --runs 3 --seeds 3 --out benchmarks/results/study_prototype \\
         --runs-dir runs/study/prototype
     eqx-gn study --model tiny ... --report-only --report docs/results.md \\
         --report-with benchmarks/results/study_prototype

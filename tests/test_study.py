@@ -160,10 +160,10 @@ class FakeTrainer:
         return summary
 
 
-def run_study(tmp_path, trainer, *extra, methods=None, runs=3):
+def run_study(tmp_path, trainer, *extra, methods=None, runs=3, timing=0):
     methods = ",".join(METHODS) if methods is None else methods
     args = parse(
-        "--methods", methods, "--batch-sizes", "8,32", "--steps", str(STEPS),
+        "--timing-rounds", str(timing), "--methods", methods, "--batch-sizes", "8,32", "--steps", str(STEPS),
         "--runs", str(runs), "--seeds", "3", "--out", str(tmp_path / "out"),
         "--runs-dir", str(tmp_path / "runs"), *extra,
     )  # fmt: skip
@@ -369,3 +369,36 @@ def test_one_line_errors(argv, message):
 def test_report_only_without_adamw_runs(tmp_path):
     with pytest.raises(ConfigError, match="cannot set the target"):
         run_study(tmp_path, None, methods="adamw,gn")
+
+
+def test_interleaved_timing_and_the_timed_claims(tmp_path):
+    trainer = FakeTrainer()
+    run_study(tmp_path, trainer)
+    searched = len(trainer.calls)
+    result = run_study(tmp_path, trainer, timing=2)
+    timing_calls = trainer.calls[searched:]
+    # Every chosen configuration at the largest batch, the baselines also with GN's
+    # K micro-batches: 7 + 4 configurations, once per round, round after round.
+    k = result["chosen"]["gn"]["32"]["micro_batches"]
+    labels = [c.method + ("" if c.grad_accumulation == 1 else f" A{k}")
+              for c in timing_calls]  # fmt: skip
+    assert len(labels) == 2 * 11 and labels[:11] == labels[11:]
+    assert {c.batch_size for c in timing_calls} == {32}
+    timing = result["timing"]
+    assert timing["rounds"] == 2 and len(timing["seconds_per_step"]) == 11
+    # The fake runner's clock: 2 s per GN step, 1 s per first-order step.
+    assert timing["median_seconds_per_step"]["gn"] == 2.0
+    assert timing["median_seconds_per_step"][f"muon A{k}"] == 1.0
+    assert {c.grad_accumulation for c in timing_calls} == {1, k}
+    timed = result["claims"]["timed"]
+    steps = {m: result["chosen"][m]["32"]["steps_to_target"] for m in METHODS}
+    base = min(study.BASELINES, key=lambda m: steps[m] or math.inf)
+    assert timed["fastest_baseline"] == base
+    assert timed["gn_over_fastest_baseline"] == pytest.approx(
+        (steps["gn"] - WARMUP) * 2.0 / ((steps[base] - WARMUP) * 1.0)
+    )
+    assert timed["psgd_over_adamw_seconds_per_step"] == 1.0
+    # Measured once: a later invocation keeps it.
+    again = FakeTrainer()
+    assert run_study(tmp_path, again, timing=2)["timing"] == timing
+    assert again.calls == []

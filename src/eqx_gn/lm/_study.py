@@ -341,6 +341,7 @@ class Settings:
     ls_batches: int
     seed: int
     layout_check: bool
+    timing_rounds: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         values = dict(vars(self))
@@ -503,10 +504,66 @@ class Study:
                 self.run(method, largest, _point_of(best), "layout", accum=k,
                          target=self.target)  # fmt: skip
             self._save(searched)
+        # 5. Timing: the chosen configurations at the largest batch in short runs,
+        # interleaved round by round, so that the machine's load falls alike.
+        self.timing = self.previous.get("timing")
+        if s.timing_rounds and self.train is not None and self.timing is None:
+            self.timing = self._measure_timing(searched)
         return self._save(searched, plots=True)
+
+    def _measure_timing(self, searched) -> dict[str, Any]:
+        from ._config import TrainConfig
+
+        s = self.settings
+        largest = max(s.batch_sizes)
+        gn = choose(searched.get("gn", {}).get(largest, []))
+        k = gn["hyperparameters"]["micro_batches"] if gn else None
+        configs = []
+        for method in s.methods:
+            best = choose(searched[method].get(largest, []))
+            if best is None:
+                continue
+            configs.append((method, 1, _point_of(best)))
+            if k and not method.startswith("gn"):
+                configs.append((method, k, _point_of(best)))
+        by_config: dict[str, list[float]] = {}
+        for r in range(s.timing_rounds):
+            for method, accum, point in configs:
+                label = method if accum == 1 else f"{method} A{accum}"
+                name = run_name(method, largest, point, 0, accum) + f"_timing{r}"
+                fields = dict(
+                    text=s.text, tokenizer=s.tokenizer, vocab_size=s.vocab_size,
+                    model=s.model, seq_len=s.seq_len, steps=TIMING_STEPS + 1,
+                    batch_size=largest, lr=point.lr, warmup_fraction=0.05,
+                    eval_every=0, eval_batches=1, eval_batch_size=s.eval_batch_size,
+                    ls_batches=s.ls_batches, seed=s.seed, checkpoint_every=0,
+                    out=str(self.runs_dir / "timing" / name), overwrite=True,
+                    progress=False, grad_accumulation=accum,
+                )  # fmt: skip
+                if point.micro_batches is not None:
+                    fields["micro_batches"] = point.micro_batches
+                self.train(TrainConfig(**fields, **parse_method(method)))
+                lines = self.runs_dir / "timing" / name / "metrics.jsonl"
+                records = [json.loads(x) for x in lines.read_text().splitlines()]
+                seconds = _time_per_step(curve_of(records))
+                by_config.setdefault(label, []).append(seconds)
+                self.log(f"timing round {r}: {label:<16} {seconds:.3f} s/step")
+        return {
+            "batch_size": largest,
+            "main_steps_per_run": TIMING_STEPS,
+            "rounds": s.timing_rounds,
+            "seconds_per_step": by_config,
+            "median_seconds_per_step": {
+                label: statistics.median(v) for label, v in by_config.items()
+            },
+        }
 
     def _save(self, searched, plots: bool = False) -> dict[str, Any]:
         result = build_result(self.settings, self.target, searched, self.known)
+        timing = getattr(self, "timing", None) or self.previous.get("timing")
+        if timing is not None:
+            result["timing"] = timing
+            result["claims"]["timed"] = timed_claims(result, timing)
         result["device"] = self._device()
         self.out.mkdir(parents=True, exist_ok=True)
         if plots:
@@ -613,6 +670,51 @@ def claims(chosen: dict[str, dict[str, dict]], batch: int, warmup: int,
             ),
         }
     return result
+
+
+#: Main-phase steps of each timing run.
+TIMING_STEPS = 10
+
+
+def timed_claims(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+    """Main-phase time to the target at the largest batch from the interleaved
+    timing: (steps to the target - warm-up steps) x median seconds per step, for
+    each method's chosen run (the warm-up, the same AdamW steps for all, left
+    out); GN's over the fastest baseline's, with the baselines in their own
+    layout (one batch) and in GN's (gradient accumulation over K)."""
+    largest = str(timing["batch_size"])
+    warmup = result["warmup_steps"] or 0
+    median = timing["median_seconds_per_step"]
+    times: dict[str, float | None] = {}
+    for label, seconds in median.items():
+        method = label.split(" ")[0]
+        entry = result["chosen"].get(method, {}).get(largest)
+        steps = None if entry is None else entry["steps_to_target"]
+        times[label] = None if steps is None else (steps - warmup) * seconds
+
+    def fastest(accumulated: bool):
+        pool = [
+            (t, label)
+            for label, t in times.items()
+            if t is not None
+            and label.split(" ")[0] in BASELINES
+            and (" A" in label) == accumulated
+        ]
+        return min(pool, default=(None, None))
+
+    gn = times.get("gn")
+    own, own_label = fastest(False)
+    same, same_label = fastest(True)
+    return {
+        "main_time_to_target_s": times,
+        "fastest_baseline": own_label,
+        "gn_over_fastest_baseline": _ratio(gn, own),
+        "fastest_baseline_in_gn_layout": same_label,
+        "gn_over_fastest_baseline_in_gn_layout": _ratio(gn, same),
+        "psgd_over_adamw_seconds_per_step": _ratio(
+            median.get("psgd"), median.get("adamw")
+        ),
+    }
 
 
 def build_result(settings: Settings, target, searched, known) -> dict[str, Any]:
@@ -860,6 +962,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ls-batches", type=int, default=2)
     a("--seed", type=int, default=0)
     a(
+        "--timing-rounds",
+        type=int,
+        default=3,
+        help="rounds of short timing runs of the chosen configurations at the "
+        "largest batch, interleaved so that load falls alike (0: none)",
+    )
+    a(
         "--no-layout-check",
         dest="layout_check",
         action="store_false",
@@ -924,6 +1033,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ls_batches=args.ls_batches,
         seed=args.seed,
         layout_check=args.layout_check,
+        timing_rounds=args.timing_rounds,
     )
 
 
@@ -956,7 +1066,12 @@ def copy_plots(study_dir: Path, assets: Path) -> list[Path]:
     assets.mkdir(parents=True, exist_ok=True)
     study = json.loads((study_dir / "study.json").read_text())
     copied = []
-    for name in study.get("plots", []):
+    names = study.get("plots") or [
+        n
+        for n in ("steps_to_target.png", "loss_curves.png")
+        if (study_dir / n).exists()
+    ]
+    for name in names:
         shutil.copyfile(study_dir / name, assets / name)
         copied.append(assets / name)
     return copied

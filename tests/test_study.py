@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 from eqx_gn.lm import ConfigError, _study as study
-from eqx_gn.lm._study import Point, plan_grid, refine
+from eqx_gn.lm._study_protocol import (
+    BASELINES,
+    Point,
+    _point_of,
+    plan_grid,
+    rank,
+    refine,
+    search_space,
+)
+from eqx_gn.lm._study_runs import Study
 
 SEQ = 10
 STEPS = 40
@@ -36,7 +45,7 @@ def test_grids_are_declared_and_of_the_same_size():
         for method in METHODS:
             grid = plan_grid(method, runs)
             assert len(grid) == runs - 1
-            centre = study.search_space(method).centre
+            centre = search_space(method).centre
             # Learning rates x3 apart, centred (geometrically) on the centre.
             lrs = [p.lr for p in grid]
             assert math.prod(lrs) ** (1 / len(lrs)) == pytest.approx(centre, rel=1e-3)
@@ -96,7 +105,7 @@ def test_refinement_never_repeats_a_run():
 def quality(method, lr, k):
     """Loss drop per step of a hand-made run: best at lr = 2x the method's centre;
     GN better at K = 8 than 4; GN's line search reads 2 micro-batches per step."""
-    centre = study.search_space(method).centre
+    centre = search_space(method).centre
     q = {"adamw": 0.02, "muon": 0.04, "soap": 0.03, "psgd": 0.025}.get(method, 0.08)
     q *= math.exp(-(math.log(lr / (2 * centre)) ** 2) / 4)
     if k == 4:
@@ -168,8 +177,8 @@ def run_study(tmp_path, trainer, *extra, methods=None, runs=3, timing=0):
         "--runs-dir", str(tmp_path / "runs"), *extra,
     )  # fmt: skip
     settings = study.settings_from(args)
-    s = study.Study(settings, Path(args.out), Path(args.runs_dir), trainer,
-                    log=lambda line: None)  # fmt: skip
+    s = Study(settings, Path(args.out), Path(args.runs_dir), trainer,
+              log=lambda line: None)  # fmt: skip
     return s.execute()
 
 
@@ -206,7 +215,7 @@ def test_every_method_gets_the_same_budget(finished):
     # The layout check: each baseline's chosen run with GN's chosen K micro-batches.
     layout = [c for c in trainer.calls if c.grad_accumulation != 1]
     k = result["chosen"]["gn"]["32"]["micro_batches"]
-    assert sorted(c.method for c in layout) == sorted(study.BASELINES)
+    assert sorted(c.method for c in layout) == sorted(BASELINES)
     assert {(c.batch_size, c.grad_accumulation) for c in layout} == {(32, k)}
 
 
@@ -220,17 +229,17 @@ def test_every_method_is_refined_by_the_same_rule(finished):
             ]
             grid = [r for r in mine if r["role"] == "grid"]
             (refined,) = [r for r in mine if r["role"] == "refine"]
-            points = [study._point_of(r) for r in grid]
+            points = [_point_of(r) for r in grid]
             assert points == plan_grid(method, 3)
-            tried = [(study._point_of(r), r) for r in grid]
-            assert study._point_of(refined) == refine(method, tried)
+            tried = [(_point_of(r), r) for r in grid]
+            assert _point_of(refined) == refine(method, tried)
             # The chosen run is the best of the three.
             chosen = result["chosen"][method][str(batch)]
-            best = min([*grid, refined], key=study.rank)
+            best = min([*grid, refined], key=rank)
             assert chosen["run"] == best["name"]
     # In this hand-made world every baseline is best at twice its centre, so the
     # upper grid point wins and every baseline moves up by 3, the same move.
-    for method in study.BASELINES:
+    for method in BASELINES:
         refined = [r for r in runs if r["method"] == method and r["role"] == "refine"]
         for r in refined:
             assert r["hyperparameters"]["lr"] == pytest.approx(
@@ -282,7 +291,7 @@ def test_claims_from_the_chosen_runs(finished):
     _, _, result = finished
     chosen = {m: result["chosen"][m]["32"] for m in METHODS}
     steps = {m: chosen[m]["steps_to_target"] for m in METHODS}
-    base = min(study.BASELINES, key=lambda m: steps[m] or math.inf)
+    base = min(BASELINES, key=lambda m: steps[m] or math.inf)
     claims = result["claims"]["largest"]
     assert claims["best_baseline"] == base
     assert claims["best_baseline_steps_over_gn"] == pytest.approx(
@@ -294,7 +303,7 @@ def test_claims_from_the_chosen_runs(finished):
     assert claims["layerwise_steps_over_gn"] == pytest.approx(
         steps["gn-layerwise"] / steps["gn"]
     )
-    times = {m: chosen[m]["time_to_target"] for m in study.BASELINES}
+    times = {m: chosen[m]["time_to_target"] for m in BASELINES}
     fastest = min(t for t in times.values() if t is not None)
     assert claims["gn_time_over_fastest_baseline"] == pytest.approx(
         chosen["gn"]["time_to_target"] / fastest
@@ -392,7 +401,7 @@ def test_interleaved_timing_and_the_timed_claims(tmp_path):
     assert {c.grad_accumulation for c in timing_calls} == {1, k}
     timed = result["claims"]["timed"]
     steps = {m: result["chosen"][m]["32"]["steps_to_target"] for m in METHODS}
-    base = min(study.BASELINES, key=lambda m: steps[m] or math.inf)
+    base = min(BASELINES, key=lambda m: steps[m] or math.inf)
     assert timed["fastest_baseline"] == base
     assert timed["gn_over_fastest_baseline"] == pytest.approx(
         (steps["gn"] - WARMUP) * 2.0 / ((steps[base] - WARMUP) * 1.0)

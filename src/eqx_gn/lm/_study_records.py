@@ -1,0 +1,167 @@
+"""A study's runs as ``study.json`` holds them (`eqx_gn.lm._study`): each run's
+record and curve, read from its run directory, and the settings that define the
+study's runs.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._config import parse_method
+from ._study_protocol import Point, reached
+
+#: A run's curve in study.json: one value per step (``val_loss`` None where the
+#: step had no evaluation; ``ls_tokens`` 0 for a first-order run).
+CURVE_KEYS = (
+    "step",
+    "phase",
+    "tokens",
+    "ls_tokens",
+    "time_s",
+    "train_loss",
+    "val_loss",
+)
+
+
+def run_name(method: str, batch: int, point: Point, seed: int = 0, accum: int = 1):
+    """``{method}_b{batch}_lr{lr}[_K{K}][_A{accum}][_seed{seed}]``."""
+    name = f"{method}_b{batch}_lr{point.lr:g}"
+    if point.micro_batches is not None:
+        name += f"_K{point.micro_batches}"
+    if accum != 1:
+        name += f"_A{accum}"
+    if seed:
+        name += f"_seed{seed}"
+    return name
+
+
+def curve_of(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The curve of a run from its ``metrics.jsonl`` records (``ls_tokens``
+    carried forward, 0 before the first GN step)."""
+    curve: dict[str, list[Any]] = {k: [] for k in CURVE_KEYS}
+    ls = 0
+    for r in records:
+        ls = r.get("ls_tokens", ls) or ls
+        for k in CURVE_KEYS:
+            curve[k].append(ls if k == "ls_tokens" else r.get(k))
+    return curve
+
+
+def make_record(
+    name: str,
+    role: str,
+    config: dict[str, Any],
+    resolved: dict[str, Any],
+    summary: dict[str, Any],
+    curve: dict[str, list[Any]],
+    target: float | None,
+) -> dict[str, Any]:
+    """A run as study.json holds it, its outcome measured against ``target``."""
+    method = _method_of(config)
+    losses = [v for v in curve["val_loss"] if v is not None]
+    record = {
+        "name": name,
+        "method": method,
+        "role": role,
+        "batch_size": config["batch_size"],
+        "seed": config["seed"],
+        "hyperparameters": {
+            "lr": config.get("lr"),
+            "micro_batches": config.get("micro_batches")
+            if method.startswith("gn")
+            else None,
+            "grad_accumulation": config.get("grad_accumulation", 1),
+        },
+        **reached(curve, target),
+        "final_val_loss": losses[-1] if losses else None,
+        "best_val_loss": min(losses) if losses else None,
+        "time_per_step": _time_per_step(curve),
+        "config": config,
+        "resolved": resolved,
+        "summary": summary,
+        "curve": curve,
+    }
+    return record
+
+
+def _time_per_step(curve: dict[str, list[Any]]) -> float | None:
+    """Mean training time of the main phase's steps."""
+    times = [
+        t for t, p in zip(curve["time_s"], curve["phase"], strict=False) if p == "main"
+    ]
+    steps = [
+        s for s, p in zip(curve["step"], curve["phase"], strict=False) if p == "main"
+    ]
+    if len(times) < 2:
+        return None
+    return (times[-1] - times[0]) / (steps[-1] - steps[0])
+
+
+def with_target(record: dict[str, Any], target: float | None) -> dict[str, Any]:
+    """``record`` with its outcome measured against ``target``."""
+    return {**record, **reached(record["curve"], target)}
+
+
+def _method_of(config: dict[str, Any]) -> str:
+    optimizer = config["optimizer"]
+    if optimizer.startswith("gn-"):  # configurations saved before blocks/solver
+        config = {**config, **parse_method(optimizer)}
+        optimizer = "gn"
+    if optimizer != "gn":
+        return optimizer
+    parts = ["gn"]
+    if config.get("blocks", "full") != "full":
+        parts.append(config["blocks"])
+    if config.get("solver", "inner") != "inner":
+        parts.append(config["solver"])
+    return "-".join(parts)
+
+
+def read_run_dir(path: Path, role: str, target: float | None) -> dict | None:
+    """A finished run's record from its directory; None without a completed
+    ``summary.json``."""
+    summary_file = path / "summary.json"
+    if not summary_file.exists():
+        return None
+    summary = json.loads(summary_file.read_text())
+    if not summary.get("completed", True):
+        return None
+    config = json.loads((path / "config.json").read_text())
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    curve = curve_of([json.loads(line) for line in lines if line.strip()])
+    return make_record(
+        path.name, role, config["config"], config["resolved"], summary, curve, target
+    )
+
+
+@dataclass
+class Settings:
+    """What defines a study's runs."""
+
+    text: str | None
+    tokenizer: str
+    vocab_size: int | None
+    model: str
+    seq_len: int | None
+    methods: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    steps: int
+    runs: int
+    seeds: int
+    target: float | None
+    warmup_fraction: float
+    eval_every: int
+    eval_batches: int
+    eval_batch_size: int
+    ls_batches: int
+    seed: int
+    layout_check: bool
+    timing_rounds: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dict(vars(self))
+        values["methods"] = list(self.methods)
+        values["batch_sizes"] = list(self.batch_sizes)
+        return values

@@ -352,3 +352,34 @@ def test_runs_from_several_sources_and_given_labels(tmp_path):
         plot_runs([cmp, extra], tmp_path / "plots", labels=["a", "b"])
     paths = plot_runs([cmp, extra], tmp_path / "plots", labels=["a", "b", "c"])
     assert len(paths) == 3
+
+
+@pytest.mark.parametrize("with_chosen", [False, True])
+def test_study_best_run_is_one_the_study_chose_from(tmp_path, with_chosen):
+    """A layout run (a baseline rerun with gradient accumulation) that reaches
+    the target sooner than every search run is not the method's best: the study
+    chooses among its grid and refinement runs (``role``), or names its choice
+    in ``chosen``."""
+    study = write_study(tmp_path / "study")
+    data = json.loads((study / "study.json").read_text())
+    layout = json.loads(json.dumps(data["runs"][2]))  # adamw_b8_lr0.03
+    layout |= {"name": "adamw_b8_lr0.03_A4", "steps_to_target": 2}
+    if not with_chosen:  # with `chosen`, no roles: the choice alone must tell
+        for entry in data["runs"]:
+            entry["role"] = "grid"
+        layout["role"] = "layout"
+    layout["config"]["grad_accumulation"] = 4
+    layout["hyperparameters"]["grad_accumulation"] = 4
+    data["runs"].append(layout)
+    if with_chosen:
+        data["chosen"] = {
+            "adamw": {"4": {"run": "adamw_b4_lr0.01"}, "8": {"run": "adamw_b8_lr0.03"}},
+            "gn": {"8": {"run": "gn_b8_lr0.1"}, "16": {"run": "gn_b16_lr0.1"}},
+        }
+    (study / "study.json").write_text(json.dumps(data))
+    source = load_runs(study)
+    assert [r.name for r in source.runs] == ["adamw_b8_lr0.03", "gn_b8_lr0.1"]
+    assert source.runs[0].summary["steps_to_target"] == 6
+    # Every run at the batch size is still there when asked for all of them.
+    everything = load_runs(study, select="all")
+    assert "adamw_b8_lr0.03_A4" in [r.name for r in everything.runs]

@@ -267,6 +267,10 @@ def _rank(run: Run) -> tuple[float, float]:
     )
 
 
+#: The roles of the runs a study chooses from (its grid and refinement runs).
+_SEARCH_ROLES = ("grid", "refine")
+
+
 def _read_study(path: Path, *, batch_size: int | None, select: str) -> Source:
     study = _read_json(path / "study.json")
     target = study.get("target", study.get("target_loss"))
@@ -295,9 +299,24 @@ def _read_study(path: Path, *, batch_size: int | None, select: str) -> Source:
         return Source("study", path, chosen, f"study: all runs {where}".strip(), target)
     if select != "best":
         raise ValueError(f"select must be 'best' or 'all', got {select!r}")
-    # One run per method: the fewest steps to the target (then the lowest
-    # validation loss), among the runs of the first seed, so that repeated seeds
-    # of a configuration do not pick the luckiest one.
+    # One run per method: the run the study chose (its ``chosen`` entries), else
+    # the fewest steps to the target (then the lowest validation loss) among the
+    # runs it chose from (``role`` grid or refine: not the seed, layout or timing
+    # reruns of a chosen configuration) and of the first seed, so that repeated
+    # seeds of a configuration do not pick the luckiest one.
+    names = {
+        str(entry["run"])
+        for row in (study.get("chosen") or {}).values()
+        for size, entry in (row or {}).items()
+        if str(size) == str(batch_size)
+        and isinstance(entry, Mapping)
+        and "run" in entry
+    }
+    roles = {str(e.get("name")): e.get("role") for e in entries if "role" in e}
+    if names:
+        chosen = [r for r in chosen if r.name in names]
+    else:
+        chosen = [r for r in chosen if roles.get(r.name, "grid") in _SEARCH_ROLES]
     best: dict[str, Run] = {}
     for run in chosen:
         seeds = [r.config.get("seed") or 0 for r in chosen if r.label == run.label]
@@ -321,7 +340,9 @@ def load_runs(
 
     For a study, the runs at ``batch_size`` sequences per step (default: the
     largest at which every method ran), all of them (``select="all"``) or the best of each method
-    (``"best"``: fewest steps to the target, then lowest validation loss).
+    (``"best"``: the run the study chose, from its ``chosen`` entries; without
+    them, the fewest steps to the target, then lowest validation loss, among the
+    grid and refinement runs, never a seed, layout or timing rerun).
 
     **Raises:** `FileNotFoundError`, in one line naming ``path``, if it is none of
     the three; `ValueError` if a file in it is malformed.

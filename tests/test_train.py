@@ -415,8 +415,12 @@ def test_two_processes_match_one_process_across_a_restart(tmp_path, cache_dir, m
     ]
     _, arrays_one = final_arrays(tmp_path / "one")
     _, arrays_two = final_arrays(two)
+    # Sharded reductions sum in another order; Adam-style steps divide by the root
+    # of tiny second moments on rarely seen embedding rows, where that rounding
+    # moves an entry by up to ~3e-4 (seen with fsdp); the losses above agree to 1e-5.
+    atol = 5e-4 if mesh else 2e-5
     for a, b in zip(arrays_one, arrays_two, strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize(

@@ -528,9 +528,7 @@ def main(argv=None):
     print("targets:")
     for tg in targets_out:
         status = "met" if tg["met"] else "MISSED"
-        print(
-            f"  {tg['ratio']:58s} {tg['value']:5.2f} <= {tg['target']:.2f}: {status}"
-        )
+        print(f"  {tg['ratio']:58s} {tg['value']:5.2f} <= {tg['target']:.2f}: {status}")
 
     tag = (
         f"w{args.width}_d{args.depth}_h{args.heads}_f{config.ffn}_v{args.vocab}"

@@ -450,11 +450,13 @@ def test_step_is_exactly_solve_search_accept(getkey):
     x = jax.random.normal(getkey(), (6, 16, 3))
     y = jax.random.randint(getkey(), (6, 16), 0, 4)
     batches, ls_batches = (x[:4], y[:4]), (x[4:], y[4:])
-    for line_search in (eqx_gn.GridLineSearch(), eqx_gn.BacktrackingArmijo()):
+    warm = eqx_gn.GridLineSearch(stop_on_increase=True, warm_start=True)
+    for line_search in (eqx_gn.GridLineSearch(), eqx_gn.BacktrackingArmijo(), warm):
         gn = eqx_gn.GaussNewton(
             apply, eqx_gn.SoftmaxCrossEntropy(), line_search=line_search
         )
-        state = gn.init(model)
+        # From the second step on, so that the state's last step size is not 1.
+        model, state, _ = gn.step(model, gn.init(model), batches, ls_batches)
         by_step = gn.step(model, state, batches, ls_batches)
         d, provisional, solver_stats = gn.solve(model, state, batches)
         phi = gn.line_search_objective(model, d, ls_batches)
@@ -463,13 +465,64 @@ def test_step_is_exactly_solve_search_accept(getkey):
         assert float(phi(jnp.asarray(0.5))) == pytest.approx(
             float(eqx_gn.mean_loss(apply, gn.loss, moved, ls_batches)), rel=1e-12
         )
-        s, ls_stats = gn.search(phi, solver_stats.model_end.dtype)
+        s, ls_stats = gn.search(
+            phi, solver_stats.model_end.dtype, previous=state.step_size
+        )
         by_hand = gn.accept(model, state, d, provisional, solver_stats, s, ls_stats)
         assert float(by_step[2].step_size) > 0
         for a, b in zip(
             jax.tree.leaves(by_step), jax.tree.leaves(by_hand), strict=True
         ):
             np.testing.assert_array_equal(a, b)
+
+
+class _HalvingSearch(eqx_gn.AbstractLineSearch):
+    """Returns half the step size it is given as ``previous``."""
+
+    needs_slope = False
+
+    def search(self, phi, phi0, slope=None, previous=None):
+        step = 0.5 * previous
+        unit = phi(jnp.ones_like(step))
+        stats = eqx_gn.LineSearchStats(phi0, phi(step), unit, jnp.asarray(2))
+        return step, stats
+
+
+def test_step_passes_the_last_step_size_to_the_line_search(getkey):
+    model = f64(eqx.nn.MLP(3, 4, 8, 1, key=getkey()))
+    x = jax.random.normal(getkey(), (6, 16, 3))
+    y = jax.random.randint(getkey(), (6, 16), 0, 4)
+    gn = eqx_gn.GaussNewton(
+        apply, eqx_gn.SoftmaxCrossEntropy(), line_search=_HalvingSearch()
+    )
+    state = gn.init(model)
+    assert float(state.step_size) == 1.0
+    step = eqx.filter_jit(gn.step)
+    for expected in (0.5, 0.25, 0.125):
+        model, state, stats = step(model, state, (x[:4], y[:4]), (x[4:], y[4:]))
+        assert float(stats.step_size) == expected
+        assert float(state.step_size) == expected
+    # A non-finite step changes nothing, the last step size included.
+    bad = (x[:4].at[0, 0, 0].set(jnp.nan), y[:4])
+    _, same, stats = step(model, state, bad, (x[4:], y[4:]))
+    assert bool(stats.nonfinite)
+    assert float(same.step_size) == 0.125
+
+
+def test_cg_damping_refuses_a_search_that_may_skip_the_unit_step():
+    warm = eqx_gn.GridLineSearch(stop_on_increase=True, warm_start=True)
+    with pytest.raises(
+        ValueError, match="CG's adaptive damping needs the loss at s = 1"
+    ):
+        eqx_gn.GaussNewton(
+            apply, eqx_gn.SoftmaxCrossEntropy(), solver=eqx_gn.CG(), line_search=warm
+        )
+    eqx_gn.GaussNewton(
+        apply,
+        eqx_gn.SoftmaxCrossEntropy(),
+        solver=eqx_gn.CG(adapt_damping=False),
+        line_search=warm,
+    )
 
 
 def test_mean_loss_is_the_mean_over_micro_batches(getkey):

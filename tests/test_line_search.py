@@ -77,6 +77,88 @@ def test_stop_on_increase_evaluates_few_points_when_unit_step_is_best():
     assert int(stats.num_evaluations) == 2
 
 
+def _unimodal(draw_gaps, minimum, low):
+    """Values on the grid falling to ``low`` at index ``minimum``, then rising."""
+    values = [0.0] * len(draw_gaps)
+    values[minimum] = low
+    for i in range(minimum - 1, -1, -1):
+        values[i] = values[i + 1] + draw_gaps[i]
+    for i in range(minimum + 1, len(draw_gaps)):
+        values[i] = values[i - 1] + draw_gaps[i]
+    return values
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_warm_start_keeps_the_grid_decision_on_unimodal_profiles(data):
+    n = data.draw(st.integers(1, 10))
+    gaps = data.draw(st.lists(st.floats(0.01, 3.0), min_size=n, max_size=n))
+    values = _unimodal(gaps, data.draw(st.integers(0, n - 1)), data.draw(FLOATS))
+    phi0 = jnp.asarray(data.draw(FLOATS))
+    grid = np.asarray(eqx_gn.GridLineSearch(grid_size=n).grid)
+    previous = data.draw(
+        st.sampled_from([None, 0.0, *map(float, grid), 0.3, 5.0, 1e-9])
+    )
+    full = eqx_gn.GridLineSearch(grid_size=n)
+    warm = eqx_gn.GridLineSearch(grid_size=n, stop_on_increase=True, warm_start=True)
+    phi = _grid_function(values)
+    s_full, stats_full = full.search(phi, phi0)
+    hint = None if previous is None else jnp.asarray(previous, phi0.dtype)
+    s_warm, stats_warm = jax.jit(lambda p, h: warm.search(phi, p, previous=h))(
+        phi0, hint
+    )
+    assert float(s_warm) == pytest.approx(float(s_full))
+    assert float(stats_warm.loss_after) == pytest.approx(float(stats_full.loss_after))
+    assert 1 <= int(stats_warm.num_evaluations) <= n
+    unit = float(stats_warm.loss_at_unit_step)
+    assert np.isnan(unit) or unit == pytest.approx(values[0])
+
+
+@pytest.mark.parametrize("best", [1, 4, 6])
+def test_warm_start_from_the_best_point_takes_three_evaluations(best):
+    # Counted by phi itself, not by the search's own statistics. The loss rises
+    # faster towards small steps, so the way up must compare with the start.
+    values = _unimodal([1.0 if i < best else 2.0 for i in range(8)], best, -5.0)
+    warm = eqx_gn.GridLineSearch(grid_size=8, stop_on_increase=True, warm_start=True)
+    calls = []
+    table = _grid_function(values)
+
+    def phi(s):
+        calls.append(float(s))
+        return table(s)
+
+    with jax.disable_jit():
+        step, stats = warm.search(phi, jnp.asarray(0.0), previous=warm.grid[best])
+    grid = np.asarray(warm.grid)
+    assert float(step) == pytest.approx(grid[best])
+    assert calls == pytest.approx([grid[best], grid[best + 1], grid[best - 1]])
+    assert int(stats.num_evaluations) == 3
+    unit = float(stats.loss_at_unit_step)
+    assert unit == values[0] if best == 1 else np.isnan(unit)
+
+
+def test_warm_start_after_a_rejection_starts_at_the_smallest_step():
+    values = _unimodal([1.0] * 8, 5, -5.0)
+    warm = eqx_gn.GridLineSearch(grid_size=8, stop_on_increase=True, warm_start=True)
+    calls = []
+    table = _grid_function(values)
+
+    def phi(s):
+        calls.append(float(s))
+        return table(s)
+
+    with jax.disable_jit():
+        step, _ = warm.search(phi, jnp.asarray(0.0), previous=jnp.asarray(0.0))
+    grid = np.asarray(warm.grid)
+    assert float(step) == pytest.approx(grid[5])
+    assert calls == pytest.approx([grid[7], grid[6], grid[5], grid[4]])
+
+
+def test_warm_start_needs_the_walk():
+    with pytest.raises(ValueError, match="warm_start=True needs stop_on_increase"):
+        eqx_gn.GridLineSearch(warm_start=True)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     st.floats(-5.0, 5.0),

@@ -40,7 +40,7 @@ from ._line_search import (
 )
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
-from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
+from ._solvers import CG, AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
 
 #: $\varphi(s)$: the loss along the direction, as a function of the step size.
 LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
@@ -48,10 +48,13 @@ LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
 
 @final
 class GNState(eqx.Module):
-    """The optimizer's state: the outer step count and the solver's state."""
+    """The optimizer's state: the outer step count, the solver's state, and the step
+    size the line search chose last (1 before the first step, 0 after a rejection),
+    which [`search`][eqx_gn.GaussNewton.search] passes on as ``previous``."""
 
     step: Int[Array, ""]
     solver_state: PyTree
+    step_size: Float[Array, ""]
 
 
 @final
@@ -103,7 +106,9 @@ class GaussNewton(eqx.Module):
     ```python
     direction, provisional, solver_stats = gn.solve(model, state, batches)
     phi = gn.line_search_objective(model, direction, line_search_batches)
-    step_size, ls_stats = gn.search(phi, solver_stats.model_end.dtype)
+    step_size, ls_stats = gn.search(
+        phi, solver_stats.model_end.dtype, previous=state.step_size
+    )
     model, state, stats = gn.accept(
         model, state, direction, provisional, solver_stats, step_size, ls_stats
     )
@@ -131,6 +136,19 @@ class GaussNewton(eqx.Module):
     blocks: Blocks | None = None
     axis_name: AxisName = eqx.field(default=None, static=True)
 
+    def __check_init__(self):
+        if (
+            isinstance(self.solver, CG)
+            and self.solver.adapt_damping
+            and isinstance(self.line_search, GridLineSearch)
+            and self.line_search.warm_start
+        ):
+            raise ValueError(
+                "GaussNewton: CG's adaptive damping needs the loss at s = 1, which "
+                "GridLineSearch(warm_start=True) may not evaluate; use warm_start="
+                "False or CG(adapt_damping=False)."
+            )
+
     @property
     def problem(self) -> GNProblem:
         """The subproblem's definition (``fn``, ``loss``, ``blocks``, ``axis_name``)
@@ -142,7 +160,9 @@ class GaussNewton(eqx.Module):
         """The state before the first step."""
         if self.blocks is not None:
             self.blocks.check_model(model)
-        return GNState(jnp.asarray(0), self.solver.init(model))
+        params = eqx.filter(model, eqx.is_inexact_array)
+        dtype = jnp.result_type(*jax.tree.leaves(params), float)
+        return GNState(jnp.asarray(0), self.solver.init(model), jnp.ones((), dtype))
 
     @typecheck
     def solve(
@@ -189,15 +209,20 @@ class GaussNewton(eqx.Module):
 
     @typecheck
     def search(
-        self, phi: LineObjective, dtype: np.dtype | type | str
+        self,
+        phi: LineObjective,
+        dtype: np.dtype | type | str,
+        previous: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, ""], LineSearchStats]:
         r"""Stage 2b: the step size $s \ge 0$ that ``line_search`` picks on ``phi``.
 
         Evaluates $\varphi(0)$ (and $\varphi'(0)$ by one ``jax.jvp`` when the line
         search ``needs_slope``) with step sizes of ``dtype`` (``step`` uses the
         subproblem's: ``solver_stats.model_end.dtype``), then calls
-        ``line_search.search``. Returns ``(step_size, line_search_stats)``; the stats'
-        ``loss_before`` is $\varphi(0)$.
+        ``line_search.search`` with ``previous`` (``step`` passes
+        ``state.step_size``, the last step's choice). Returns
+        ``(step_size, line_search_stats)``; the stats' ``loss_before`` is
+        $\varphi(0)$.
         """
         zero = jnp.zeros((), dtype)
         if self.line_search.needs_slope:
@@ -205,7 +230,9 @@ class GaussNewton(eqx.Module):
         else:
             phi0, slope = phi(zero), None
         scalar_loss(phi0, "GaussNewton.search")
-        return self.line_search.search(phi, phi0, slope)
+        if previous is not None:
+            previous = jnp.asarray(previous, dtype)
+        return self.line_search.search(phi, phi0, slope, previous)
 
     @typecheck
     def accept(
@@ -248,7 +275,9 @@ class GaussNewton(eqx.Module):
         solver_state = self.solver.accept(
             provisional, direction, step_size, line_search_stats, solver_stats
         )
-        new_state = GNState(state.step + 1, solver_state)
+        new_state = GNState(
+            state.step + 1, solver_state, step_size.astype(state.step_size.dtype)
+        )
         new_state = tree_where(nonfinite, state, new_state)
 
         stats = GNStats(
@@ -283,7 +312,9 @@ class GaussNewton(eqx.Module):
         [`eqx_gn.GNStats`][]."""
         direction, provisional, solver_stats = self.solve(model, state, batches)
         phi = self.line_search_objective(model, direction, line_search_batches)
-        step_size, ls_stats = self.search(phi, solver_stats.model_end.dtype)
+        step_size, ls_stats = self.search(
+            phi, solver_stats.model_end.dtype, previous=state.step_size
+        )
         return self.accept(
             model, state, direction, provisional, solver_stats, step_size, ls_stats
         )

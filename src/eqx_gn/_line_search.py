@@ -3,6 +3,7 @@ r"""Line searches on the true loss along a GN direction.
 A line search sees the loss along the ray, $\varphi(s) = L(\theta_0 + s\,d)$, as a
 scalar function, and returns a step size $s \ge 0$. It never accepts a step whose
 loss is non-finite or not lower than $\varphi(0)$: it returns $s = 0$ (reject) instead.
+It may take the step size it chose at the previous outer step as a hint.
 """
 
 import abc
@@ -38,9 +39,12 @@ class AbstractLineSearch(eqx.Module):
         phi: Callable[[Float[Array, ""]], Float[Array, ""]],
         phi0: Float[Array, ""],
         slope: Float[Array, ""] | None = None,
+        previous: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, ""], LineSearchStats]:
-        r"""Choose $s \ge 0$ given $\varphi$, $\varphi(0)$ and (if
-        ``needs_slope``) $\varphi'(0)$."""
+        r"""Choose $s \ge 0$ given $\varphi$, $\varphi(0)$, (if ``needs_slope``)
+        $\varphi'(0)$, and ``previous``, the step size chosen at the previous outer
+        step (0 after a rejection; ``None`` at the first), which a search may use
+        as a hint."""
 
 
 def scalar_loss(value, name: str) -> Array:
@@ -66,13 +70,24 @@ class GridLineSearch(AbstractLineSearch):
     Returns the grid point of lowest finite loss below $\varphi(0)$, or 0 if there is
     none. With ``stop_on_increase=True`` the grid is walked from $s = 1$ downwards and
     the walk stops at the first increase after an acceptable point: the same choice
-    whenever $\varphi$ is unimodal along the grid, usually in two or three loss
-    evaluations instead of $n$.
+    whenever $\varphi$ is unimodal along the grid, in fewer loss evaluations when a
+    large step is best.
+
+    With ``warm_start=True`` as well, the walk starts at the grid point nearest
+    ``previous`` (the step chosen at the previous outer step; $s = 1$ at the first,
+    the smallest grid point after a rejection) instead of at $s = 1$: it walks
+    towards smaller steps by the same rule and, when none of them is lower than its
+    start, towards larger steps while the loss keeps falling. Again the exhaustive
+    grid's choice whenever $\varphi$ is unimodal along the grid, and three
+    evaluations when the best step is where it was. It evaluates $\varphi(1)$ only
+    when it reaches $s = 1$, so ``loss_at_unit_step`` is NaN otherwise (which is
+    why [`eqx_gn.CG`][]'s adaptive damping, a ratio at $s = 1$, refuses it).
     """
 
     grid_size: int = eqx.field(default=8, static=True)
     factor: float = eqx.field(default=2**-0.5, static=True)
     stop_on_increase: bool = eqx.field(default=False, static=True)
+    warm_start: bool = eqx.field(default=False, static=True)
     needs_slope = False
 
     def __check_init__(self):
@@ -83,6 +98,11 @@ class GridLineSearch(AbstractLineSearch):
         if not 0.0 < self.factor < 1.0:
             raise ValueError(
                 f"GridLineSearch: factor must be in (0, 1), got {self.factor}."
+            )
+        if self.warm_start and not self.stop_on_increase:
+            raise ValueError(
+                "GridLineSearch: warm_start=True needs stop_on_increase=True (the "
+                "exhaustive grid has no start)."
             )
 
     @property
@@ -96,10 +116,11 @@ class GridLineSearch(AbstractLineSearch):
         phi: Callable[[Float[Array, ""]], Float[Array, ""]],
         phi0: Float[Array, ""],
         slope: Float[Array, ""] | None = None,
+        previous: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, ""], LineSearchStats]:
         grid = self.grid.astype(phi0.dtype)
         if self.stop_on_increase:
-            return self._walk(phi, phi0, grid)
+            return self._walk(phi, phi0, grid, self._start(previous))
         losses = jax.lax.map(lambda s: scalar_loss(phi(s), "GridLineSearch"), grid)
         ok = _acceptable(losses, phi0)
         best = jnp.argmin(jnp.where(ok, losses, jnp.inf))
@@ -113,32 +134,79 @@ class GridLineSearch(AbstractLineSearch):
         )
         return step, stats
 
-    def _walk(self, phi, phi0, grid):
+    def _start(self, previous):
+        """The grid index the walk starts at: 0 ($s = 1$) without ``warm_start`` or
+        ``previous``, else the grid point nearest ``previous`` on a log scale."""
+        if not self.warm_start or previous is None:
+            return jnp.asarray(0)
+        previous = jnp.asarray(previous)
+        last = self.grid_size - 1
+        safe = jnp.where(previous > 0, previous, 1.0)
+        index = jnp.round(jnp.log(safe) / jnp.log(self.factor))
+        index = jnp.clip(jnp.nan_to_num(index), 0, last).astype(int)
+        return jnp.where(previous > 0, index, last)
+
+    def _walk(self, phi, phi0, grid, start):
+        """Down from ``start`` (towards smaller steps) until the first increase
+        after an acceptable point or the grid's end; then, if ``start`` was the best
+        point met or none was acceptable, up from ``start`` while the loss falls.
+        Without ``warm_start``, ``start`` is 0 and there is no way up. One ``phi``
+        per loop iteration (one trace)."""
         n = self.grid_size
         inf = jnp.asarray(jnp.inf, phi0.dtype)
 
         def cond(carry):
-            i, _, _, stop, _ = carry
-            return (i < n) & ~stop
+            return ~carry[-2]
 
         def body(carry):
-            i, best_step, best_loss, _, at_one = carry
+            i, down, count, best_i, best_loss, start_loss, last, _, at_one = carry
             value = scalar_loss(phi(grid[i]), "GridLineSearch")
-            ok = _acceptable(value, phi0)
-            better = ok & (value < best_loss)
-            found_before = jnp.isfinite(best_loss)
-            stop = found_before & jnp.isfinite(value) & (value >= best_loss)
             at_one = jnp.where(i == 0, value, at_one)
+            start_loss = jnp.where(count == 0, value, start_loss)
+            # Down: the first increase after an acceptable point, or the grid's end.
+            down_ends = (
+                jnp.isfinite(best_loss) & jnp.isfinite(value) & (value >= best_loss)
+            ) | (i == n - 1)
+            better = _acceptable(value, phi0) & (value < best_loss)
+            best_i = jnp.where(better, i, best_i)
+            best_loss = jnp.where(better, value, best_loss)
+            turn = (
+                down
+                & down_ends
+                & (start > 0)
+                & ((best_i == start) | ~jnp.isfinite(best_loss))
+            )
+            # Up: while the loss falls, to the grid's start.
+            falls = jnp.isfinite(value) & (value < jnp.where(count == 0, inf, last))
+            keep_up = ~down & falls & (i > 0)
+            keep_down = down & ~down_ends
+            nxt = jnp.where(keep_down, i + 1, jnp.where(turn, start, i) - 1)
             return (
-                i + 1,
-                jnp.where(better, grid[i], best_step),
-                jnp.where(better, value, best_loss),
-                stop,
+                jnp.clip(nxt, 0, n - 1),
+                down & ~turn,
+                count + 1,
+                best_i,
+                best_loss,
+                start_loss,
+                jnp.where(turn, start_loss, value),
+                ~(keep_down | turn | keep_up),
                 at_one,
             )
 
-        init = (jnp.asarray(0), jnp.zeros((), phi0.dtype), inf, jnp.asarray(False), inf)
-        count, step, loss, _, at_one = jax.lax.while_loop(cond, body, init)
+        nan = jnp.full((), jnp.nan, phi0.dtype)
+        init = (
+            start,
+            jnp.asarray(True),
+            jnp.asarray(0),
+            start,
+            inf,
+            nan,
+            nan,
+            jnp.asarray(False),
+            nan,
+        )
+        out = jax.lax.while_loop(cond, body, init)
+        count, best_i, loss, at_one = out[2], out[3], out[4], out[-1]
         found = jnp.isfinite(loss)
         stats = LineSearchStats(
             loss_before=phi0,
@@ -146,7 +214,7 @@ class GridLineSearch(AbstractLineSearch):
             loss_at_unit_step=at_one,
             num_evaluations=count,
         )
-        return jnp.where(found, step, 0.0), stats
+        return jnp.where(found, grid[best_i], 0.0), stats
 
 
 @final
@@ -182,6 +250,7 @@ class BacktrackingArmijo(AbstractLineSearch):
         phi: Callable[[Float[Array, ""]], Float[Array, ""]],
         phi0: Float[Array, ""],
         slope: Float[Array, ""] | None = None,
+        previous: Float[Array, ""] | None = None,
     ) -> tuple[Float[Array, ""], LineSearchStats]:
         if slope is None:
             raise ValueError("BacktrackingArmijo needs the slope phi'(0).")

@@ -73,6 +73,12 @@ def final_arrays(run_dir):
         (dict(solver="cg", lr=0.1), "lr does not apply to solver 'cg'"),
         (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
         (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
+        (dict(line_search="armijo"), "unknown line_search 'armijo'"),
+        (dict(optimizer="muon", line_search="grid"), "line_search applies to optim"),
+        (
+            dict(solver="cg", line_search="warm"),
+            "line_search 'warm' does not apply to solver 'cg'",
+        ),
     ],
 )
 def test_config_rejects_bad_values(changes, message):
@@ -97,6 +103,24 @@ def test_config_derived_sizes():
     )
     config = TrainConfig(optimizer="muon", lr=0.01)
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache_dir):
+    assert TrainConfig().line_search_rule == "warm"
+    assert TrainConfig(solver="cg").line_search_rule == "grid"
+    assert TrainConfig(optimizer="adamw").line_search_rule is None
+    evaluations = {}
+    for rule in ("grid", "warm"):
+        config = small(tmp_path, cache_dir, rule, steps=6, line_search=rule)
+        assert train(config)["line_search"] == rule
+        evaluations[rule] = [
+            r["line_search_evaluations"]
+            for r in records(tmp_path / rule)
+            if r["phase"] == "main"
+        ]
+    # The grid evaluates all its step sizes at every step; the walk fewer, in all.
+    assert evaluations["grid"] == [config.ls_grid] * len(evaluations["grid"])
+    assert sum(evaluations["warm"]) < sum(evaluations["grid"])
 
 
 def test_gn_settings_are_orthogonal_and_named_by_method():

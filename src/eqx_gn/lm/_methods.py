@@ -18,6 +18,9 @@ BLOCKS: tuple[str, ...] = ("full", "layerwise")
 #: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
 #: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
 SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
+#: GN's line searches: the exhaustive grid (the paper's) and the walk from the
+#: last step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``).
+LINE_SEARCHES: tuple[str, ...] = ("grid", "warm")
 #: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
 #: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
 #: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64

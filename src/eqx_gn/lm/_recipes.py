@@ -20,7 +20,8 @@ sweep compiles each step once.
   `eqx_gn.ProxLinear` with the Muon/AdamW inner optimizer at inner learning rate
   ``lr`` on one global cosine over all inner steps, warm start; or `eqx_gn.CG` with
   ``cg_iterations`` iterations from damping ``cg_damping``; then
-  `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes.
+  `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
+  ``"grid"``) or walked from the last step's choice (``"warm"``).
 
 Every first-order update clips the gradient to global norm ``max_grad_norm``.
 Every schedule is [`eqx_gn.cosine_decay`][].
@@ -112,6 +113,7 @@ class GaussNewtonRecipe:
     lr: float | None
     steps: int
     ls_grid: int
+    line_search: str
     cg_damping: float
     cg_iterations: int
     b2: float
@@ -142,7 +144,11 @@ class GaussNewtonRecipe:
             apply_lm,
             LM_LOSS,
             solver=solver,
-            line_search=GridLineSearch(grid_size=self.ls_grid),
+            line_search=GridLineSearch(
+                grid_size=self.ls_grid,
+                stop_on_increase=self.line_search == "warm",
+                warm_start=self.line_search == "warm",
+            ),
             blocks=layerwise_blocks(model) if self.blocks == "layerwise" else None,
         )
 
@@ -176,6 +182,7 @@ def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
             lr=config.learning_rate,
             steps=config.main_steps,
             ls_grid=config.ls_grid,
+            line_search=config.line_search_rule,
             cg_damping=config.cg_damping,
             cg_iterations=config.cg_iterations,
             b2=config.b2,

@@ -73,6 +73,7 @@ GN_METRICS = (
     "damping",
     "rejected",
     "nonfinite",
+    "line_search_evaluations",
 )
 
 
@@ -146,9 +147,14 @@ COMPILED = CompileCache()
 
 
 def json_ready(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Metrics as Python bools and floats."""
+    """Metrics as Python bools, ints and floats."""
     out = {}
     for name, value in metrics.items():
         value = np.asarray(value)
-        out[name] = bool(value) if value.dtype == bool else float(value)
+        if value.dtype == bool:
+            out[name] = bool(value)
+        elif np.issubdtype(value.dtype, np.integer):
+            out[name] = int(value)
+        else:
+            out[name] = float(value)
     return out

@@ -31,8 +31,9 @@ step's batch for first-order steps, on the line-search batches for GN steps). GN
 steps add ``loss_before``/``loss_after`` (line-search losses at the start and at
 the chosen step), ``step_size``, ``predicted_decrease``/``actual_decrease``
 (model and true decrease at step size 1), ``model_start``/``model_end``,
-``damping``, ``rejected``, ``nonfinite`` and ``ls_tokens`` (line-search tokens so
-far). Evaluation steps (every ``eval_every`` steps, the last warm-up step and the
+``damping``, ``rejected``, ``nonfinite``, ``line_search_evaluations`` (losses
+evaluated by the line search, each on all its batches, besides the one at the
+start) and ``ls_tokens`` (line-search tokens so far). Evaluation steps (every ``eval_every`` steps, the last warm-up step and the
 last step) add ``val_loss``, the mean loss over ``eval_batches`` fixed validation
 batches of ``eval_batch_size`` sequences.
 
@@ -419,6 +420,7 @@ class _Training:
             "main_steps": config.main_steps,
             "micro_batch_size": config.micro_batch_size if config.is_gn else None,
             "ls_batch_size": config.line_search_batch_size if config.is_gn else None,
+            "line_search": config.line_search_rule,
             "seq_len": self.seq_len,
             "tokens_per_step": config.batch_size * self.seq_len,
             "model_config": {
@@ -443,6 +445,7 @@ class _Training:
             "optimizer": config.optimizer,
             "blocks": config.blocks if config.is_gn else None,
             "solver": config.solver if config.is_gn else None,
+            "line_search": config.line_search_rule,
             "method": config.method,
             "label": config.label,
             "model": config.model,

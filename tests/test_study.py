@@ -150,7 +150,11 @@ class FakeTrainer:
             records.append(record)
             if reached:
                 break
-        resolved = {"warmup_steps": WARMUP, "seq_len": SEQ}
+        resolved = {
+            "warmup_steps": WARMUP,
+            "seq_len": SEQ,
+            "line_search": config.line_search_rule,
+        }
         (out / "config.json").write_text(
             json.dumps({"config": config.to_dict(), "resolved": resolved})
         )
@@ -355,6 +359,32 @@ def test_report_page_traces_to_study_json(finished, tmp_path):
     ratio = result["claims"]["largest"]["best_baseline_steps_over_gn"]
     assert f"{ratio:.2f}" in text
     assert (page.parent / "assets" / "out" / "steps_to_target.png").exists()
+    assert "GN's line search (each run's resolved `line_search`): the warm walk" in text
+
+
+def test_report_names_the_grid_for_runs_from_before_the_line_search_setting():
+    from eqx_gn.lm._study_report import _gn_line_search
+
+    runs = [
+        {"method": "gn", "resolved": {}},
+        {"method": "adamw", "resolved": {"line_search": None}},
+    ]
+    assert "the exhaustive grid" in _gn_line_search({"runs": runs})
+    runs.append({"method": "gn-prox", "resolved": {"line_search": "warm"}})
+    assert "grid (every step size evaluated, the paper's); the warm walk" in (
+        _gn_line_search({"runs": runs})
+    )
+
+
+def test_report_only_takes_the_settings_study_json_records(finished, tmp_path):
+    # The page's own command: --out and --report, none of the study's options.
+    base, _, result = finished
+    page = tmp_path / "page" / "results.md"
+    argv = ["--out", str(base / "out"), "--runs-dir", str(base / "runs")]
+    assert study.main(parse(*argv, "--report-only", "--report", str(page))) == 0
+    assert f"{result['target']:.4f}" in page.read_text()
+    saved = json.loads((base / "out" / "study.json").read_text())
+    assert saved["runs"] == result["runs"] and saved["settings"]["steps"] == STEPS
 
 
 @pytest.mark.parametrize(

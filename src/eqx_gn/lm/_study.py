@@ -45,6 +45,7 @@ in its own directory under ``--runs-dir``; a run whose directory has a finished
 """
 
 import argparse
+import json
 from pathlib import Path
 
 from ._config import ConfigError
@@ -129,7 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--report-only",
         action="store_true",
-        help="train nothing: tabulate the runs study.json or --runs-dir hold",
+        help="train nothing: tabulate the runs study.json or --runs-dir hold (with "
+        "the settings OUT/study.json records, when there is one: the study's "
+        "other options are then ignored)",
     )
     a(
         "--report",
@@ -191,6 +194,17 @@ def main(args: argparse.Namespace) -> int:
     """Run ``eqx-gn study``."""
     out = Path(args.out)
     settings = settings_from(args)
+    saved = out / "study.json"
+    if args.report_only and saved.exists():
+        # The study's own settings: a report needs no repeat of its command line.
+        recorded = json.loads(saved.read_text())["settings"]
+        settings = Settings(
+            **{
+                **recorded,
+                "methods": tuple(recorded["methods"]),
+                "batch_sizes": tuple(recorded["batch_sizes"]),
+            }
+        )
     runs_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
     if args.report_only:
         train = None

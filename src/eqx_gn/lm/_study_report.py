@@ -179,8 +179,33 @@ def _protocol(result: dict) -> list[str]:
         "batches included; time is training time, compilation and evaluation "
         "excluded alike.",
         "",
+        _gn_line_search(result),
+        "",
     ]
     return lines
+
+
+def _gn_line_search(result: dict) -> str:
+    """Which line search the study's GN runs used (each run's resolved
+    ``line_search``; runs from before it was a setting used the grid)."""
+    rules = sorted(
+        {
+            r["resolved"].get("line_search") or "grid"
+            for r in result["runs"]
+            if r["method"].startswith("gn")
+        }
+    )
+    names = {
+        "grid": "the exhaustive grid (every step size evaluated, the paper's)",
+        "warm": "the warm walk (from the last step's choice)",
+    }
+    return (
+        "GN's line search (each run's resolved `line_search`): "
+        + "; ".join(names.get(rule, rule) for rule in rules)
+        + ". `python benchmarks/line_search_effect.py --study STUDY.json` trains a "
+        "study's chosen GN runs with both (results in "
+        "`benchmarks/results/line_search_effect_<model>.json`)."
+    )
 
 
 def command_of(settings: dict, out: str) -> str:

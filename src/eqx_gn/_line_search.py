@@ -177,7 +177,7 @@ class GridLineSearch(AbstractLineSearch):
                 & ((best_i == start) | ~jnp.isfinite(best_loss))
             )
             # Up: while the loss falls, to the grid's start.
-            falls = jnp.isfinite(value) & (value < jnp.where(count == 0, inf, last))
+            falls = jnp.isfinite(value) & (value < last)
             keep_up = ~down & falls & (i > 0)
             keep_down = down & ~down_ends
             nxt = jnp.where(keep_down, i + 1, jnp.where(turn, start, i) - 1)

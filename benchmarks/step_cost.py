@@ -14,6 +14,11 @@ Timed, compile excluded, median over ``--reps`` steps taken round-robin:
   direction;
 - ``gn_accept``: ``GaussNewton.accept`` alone (the parameter update and the
   solver's state);
+- ``gn_qgrads`` and ``gn_inner_updates``: the two halves of ``gn_solve`` on their
+  own, K quadratic-model gradients at fresh linearizations (``quadratic_model``
+  then ``value_and_grad``, in a ``lax.map`` over the micro-batches) and K updates
+  of the inner optimizer (Muon's Newton-Schulz on every hidden matrix, AdamW on
+  the rest);
 - ``gn_paper``: a full GN step with the paper's line search: 8 grid points, each
   on ``--ls-batches`` (default K) fresh micro-batches;
 - ``gn_cheap``: the same step with ``GridLineSearch(stop_on_increase=True)`` on
@@ -41,6 +46,8 @@ Writes ``benchmarks/results/step_cost_<device>_<tag>.json``.
 
     python benchmarks/step_cost.py                 # tiny model, K=8 of 8 sequences
     python benchmarks/step_cost.py --quick         # a smoke run (seconds, no JSON)
+    python benchmarks/step_cost.py --model 45m --tokenizer bpe --scan-layers \
+        --seq 1024 --micro-batches 8 --micro-batch-size 8   # the paper's 45m step
 
 Every GN piece is timed through the public stages of ``GaussNewton.step``
 (``solve``, ``line_search_objective`` with ``search``, ``accept``); nothing here
@@ -73,6 +80,13 @@ def parse():
     p.add_argument("--heads", type=int)
     p.add_argument("--ffn", type=int)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument(
+        "--tokenizer",
+        choices=("byte", "bpe"),
+        default="byte",
+        help="bpe: a BPE tokenizer of the model's vocab_size, trained on the "
+        "bundled plays (the 45m and 150m shapes need it)",
+    )
     p.add_argument(
         "--scan-layers", action="store_true", help="stacked blocks applied with scan"
     )
@@ -115,9 +129,16 @@ def main():
         args.model, seq_len=args.seq, scan_layers=args.scan_layers, **overrides
     )
     model = lm.Transformer(config, jax.random.key(args.seed))
-    splits = lm.prepare_splits()
+    splits = lm.prepare_splits(
+        tokenizer=args.tokenizer,
+        vocab_size=config.vocab_size if args.tokenizer == "bpe" else None,
+    )
     if splits.tokenizer.vocab_size != config.vocab_size:
-        raise SystemExit("the byte tokenizer needs a model with vocab_size 257")
+        raise SystemExit(
+            f"step_cost: the {args.tokenizer} tokenizer has {splits.tokenizer.vocab_size}"
+            f" tokens but the model's vocab_size is {config.vocab_size}; use "
+            "--tokenizer bpe for a model with another vocabulary"
+        )
     train = lm.batch_iterator(splits.train, k * b, args.seq, seed=args.seed)
     search = lm.batch_iterator(
         splits.train, max(m_paper, m_cheap) * b, args.seq, seed=args.seed + 1
@@ -183,6 +204,25 @@ def main():
     @eqx.filter_jit
     def accept_only(model, state, solved, searched):
         return gn_paper.accept(model, state, *solved, *searched)
+
+    @eqx.filter_jit
+    def qgrads_only(model, batches, d):
+        def one(batch):
+            q = eqx_gn.quadratic_model(lm.apply_lm, model, batch, loss=loss)
+            return q.value_and_grad(d)
+
+        return jax.lax.map(one, batches)
+
+    inner = gn_paper.solver.optimizer
+
+    @eqx.filter_jit
+    def inner_updates_only(params, grads):
+        def body(_, carry):
+            p, s = carry
+            updates, s = inner.update(grads, s, p)
+            return optax.apply_updates(p, updates), s
+
+        return jax.lax.fori_loop(0, k, body, (params, inner.init(params)))
 
     # ---------------------------------------------------------- decisions
     candidates = {
@@ -299,6 +339,12 @@ def main():
     def run_accept(x, y, _):
         block(accept_only(model, states["gn_paper"], solved, searched))
 
+    def run_qgrads(x, y, _):
+        block(qgrads_only(model, (x, y), solved[0]))
+
+    def run_inner_updates(x, y, _):
+        block(inner_updates_only(eqx.filter(model, eqx.is_inexact_array), solved[0]))
+
     def runner(name):
         def run(x, y, ls):
             _, m = variants[name]
@@ -315,6 +361,8 @@ def main():
         "gn_solve": run_solve,
         "gn_search": run_search,
         "gn_accept": run_accept,
+        "gn_qgrads": run_qgrads,
+        "gn_inner_updates": run_inner_updates,
     }
     timers.update({name: runner(name) for name in variants})
     samples = {name: [] for name in timers}
@@ -384,6 +432,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     tag = f"{args.model}-w{config.width}-d{config.depth}-s{args.seq}-K{k}b{b}"
     tag += "-scan" if args.scan_layers else ""
+    tag += f"-bpe{config.vocab_size}" if args.tokenizer == "bpe" else ""
     path = out / f"step_cost_{jax.default_backend()}_{tag}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")

@@ -202,8 +202,9 @@ def _gn_line_search(result: dict) -> str:
     return (
         "GN's line search (each run's resolved `line_search`): "
         + "; ".join(names.get(rule, rule) for rule in rules)
-        + ". `python benchmarks/line_search_effect.py --study STUDY.json` trains a "
-        "study's chosen GN runs with both (results in "
+        + ". A study trains GN with the runner's default line search, which is now "
+        "the warm walk; `python benchmarks/line_search_effect.py --study "
+        "STUDY.json` trains a study's chosen GN runs with both (results in "
         "`benchmarks/results/line_search_effect_<model>.json`)."
     )
 

@@ -453,3 +453,19 @@ def test_batch_must_be_a_pair(mlp_problem, batch):
     with raises_invalid(match, annotated=True):
         v = random_like_params(jax.random.key(0), p.model)
         eqx_gn.gnvp(p.fn, p.model, bad, v, loss=p.loss)
+
+
+def test_block_ordering_leaves_the_tangents_exactly_as_they_are():
+    # The dependency that orders the blocks adds an exact zero, NaNs included.
+    from eqx_gn._gnvp import _after
+
+    x = jnp.asarray([1.5, -2.0, 3.0])
+    y = jnp.asarray([0.25])
+    for done in (
+        (jnp.asarray(1.0), [jnp.ones(4), jnp.asarray([2.0])]),
+        (jnp.asarray(jnp.nan), [jnp.ones(4)]),
+        (jnp.asarray(1.0), [jnp.asarray([jnp.inf, -jnp.inf]), jnp.ones(7)]),
+    ):
+        got = jax.jit(_after)([x, y], done)
+        np.testing.assert_array_equal(got[0], x)
+        np.testing.assert_array_equal(got[1], y)

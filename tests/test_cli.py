@@ -183,3 +183,21 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, args, message):
     assert lines[0].startswith(f"eqx-gn {args[0]}: error: ")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_compare_gives_gn_settings_to_the_methods_they_apply_to():
+    # `compare --methods adamw,gn,gn-cg --line-search grid --cg-damping 0.01`: each
+    # method's configuration is valid and keeps the settings that apply to it.
+    from eqx_gn.lm import TrainConfig, parse_method
+    from eqx_gn.lm._cli import applicable
+
+    values = {"steps": 3, "line_search": "grid", "cg_damping": 0.01}
+    configs = {
+        m: TrainConfig(**applicable(values, parse_method(m)), **parse_method(m))
+        for m in ("adamw", "gn", "gn-cg")
+    }
+    assert configs["adamw"].line_search is None
+    assert configs["gn"].line_search_rule == configs["gn-cg"].line_search_rule == "grid"
+    assert configs["gn"].cg_damping == TrainConfig().cg_damping
+    assert configs["gn-cg"].cg_damping == 0.01
+    assert {c.steps for c in configs.values()} == {3}

@@ -271,6 +271,23 @@ def _config_values(args: argparse.Namespace, default_out: str) -> dict[str, Any]
     return values
 
 
+#: Settings of GN only, and of GN's CG solver only.
+_GN_ONLY = ("line_search", "cg_damping", "cg_iterations")
+_CG_ONLY = ("cg_damping", "cg_iterations")
+
+
+def applicable(values: dict[str, Any], method: dict[str, str]) -> dict[str, Any]:
+    """``values`` without the settings that do not apply to ``method`` (the
+    optimizer, blocks and solver of `parse_method`): a comparison's
+    ``--line-search`` is for its GN methods, its ``--cg-damping`` for its CG ones."""
+    drop: tuple[str, ...] = ()
+    if method["optimizer"] != "gn":
+        drop = _GN_ONLY
+    elif method["solver"] != "cg":
+        drop = _CG_ONLY
+    return {k: v for k, v in values.items() if k not in drop}
+
+
 def _parse_rates(text: str, methods: list[str]) -> dict[str, float]:
     try:
         return dict.fromkeys(methods, float(text))
@@ -331,7 +348,10 @@ def _compare(args: argparse.Namespace) -> int:
     # Check every configuration before the first run starts.
     configs = [
         TrainConfig(
-            **values, **settings_of[name], lr=rates.get(name), out=str(out / name)
+            **applicable(values, settings_of[name]),
+            **settings_of[name],
+            lr=rates.get(name),
+            out=str(out / name),
         )
         for name in methods
     ]

@@ -33,9 +33,11 @@ the chosen step), ``step_size``, ``predicted_decrease``/``actual_decrease``
 (model and true decrease at step size 1), ``model_start``/``model_end``,
 ``damping``, ``rejected``, ``nonfinite``, ``line_search_evaluations`` (losses
 evaluated by the line search, each on all its batches, besides the one at the
-start) and ``ls_tokens`` (line-search tokens so far). Evaluation steps (every ``eval_every`` steps, the last warm-up step and the
-last step) add ``val_loss``, the mean loss over ``eval_batches`` fixed validation
-batches of ``eval_batch_size`` sequences.
+start) and ``ls_tokens`` (line-search tokens so far); ``actual_decrease`` is NaN
+when the line search did not evaluate step size 1 (the warm walk). Evaluation
+steps (every ``eval_every`` steps, the last warm-up step and the last step) add
+``val_loss``, the mean loss over ``eval_batches`` fixed validation batches of
+``eval_batch_size`` sequences.
 
 **Resuming.** With ``resume=True`` a run continues from its newest intact
 checkpoint and ends with the same parameters, bit for bit on CPU, and the same

@@ -418,6 +418,7 @@ def main():
         },
         "tokens_per_step": k * b * args.seq,
         "median_seconds": medians,
+        "samples_seconds": samples,
         "ratio_to_adamw": ratios,
         "mean_line_search_evaluations": {
             n: float(np.mean(v)) for n, v in evals.items()

@@ -398,3 +398,77 @@ def test_cg_moves_no_batch_data_between_devices(explicit):
         "all-to-all": 0,
         "collective-permute": 0,
     }
+
+
+def _scanned(model):
+    """``model`` with its blocks stacked (the same weights) for ``jax.lax.scan``."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *model.blocks)
+    return eqx.tree_at(lambda m: m.blocks, model, stacked)
+
+
+#: ``apply`` of the scanned model, its stack shown to eqx_gn.
+LAYER_SCAN = eqx_gn.LayerScan(
+    before=lambda m, x: x @ m.w_in,
+    layer=lambda block, h: block(h),
+    after=lambda m, h: h @ m.w_out,
+    stack=lambda m: m.blocks,
+)
+
+
+@pytest.mark.parametrize("layout", ["replicated", "fsdp"])
+def test_explicit_mesh_layer_scan_equals_one_device(layout):
+    """A scanned model through an ``eqx_gn.LayerScan``, its stacked weights split
+    over 'fsdp' after the layer axis: layerwise products (layer blocks starting at
+    their layer) and two GN steps equal the unscanned model's on one device."""
+    model, batches, ls_batches = _problem()
+    scanned = _scanned(model)
+    blocks = eqx_gn.Blocks.from_stacked_layers(scanned, lambda m: m.blocks)
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    first = jax.tree.map(lambda a: a[0], batches)
+    batch = (first[0], first[1][0])
+    v = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size)).reshape(p.shape),
+        eqx.filter(model, eqx.is_inexact_array),
+    )
+
+    @eqx.filter_jit
+    def products(fn, model, batch, blocks, v):
+        q = eqx_gn.quadratic_model(fn, model, batch, loss=loss, blocks=blocks)
+        (value, grad), (prox, prox_grad) = (
+            q.value_and_grad(v),
+            q.linearized_loss_value_and_grad(v),
+        )
+        return value, prox, q.gnvp(v), grad, prox_grad
+
+    reference = products(apply, model, batch, _layer_blocks(model), v)
+    reference = reference[:2] + tuple(_scanned(r) for r in reference[2:])
+    solver = SOLVERS["inner"]()
+    plain = eqx_gn.GaussNewton(apply, loss, solver=solver, blocks=_layer_blocks(model))
+    steps = _two_steps(plain, model, batches, ls_batches)
+    gn = eqx_gn.GaussNewton(LAYER_SCAN, loss, solver=solver, blocks=blocks)
+    stacked_fsdp = {"w1": P(None, "fsdp", None), "b1": P(None, "fsdp"),
+                    "w2": P(None, None, "fsdp")}  # fmt: skip
+
+    def spec(path, x):
+        if layout == "replicated":
+            return P()
+        table = stacked_fsdp if path[0].name == "blocks" else FSDP
+        return table[path[-1].name]
+
+    specs = jax.tree_util.tree_map_with_path(
+        spec, eqx.filter(scanned, eqx.is_inexact_array)
+    )
+    mesh = _explicit_mesh()
+    with jax.set_mesh(mesh):
+        m = _place(scanned, specs, mesh, True)
+        b = _place_batch(batch, P("data"), mesh, True)
+        vs = _place(_scanned(v), specs, mesh, True)
+        sharded = products(LAYER_SCAN, m, b, blocks, vs)
+        bs = _place_batch(batches, P(None, "data"), mesh, True)
+        lbs = _place_batch(ls_batches, P(None, "data"), mesh, True)
+        moved = _two_steps(gn, m, bs, lbs)
+    _assert_same(reference, sharded)
+    for result in sharded[2:]:
+        assert _specs_of(result) == _specs_of(vs)
+    _assert_same(_scanned(steps[0]), moved[0])
+    assert all(float(s.step_size) > 0 for s in moved[2])

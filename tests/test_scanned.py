@@ -7,6 +7,8 @@ blocks zeroed) and the same product on the unscanned model (the layers as a tupl
 and GN steps with every solver equal the unscanned ones.
 """
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,18 @@ class Toy(eqx.Module):
 
 def apply(model, x):
     return jax.vmap(model)(x)
+
+
+#: ``apply`` on the scanned toy, with its stack shown to eqx_gn: the layer blocks'
+#: products start at their layer.
+LAYER_SCAN = eqx_gn.LayerScan(
+    before=lambda m, x: jax.vmap(lambda x: jnp.tanh(m.inp(x)))(x),
+    layer=lambda layer, h: jax.vmap(layer)(h),
+    after=lambda m, h: jax.vmap(m.out)(h),
+    stack=lambda m: m.layers,
+)
+APPLY_FNS = {"plain": apply, "layer_scan": LAYER_SCAN}
+fn_names = st.sampled_from(sorted(APPLY_FNS))
 
 
 def problems(seed: int, num_layers: int, loss_kind: str):
@@ -160,10 +174,11 @@ loss_kinds = st.sampled_from(["ce", "mse"])
 
 
 @SETTINGS
-@given(seeds, layer_counts, loss_kinds, st.booleans())
+@given(seeds, layer_counts, loss_kinds, st.booleans(), fn_names)
 def test_scanned_products_equal_dense_block_diagonal(
-    seed, num_layers, loss_kind, join_out
+    seed, num_layers, loss_kind, join_out, fn_name
 ):
+    apply = APPLY_FNS[fn_name]
     scanned, _ = problems(seed, num_layers, loss_kind)
     blocks = stacked_blocks(scanned.model, join_out)
     ids = flat_block_ids(scanned.model, join_out)
@@ -187,11 +202,22 @@ def test_scanned_products_equal_dense_block_diagonal(
     expected = scanned.true_loss(scanned.params) + g @ d + 0.5 * d @ dense_bd @ d
     np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-11)
     assert_trees_close(grad, unravel(g + dense_bd @ d))
+    # The loss gradient and the full (one-block) product, through the same parts.
+    assert_trees_close(q.gradient(), unravel(g))
+    full = eqx_gn.gnvp(apply, scanned.model, scanned.batch, v, loss=scanned.loss)
+    assert_trees_close(full, unravel(dense @ flat(v)))
+    if fn_name == "layer_scan":  # the layer blocks took the path that starts at l
+        leaves = tuple(i for i, ls in enumerate(blocks.layer_blocks) if ls)
+        joined = tuple(
+            i for i, b in enumerate(blocks.leaf_block) if 0 <= b < num_layers
+        )
+        assert q.stack.fast(leaves, joined)
 
 
 @SETTINGS
-@given(seeds, layer_counts, loss_kinds)
-def test_scanned_products_equal_unscanned(seed, num_layers, loss_kind):
+@given(seeds, layer_counts, loss_kinds, fn_names)
+def test_scanned_products_equal_unscanned(seed, num_layers, loss_kind, fn_name):
+    apply_s = APPLY_FNS[fn_name]
     scanned, plain = problems(seed, num_layers, loss_kind)
     blocks_s = stacked_blocks(scanned.model)
     blocks_p = eqx_gn.Blocks.from_layers(
@@ -205,7 +231,7 @@ def test_scanned_products_equal_unscanned(seed, num_layers, loss_kind):
     v = random_like_params(jax.random.key(seed + 1), scanned.model)
     v_p = unstack(v, plain.params)
     q_s = eqx_gn.quadratic_model(
-        apply, scanned.model, scanned.batch, loss=scanned.loss, blocks=blocks_s
+        apply_s, scanned.model, scanned.batch, loss=scanned.loss, blocks=blocks_s
     )
     q_p = eqx_gn.quadratic_model(
         apply, plain.model, plain.batch, loss=plain.loss, blocks=blocks_p
@@ -218,14 +244,15 @@ def test_scanned_products_equal_unscanned(seed, num_layers, loss_kind):
         assert_trees_close(unstack(grad_s, plain.params), grad_p)
 
 
-def _gn(solver, blocks):
+def _gn(solver, blocks, fn=apply):
     return eqx_gn.GaussNewton(
-        apply, eqx_gn.MeanSquaredError(), solver=solver, blocks=blocks
+        fn, eqx_gn.MeanSquaredError(), solver=solver, blocks=blocks
     )
 
 
+@pytest.mark.parametrize("fn_name", sorted(APPLY_FNS))
 @pytest.mark.parametrize("solver", ["inner", "cg", "prox"])
-def test_gn_steps_on_scanned_equal_unscanned(solver):
+def test_gn_steps_on_scanned_equal_unscanned(solver, fn_name):
     num_layers, k = 3, 2
     scanned, plain = problems(0, num_layers, "mse")
     kx, ky = jax.random.split(jax.random.key(7))
@@ -257,7 +284,9 @@ def test_gn_steps_on_scanned_equal_unscanned(solver):
             "out": subtree(plain.model, lambda m: m.out),
         },
     )
-    gn_s = _gn(make_solver(scanned.model), stacked_blocks(scanned.model))
+    gn_s = _gn(
+        make_solver(scanned.model), stacked_blocks(scanned.model), APPLY_FNS[fn_name]
+    )
     gn_p = _gn(make_solver(plain.model), blocks_p)
     model_s, model_p = scanned.model, plain.model
     state_s, state_p = gn_s.init(model_s), gn_p.init(model_p)
@@ -280,9 +309,10 @@ def test_gn_steps_on_scanned_equal_unscanned(solver):
         )
 
 
-def test_scanned_layer_blocks_under_shard_map():
-    """The vmapped layer blocks inside shard_map (checked varying axes) sum the
-    shards once: the same numbers as on one device."""
+@pytest.mark.parametrize("fn_name", sorted(APPLY_FNS))
+def test_scanned_layer_blocks_under_shard_map(fn_name):
+    """The layer blocks inside shard_map (checked varying axes) sum the shards once:
+    the same numbers as on one device, and as ``apply`` on one device."""
     from jax.sharding import PartitionSpec as P
 
     num_layers, batch_size = 3, 16
@@ -298,9 +328,11 @@ def test_scanned_layer_blocks_under_shard_map():
 
     def products(model, batch, v, axis_name=None):
         q = eqx_gn.quadratic_model(
-            apply, model, batch, loss=loss, blocks=blocks, axis_name=axis_name
+            fn, model, batch, loss=loss, blocks=blocks, axis_name=axis_name
         )
         return q.gnvp(v), q.value_and_grad(v), q.linearized_loss_value_and_grad(v)
+
+    fn = APPLY_FNS[fn_name]
 
     arrays, static = eqx.partition(model, eqx.is_array)
     mesh = eqx_gn.data_mesh(8)
@@ -316,3 +348,46 @@ def test_scanned_layer_blocks_under_shard_map():
         arrays, batch, v
     )
     assert_trees_close(sharded, single)
+    fn = apply
+    assert_trees_close(single, products(model, batch, v))
+
+
+def test_layer_scan_when_before_reads_a_joined_leaf():
+    """``join`` puts ``inp`` (read before the stack) in layer 0's block: the layer
+    blocks cannot start at their layer, so the products take the general path, and
+    still equal ``apply``'s."""
+    scanned, _ = problems(2, 3, "ce")
+    model = scanned.model
+    blocks = eqx_gn.Blocks.from_stacked_layers(
+        model,
+        lambda m: m.layers,
+        remainder={"out": subtree(model, lambda m: m.out)},
+        join={0: subtree(model, lambda m: m.inp)},
+    )
+    v = random_like_params(jax.random.key(4), model)
+    q_p = eqx_gn.quadratic_model(
+        apply, model, scanned.batch, loss=scanned.loss, blocks=blocks
+    )
+    q_s = eqx_gn.quadratic_model(
+        LAYER_SCAN, model, scanned.batch, loss=scanned.loss, blocks=blocks
+    )
+    leaves = tuple(i for i, ls in enumerate(blocks.layer_blocks) if ls)
+    inp = tuple(i for i, b in enumerate(blocks.leaf_block) if b == 0)
+    assert inp and not q_s.stack.fast(leaves, inp)
+    assert_trees_close(q_s.gnvp(v), q_p.gnvp(v))
+    assert_trees_close(q_s.value_and_grad(v), q_p.value_and_grad(v))
+
+
+@pytest.mark.parametrize(
+    "stack, message",
+    [
+        (lambda m: m.inp.weight[0], "stack(model) is not a part of the model"),
+        (lambda m: (m.inp, m.layers), "same leading (layer) axis"),
+    ],
+)
+def test_layer_scan_bad_stack_is_one_line(stack, message):
+    scanned, _ = problems(0, 2, "ce")
+    fn = eqx.tree_at(lambda f: f.stack, LAYER_SCAN, stack)
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        eqx_gn.quadratic_model(fn, scanned.model, scanned.batch, loss=scanned.loss)
+    assert "\n" not in str(info.value)

@@ -12,6 +12,7 @@ from ._gnvp import (
     gnvp as gnvp,
     quadratic_model as quadratic_model,
 )
+from ._layer_scan import LayerScan as LayerScan
 from ._line_search import (
     AbstractLineSearch as AbstractLineSearch,
     BacktrackingArmijo as BacktrackingArmijo,

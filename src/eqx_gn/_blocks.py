@@ -198,9 +198,10 @@ class Blocks(eqx.Module):
 
         ``leaf_indices``, ``mask`` and ``paths`` of a layer's block name the stacked
         leaves it holds a slice of (``paths`` with the index, ``...weight[3]``);
-        ``members`` gives ``(leaf, index)`` pairs. GN products compute all $L$ layer
-        blocks in one ``jax.vmap`` over the layer index, so compile time does not grow
-        with $L$.
+        ``members`` gives ``(leaf, index)`` pairs. GN products compute the $L$ layer
+        blocks one after another in one ``jax.lax.map`` over the layer index, so
+        compile time does not grow with $L$; apply the model through an
+        [`eqx_gn.LayerScan`][] for each layer block's pass to start at its layer.
         """
         try:
             part = stacked(model)

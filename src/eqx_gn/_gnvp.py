@@ -31,6 +31,12 @@ from jaxtyping import Array, Float, PyTree, Scalar
 
 from ._blocks import Blocks
 from ._custom_types import ApplyFn, AxisName, Batch, Model, Params, typecheck
+from ._layer_scan import (
+    LayerScan,
+    StackLinearization,
+    linearize_layer_scan,
+    stack_leaves,
+)
 from ._losses import AbstractLoss
 from ._misc import describe_leaves, first_line, tree_vdot
 from ._sharding import as_varying, psum
@@ -125,6 +131,7 @@ class QuadraticModel(eqx.Module):
     params: Params
     linear_map: Callable
     axis_name: AxisName = eqx.field(static=True)
+    stack: StackLinearization | None = None
 
     # ------------------------------------------------------------ internals
     def _block_maps(self, b: int):
@@ -187,6 +194,17 @@ class QuadraticModel(eqx.Module):
             out.append((layers, tuple(stacked), tuple(joined)))
         return out
 
+    def _gates(self, layers, joined) -> list[Array]:
+        """``gates[k][i]``: whether joined leaf ``joined[k]`` is in layer ``i``'s
+        block, as 0 or 1."""
+        return [
+            jnp.asarray(
+                [self.blocks.leaf_block[j] == b for b in layers],
+                dtype=self.loss_value.dtype,
+            )
+            for j in joined
+        ]
+
     def _per_layer(self, d_leaves, layers, stacked, joined, output_fn):
         """The blocks of one stacked module, one layer after another in a
         ``jax.lax.map`` over the layer index ``i``: the tangent is slice ``i`` of the
@@ -202,14 +220,7 @@ class QuadraticModel(eqx.Module):
         """
         leaves, treedef = jax.tree.flatten(self.params)
         num_layers = len(layers)
-        # gates[k][i]: whether joined leaf joined[k] is in layer i's block.
-        gates = [
-            jnp.asarray(
-                [self.blocks.leaf_block[j] == b for b in layers],
-                dtype=self.loss_value.dtype,
-            )
-            for j in joined
-        ]
+        gates = self._gates(layers, joined)
 
         def one_layer(i, xs_stacked, gates_i):
             def linear_i(xs):
@@ -248,9 +259,19 @@ class QuadraticModel(eqx.Module):
         in_groups = set()
         for layers, stacked, joined in self._layer_groups():
             in_groups.update(layers)
-            value, ct_s, ct_j = self._per_layer(
-                d_leaves, layers, stacked, joined, output_fn
-            )
+            if self.stack is not None and self.stack.fast(stacked, joined):
+                value, ct_s, ct_j = self.stack.per_layer(
+                    self.params,
+                    d_leaves,
+                    stacked,
+                    joined,
+                    self._gates(layers, joined),
+                    output_fn,
+                )
+            else:
+                value, ct_s, ct_j = self._per_layer(
+                    d_leaves, layers, stacked, joined, output_fn
+                )
             for j, x in zip(stacked + joined, ct_s + ct_j, strict=True):
                 out[j] = x
             total = total + value
@@ -393,8 +414,15 @@ def quadratic_model(
     def apply(p):
         return fn(eqx.combine(p, static), inputs)
 
+    if isinstance(fn, LayerScan):
+        positions = stack_leaves(fn, params, static)
     try:
-        outputs, linear_map = jax.linearize(apply, params)
+        if isinstance(fn, LayerScan):
+            outputs, stack = linearize_layer_scan(fn, positions, params, static, inputs)
+            linear_map = stack.linear_map
+        else:
+            outputs, linear_map = jax.linearize(apply, params)
+            stack = None
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"quadratic_model: fn(model, inputs) failed on "
@@ -403,7 +431,15 @@ def quadratic_model(
         ) from e
     loss_value = loss.value(outputs, targets, axis_name=axis_name)
     return QuadraticModel(
-        outputs, targets, loss, blocks, loss_value, params, linear_map, axis_name
+        outputs,
+        targets,
+        loss,
+        blocks,
+        loss_value,
+        params,
+        linear_map,
+        axis_name,
+        stack,
     )
 
 

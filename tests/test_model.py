@@ -8,9 +8,11 @@ import pytest
 
 import eqx_gn
 from eqx_gn.lm import (
+    APPLY_SCANNED,
     CONFIGS,
     LMConfig,
     Transformer,
+    apply_fn,
     apply_lm,
     apply_rope,
     count_params,
@@ -301,17 +303,32 @@ def test_scanned_layerwise_blocks_and_gnvp_equal_unscanned(getkey):
     params = eqx.filter(plain, eqx.is_inexact_array)
     keys = iter(jax.random.split(getkey(), len(jax.tree.leaves(params))))
     v = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), params)
-    for b_p, b_s in [(blocks_p, blocks_s), (None, None)]:
-        got = eqx_gn.gnvp(
-            apply_lm, scanned, batch, _stack_like(v, scanned), loss=loss, blocks=b_s
-        )
-        want = eqx_gn.gnvp(apply_lm, plain, batch, v, loss=loss, blocks=b_p)
-        for a, b in zip(
-            jax.tree.leaves(got),
-            jax.tree.leaves(_stack_like(want, scanned)),
-            strict=True,
-        ):
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    # apply_fn(scanned) is the LayerScan whose layer blocks start at their layer;
+    # apply_lm on the scanned model takes the general path. Both equal unscanned.
+    assert apply_fn(plain) is apply_lm and apply_fn(scanned) is APPLY_SCANNED
+    np.testing.assert_allclose(
+        APPLY_SCANNED(scanned, batch[0]), apply_lm(scanned, batch[0]), rtol=1e-12
+    )
+    for fn in (apply_lm, APPLY_SCANNED):
+        for b_p, b_s in [(blocks_p, blocks_s), (None, None)]:
+            got = eqx_gn.gnvp(
+                fn, scanned, batch, _stack_like(v, scanned), loss=loss, blocks=b_s
+            )
+            want = eqx_gn.gnvp(apply_lm, plain, batch, v, loss=loss, blocks=b_p)
+            for a, b in zip(
+                jax.tree.leaves(got),
+                jax.tree.leaves(_stack_like(want, scanned)),
+                strict=True,
+            ):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    q = eqx_gn.quadratic_model(
+        APPLY_SCANNED, scanned, batch, loss=loss, blocks=blocks_s
+    )
+    stacked = tuple(i for i, ls in enumerate(blocks_s.layer_blocks) if ls)
+    norm = tuple(i for i, p in enumerate(blocks_s.leaf_paths) if "final_norm" in p)
+    assert norm and q.stack.fast(stacked, norm)
+    with pytest.raises(ValueError, match="tokens of shape"):
+        APPLY_SCANNED(scanned, batch[0][0])
 
 
 def test_embedding_and_head_on_scanned_model(getkey):

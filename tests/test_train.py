@@ -293,15 +293,20 @@ def test_missing_text_is_a_config_error(tmp_path, cache_dir):
 
 @pytest.mark.multidevice
 @pytest.mark.parametrize(
-    "optimizer, mesh",
-    [("gn", dict(data_parallel=8)), ("gn", dict(data_parallel=2, fsdp=4)),
-     ("muon", dict(fsdp=8))],
+    "optimizer, mesh, model",
+    [("gn", dict(data_parallel=8), {}), ("gn", dict(data_parallel=2, fsdp=4), {}),
+     ("muon", dict(fsdp=8), {}),
+     ("gn", dict(data_parallel=2, fsdp=4), dict(scan_layers=True, blocks="layerwise"))],
+    ids=["gn-data", "gn-data-fsdp", "muon-fsdp", "gn-layerwise-scanned-data-fsdp"],
 )  # fmt: skip
-def test_a_mesh_matches_one_device(tmp_path, cache_dir, optimizer, mesh):
+def test_a_mesh_matches_one_device(tmp_path, cache_dir, optimizer, mesh, model):
     # 8 simulated CPU devices (tests/conftest.py): every micro-batch, line-search
     # batch and evaluation batch of 8 sequences is split one sequence per device;
     # with an fsdp axis, parameters and optimizer state are sharded along it too.
-    config = small(tmp_path, cache_dir, "one", optimizer=optimizer, checkpoint_every=0)
+    # The scanned model's layerwise products go through its eqx_gn.LayerScan.
+    config = small(
+        tmp_path, cache_dir, "one", optimizer=optimizer, checkpoint_every=0, **model
+    )
     single = train(config)
     summary = train(config.replace(out=str(tmp_path / "mesh"), **mesh))
     resolved = json.loads((tmp_path / "mesh" / "config.json").read_text())["resolved"]

@@ -56,6 +56,7 @@ from ._methods import (  # noqa: E402
     parse_method as parse_method,
 )
 from ._model import (  # noqa: E402
+    APPLY_SCANNED as APPLY_SCANNED,
     CONFIGS as CONFIGS,
     MLP as MLP,
     Attention as Attention,
@@ -65,6 +66,7 @@ from ._model import (  # noqa: E402
     RMSNorm as RMSNorm,
     Transformer as Transformer,
     TransformerBlock as TransformerBlock,
+    apply_fn as apply_fn,
     apply_lm as apply_lm,
     apply_rope as apply_rope,
     count_params as count_params,

@@ -30,7 +30,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int, Integer, PRNGKeyArray, PyTree
 
 from .._blocks import Blocks
-from .._custom_types import Model
+from .._custom_types import ApplyFn, Model
+from .._layer_scan import LayerScan
 
 #: The standard deviation of the normal initialisation of every matrix.
 INIT_STD = 0.02
@@ -354,6 +355,47 @@ def apply_lm(
             f"apply_lm takes tokens of shape (batch, seq), got {tokens.shape}."
         )
     return jax.vmap(model)(tokens)
+
+
+def _embed(model: Transformer, tokens) -> Float[Array, "batch seq width"]:
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"apply_lm takes tokens of shape (batch, seq), got {tokens.shape}."
+        )
+    if tokens.shape[1] > model.config.seq_len:
+        raise ValueError(
+            f"sequence of length {tokens.shape[1]} exceeds the context "
+            f"seq_len={model.config.seq_len}."
+        )
+    return jax.vmap(model.embedding)(tokens)
+
+
+def _block(block: TransformerBlock, x: Float[Array, "batch seq width"]):
+    return jax.vmap(block)(x)
+
+
+def _final(model: Transformer, x: Float[Array, "batch seq width"]):
+    return jax.vmap(lambda h: model.head(model.final_norm(h)))(x)
+
+
+def _stack(model: Transformer) -> TransformerBlock:
+    return model.blocks
+
+
+#: [`apply_lm`][eqx_gn.lm.apply_lm] of a model with ``scan_layers``, as an
+#: [`eqx_gn.LayerScan`][]: embedding, the stacked blocks, final norm and head.
+APPLY_SCANNED: LayerScan = LayerScan(
+    before=_embed, layer=_block, after=_final, stack=_stack
+)
+
+
+def apply_fn(model: Transformer) -> ApplyFn:
+    """The ``fn(model, inputs)`` to give eqx_gn for ``model``:
+    [`apply_lm`][eqx_gn.lm.apply_lm], or with ``scan_layers`` the same function as an
+    [`eqx_gn.LayerScan`][] (``APPLY_SCANNED``), whose layerwise products start each
+    layer's tangent pass at its layer."""
+    return APPLY_SCANNED if model.config.scan_layers else apply_lm
 
 
 def layerwise_blocks(model: Transformer) -> Blocks:

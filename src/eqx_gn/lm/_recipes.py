@@ -40,7 +40,7 @@ from .._schedules import cosine_decay
 from .._solvers import CG, InnerOptimizer, ProxLinear
 from ..baselines import soap
 from ._config import TrainConfig
-from ._model import Transformer, apply_lm, embedding_and_head, layerwise_blocks
+from ._model import Transformer, apply_fn, embedding_and_head, layerwise_blocks
 
 #: The loss every phase minimises: next-token cross-entropy.
 LM_LOSS = SoftmaxCrossEntropy()
@@ -141,7 +141,7 @@ class GaussNewtonRecipe:
                 warm_start=True,
             )
         return GaussNewton(
-            apply_lm,
+            apply_fn(model),
             LM_LOSS,
             solver=solver,
             line_search=GridLineSearch(

@@ -60,7 +60,7 @@ def compile_seconds(args, depth: int, scan: bool) -> float:
     )
     model = lm.Transformer(config, jax.random.key(0))
     gn = eqx_gn.GaussNewton(
-        lm.apply_lm,
+        lm.apply_fn(model),  # with scan_layers, the model's eqx_gn.LayerScan
         eqx_gn.SoftmaxCrossEntropy(),
         solver=eqx_gn.InnerOptimizer(
             learning_rate=0.02, adam_filter=lm.embedding_and_head(model)

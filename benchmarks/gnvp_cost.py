@@ -18,7 +18,11 @@ over all functions so that load drift on a shared machine hits them alike):
   (``layerwise``: embedding, each transformer block, head), and a naive layerwise
   baseline (``naive``) that calls ``jax.linearize`` once PER BLOCK on the model as a
   function of that block's parameters only (the others closed over), as one would
-  write layerwise GN without a shared linearization.
+  write layerwise GN without a shared linearization;
+- with ``--scan-layers`` the model is applied as an ``eqx_gn.LayerScan``
+  (``eqx_gn.lm.apply_fn``, what the runner uses), and ``qgrad_layerwise_plain_scan``
+  is the layerwise gradient of the same scanned model applied with ``apply_lm``,
+  linearized whole: the general path, whose layer blocks cannot start at their layer.
 
 Every function is compiled once with ``eqx.filter_jit(f).lower(...).compile()``;
 its XLA ``memory_analysis()`` (temporaries, arguments, outputs) and
@@ -52,7 +56,14 @@ import jax
 import jax.numpy as jnp
 
 import eqx_gn
-from eqx_gn.lm import LMConfig, Transformer, apply_lm, count_params, layerwise_blocks
+from eqx_gn.lm import (
+    LMConfig,
+    Transformer,
+    apply_fn,
+    apply_lm,
+    count_params,
+    layerwise_blocks,
+)
 
 RESULTS = Path(__file__).parent / "results"
 LOSS = eqx_gn.SoftmaxCrossEntropy()
@@ -104,20 +115,20 @@ def gradient(model, inputs, targets, d):
     return value, eqx.filter(grads, eqx.is_inexact_array)
 
 
-def make_qgrad(blocks):
+def make_qgrad(blocks, fn):
     def qgrad(model, inputs, targets, d):
         q = eqx_gn.quadratic_model(
-            apply_lm, model, (inputs, targets), loss=LOSS, blocks=blocks
+            fn, model, (inputs, targets), loss=LOSS, blocks=blocks
         )
         return q.value_and_grad(d)
 
     return qgrad
 
 
-def make_gnvps(blocks, m):
+def make_gnvps(blocks, m, fn):
     def gnvps(model, inputs, targets, v):
         q = eqx_gn.quadratic_model(
-            apply_lm, model, (inputs, targets), loss=LOSS, blocks=blocks
+            fn, model, (inputs, targets), loss=LOSS, blocks=blocks
         )
         return jax.lax.fori_loop(0, m, lambda _, v: _normalised(q.gnvp(v)), v)
 
@@ -287,10 +298,12 @@ def analytic_flops(config: LMConfig, batch: int) -> dict:
         forward + full_tangent
     )
     out["layerwise_tangent / full_tangent"] = layerwise_tangent / full_tangent
-    # Inside a scan nothing is pruned: each layer block's pass is a full tangent
-    # pass, so is the embedding's, and the head's crosses the head alone.
+    # A scanned model linearized whole (apply_lm, not a LayerScan) prunes nothing
+    # inside the scan: each layer block's pass is a full tangent pass, so is the
+    # embedding's, and the head's crosses the head alone. Through an
+    # eqx_gn.LayerScan the layer blocks start at their layer: the floor above.
     scanned_tangent = (depth + 1) * full_tangent + 2 * 2 * head
-    out["scanned: qgrad_layerwise / qgrad_full (no pruning)"] = (
+    out["plain scan: qgrad_layerwise / qgrad_full (no pruning)"] = (
         forward + scanned_tangent
     ) / (forward + full_tangent)
     return out
@@ -360,16 +373,22 @@ def main(argv=None):
     layerwise = layerwise_blocks(model)
     m = args.products
 
+    # What the runner gives GaussNewton: apply_lm, or with --scan-layers the same
+    # function as an eqx_gn.LayerScan (layer blocks start at their layer).
+    fn = apply_fn(model)
     fns = {
         "forward": forward,
         "gradient": gradient,
-        "qgrad_full": make_qgrad(full),
-        "gnvp_full_x1": make_gnvps(full, 1),
-        f"gnvp_full_x{m}": make_gnvps(full, m),
-        "qgrad_layerwise": make_qgrad(layerwise),
-        "gnvp_layerwise_x1": make_gnvps(layerwise, 1),
-        f"gnvp_layerwise_x{m}": make_gnvps(layerwise, m),
+        "qgrad_full": make_qgrad(full, fn),
+        "gnvp_full_x1": make_gnvps(full, 1, fn),
+        f"gnvp_full_x{m}": make_gnvps(full, m, fn),
+        "qgrad_layerwise": make_qgrad(layerwise, fn),
+        "gnvp_layerwise_x1": make_gnvps(layerwise, 1, fn),
+        f"gnvp_layerwise_x{m}": make_gnvps(layerwise, m, fn),
     }
+    if args.scan_layers:
+        # The general path for comparison: the scanned model linearized whole.
+        fns["qgrad_layerwise_plain_scan"] = make_qgrad(layerwise, apply_lm)
     if not args.skip_naive:
         fns |= {
             "qgrad_naive": make_naive_qgrad(layerwise),
@@ -383,8 +402,15 @@ def main(argv=None):
         f"device {device.device_kind}, jax {jax.__version__}",
         flush=True,
     )
-    if not args.skip_naive:
-        ours = eqx.filter_jit(make_qgrad(layerwise))(model, inputs, targets, d)
+    if args.scan_layers:
+        ours = eqx.filter_jit(make_qgrad(layerwise, fn))(model, inputs, targets, d)
+        plain = eqx.filter_jit(make_qgrad(layerwise, apply_lm))(
+            model, inputs, targets, d
+        )
+        check = _max_rel_diff(ours[1], plain[1])
+        print(f"  layerwise g + G d, LayerScan vs plain scan: max rel diff {check:.2e}")
+    elif not args.skip_naive:
+        ours = eqx.filter_jit(make_qgrad(layerwise, fn))(model, inputs, targets, d)
         naive = eqx.filter_jit(make_naive_qgrad(layerwise))(model, inputs, targets, d)
         check = _max_rel_diff(ours[1], naive[1])
         print(f"  layerwise g + G d, ours vs naive: max rel diff {check:.2e}")
@@ -558,7 +584,8 @@ def main(argv=None):
         "num_layerwise_blocks": layerwise.num_blocks,
         "layerwise_block_names": list(layerwise.names),
         "tokens_per_batch": args.batch * args.seq,
-        "ours_vs_naive_max_rel_diff": check,
+        "ours_vs_naive_max_rel_diff": None if args.scan_layers else check,
+        "layer_scan_vs_plain_scan_max_rel_diff": check if args.scan_layers else None,
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
         "median_s": times,
         "min_s": times_min,

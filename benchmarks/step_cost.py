@@ -176,7 +176,11 @@ def main():
             learning_rate=args.inner_lr, adam_filter=adam_filter
         )
         return eqx_gn.GaussNewton(
-            lm.apply_lm, loss, solver=solver, line_search=line_search, blocks=blocks
+            lm.apply_fn(model),  # what the runner uses (a LayerScan if scanned)
+            loss,
+            solver=solver,
+            line_search=line_search,
+            blocks=blocks,
         )
 
     paper = eqx_gn.GridLineSearch(grid_size=8)
@@ -208,7 +212,7 @@ def main():
     @eqx.filter_jit
     def qgrads_only(model, batches, d):
         def one(batch):
-            q = eqx_gn.quadratic_model(lm.apply_lm, model, batch, loss=loss)
+            q = eqx_gn.quadratic_model(lm.apply_fn(model), model, batch, loss=loss)
             return q.value_and_grad(d)
 
         return jax.lax.map(one, batches)

@@ -18,7 +18,9 @@ one forward pass whose residuals every later product reuses), and for each block
 the tangent map is restricted to that block's parameters. The other blocks'
 tangents are symbolic zeros, so the restricted tangent pass and its transpose
 (``jax.linear_transpose``) only touch the part of the network downstream of the
-block, and a single block equals the plain full product.
+block, and a single block equals the plain full product. A model given as an
+[`eqx_gn.LayerScan`][] is linearized in parts (``_layer_scan``), so that the blocks
+of its scanned layers can start at their layer too.
 """
 
 from collections.abc import Callable
@@ -212,9 +214,11 @@ class QuadraticModel(eqx.Module):
         leaves of layer ``i``'s block. Returns the summed values and the cotangents of
         ``stacked`` and ``joined``.
 
-        Inside a scan the zero layers cannot be pruned, so this is ``L`` full tangent
-        passes (the unscanned model's pruned passes cost about half as much), but
-        one traced program whatever ``L``. The layers go one at a time, not in a
+        Inside a scan linearized whole the zero layers cannot be pruned, so this is
+        ``L`` full tangent passes (the unscanned model's pruned passes cost about half
+        as much), but one traced program whatever ``L``. A model given as a
+        ``LayerScan`` takes ``StackLinearization.per_layer`` instead, which starts
+        each pass at its layer. The layers go one at a time, not in a
         ``vmap``: a ``vmap`` held ``L`` tangent passes in memory at once (4.7x the
         full product's temporaries at 12 layers, against 1.3x this way).
         """

@@ -1,15 +1,45 @@
 #!/usr/bin/env bash
 # The project's test command: lint, the whole test suite (slow tests included),
-# the docs (strict) and the quickstart example.
+# the docs (strict) and the quickstart example. Each phase prints a line when it
+# starts and one with the time it took, and the slowest tests of each pytest call
+# are listed, so a slow or silent phase shows where the time went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ruff check src tests benchmarks examples scripts docs
-ruff format --check src tests benchmarks examples scripts docs
+
+started=$SECONDS
+timings=()
+
+phase() {
+    local name="$1" start=$SECONDS status=0
+    shift
+    echo "==> [$(date +%H:%M:%S)] ${name}: started"
+    "$@" || status=$?
+    local took=$((SECONDS - start))
+    timings+=("$(printf '%-18s %5d s' "${name}" "${took}")")
+    if ((status != 0)); then
+        echo "==> ${name}: FAILED (exit ${status}) after ${took} s"
+        exit "${status}"
+    fi
+    echo "==> ${name}: ok in ${took} s"
+}
+
+# Called as a condition, where set -e does not apply: chained with && instead.
+lint() {
+    ruff check src tests benchmarks examples scripts docs &&
+        ruff format --check src tests benchmarks examples scripts docs
+}
+
+phase lint lint
 # Two workers for most tests; the tests with collectives over simulated devices run
 # alone afterwards: XLA's CPU collectives abort the process when another process
 # starves one device thread for 40 s.
-python -m pytest -n 2 --dist loadfile -q -m "not multidevice"
-python -m pytest -q -m multidevice
-python scripts/check_api_docs.py
-NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/eqx_gn_site"
-python examples/quickstart.py
+phase tests python -m pytest -n 2 --dist loadfile -q --durations=15 -m "not multidevice"
+phase multi-device python -m pytest -q --durations=15 -m multidevice
+phase api-docs python scripts/check_api_docs.py
+phase docs env NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet \
+    --site-dir "${TMPDIR:-/tmp}/eqx_gn_site"
+phase quickstart python examples/quickstart.py
+
+echo "==> phase times"
+printf '    %s\n' "${timings[@]}"
+echo "    $(printf '%-18s %5d s' total $((SECONDS - started)))"

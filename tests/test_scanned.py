@@ -309,6 +309,9 @@ def test_gn_steps_on_scanned_equal_unscanned(solver, fn_name):
         )
 
 
+# Collectives over 8 simulated CPU devices: run apart from other load (see
+# scripts/test.sh), since a starved device thread aborts the process.
+@pytest.mark.multidevice
 @pytest.mark.parametrize("fn_name", sorted(APPLY_FNS))
 def test_scanned_layer_blocks_under_shard_map(fn_name):
     """The layer blocks inside shard_map (checked varying axes) sum the shards once:

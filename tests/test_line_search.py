@@ -159,6 +159,91 @@ def test_warm_start_needs_the_walk():
         eqx_gn.GridLineSearch(warm_start=True)
 
 
+SEARCHES = {
+    "grid": dict(),
+    "walk": dict(stop_on_increase=True),
+    "warm": dict(stop_on_increase=True, warm_start=True),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(sorted(SEARCHES)),
+    st.floats(1e-5, 0.5),
+    st.floats(0.1, 10.0),
+    st.sampled_from([None, 0.0, 1.0, 0.3, 0.09]),
+    st.sampled_from([1e-4, 2**-10, 0.02]),
+)
+def test_past_the_grid_the_step_halves_until_the_loss_falls(
+    kind, root, curvature, previous, floor
+):
+    # phi falls only on (0, root): with root below the grid's smallest step every
+    # grid point raises the loss. The oracle: the first of g/2, g/4, ... (g the
+    # smallest grid point, each >= floor) inside (0, root); the grid's own choice
+    # when it has one.
+    def phi(s):
+        return 1.0 + curvature * s * (s - root)
+
+    plain = eqx_gn.GridLineSearch(**SEARCHES[kind])
+    search = eqx_gn.GridLineSearch(**SEARCHES[kind], min_step_size=floor)
+    prev = None if previous is None else jnp.asarray(previous)
+    phi0 = jnp.asarray(1.0)
+    step, stats = jax.jit(lambda p: search.search(phi, phi0, previous=p))(prev)
+    step0, stats0 = jax.jit(lambda p: plain.search(phi, phi0, previous=p))(prev)
+    if float(step0) > 0:  # the grid decides; nothing past it is evaluated
+        assert float(step) == float(step0)
+        assert int(stats.num_evaluations) == int(stats0.num_evaluations)
+        return
+    candidates = []
+    s = float(search.grid[-1])
+    while s / 2 >= floor:
+        s /= 2
+        candidates.append(s)
+    inside = [i for i, c in enumerate(candidates) if c < root and phi(c) < 1.0]
+    extra = inside[0] + 1 if inside else len(candidates)
+    assert int(stats.num_evaluations) == int(stats0.num_evaluations) + extra
+    if inside:
+        assert float(step) == pytest.approx(candidates[inside[0]], rel=1e-12)
+        assert float(stats.loss_after) == pytest.approx(phi(float(step)))
+        assert float(stats.loss_after) < 1.0
+    else:
+        assert float(step) == 0.0
+        assert float(stats.loss_after) == 1.0
+
+
+def test_a_profile_rising_on_the_whole_grid_is_shortened_not_rejected():
+    # The study's stall: every grid point (down to 2**-3.5 = 0.088) raises the loss,
+    # which falls for s < 0.05. The paper's grid rejects; the floor finds s = 0.044.
+    def phi(s):
+        return 3.0 + 40.0 * s * (s - 0.05)
+
+    for kind in sorted(SEARCHES):
+        paper = eqx_gn.GridLineSearch(**SEARCHES[kind])
+        step, stats = paper.search(phi, jnp.asarray(3.0))
+        assert float(step) == 0.0, kind
+        longer = eqx_gn.GridLineSearch(**SEARCHES[kind], min_step_size=2**-10)
+        step, stats = longer.search(phi, jnp.asarray(3.0))
+        assert float(step) == pytest.approx(2**-3.5 / 2), kind
+        assert float(stats.loss_after) < 3.0
+
+
+def test_past_the_grid_never_accepts_nonfinite_or_worse():
+    search = eqx_gn.GridLineSearch(min_step_size=1e-6)
+    # NaN everywhere but at tiny steps, where the loss is worse: rejected.
+    step, stats = search.search(
+        lambda s: jnp.where(s > 1e-3, jnp.nan, 2.0), jnp.asarray(1.0)
+    )
+    assert float(step) == 0.0 and float(stats.loss_after) == 1.0
+    # inf on the grid, finite and better below it: the finite point.
+    step, _ = search.search(
+        lambda s: jnp.where(s > 0.05, jnp.inf, 0.5), jnp.asarray(1.0)
+    )
+    assert 0 < float(step) < 0.05
+    # A non-finite phi(0) evaluates nothing past the grid and rejects.
+    step, stats = search.search(lambda s: 0.0 * s, jnp.asarray(jnp.nan))
+    assert float(step) == 0.0 and int(stats.num_evaluations) == 8
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     st.floats(-5.0, 5.0),
@@ -199,6 +284,8 @@ def test_armijo_needs_slope():
     [
         (lambda: eqx_gn.GridLineSearch(grid_size=0), "grid_size"),
         (lambda: eqx_gn.GridLineSearch(factor=1.5), "factor"),
+        (lambda: eqx_gn.GridLineSearch(min_step_size=0.0), "min_step_size must"),
+        (lambda: eqx_gn.GridLineSearch(min_step_size=0.1), "below the grid's"),
         (lambda: eqx_gn.BacktrackingArmijo(c=0.0), "c must"),
         (lambda: eqx_gn.BacktrackingArmijo(shrink=1.0), "shrink"),
         (lambda: eqx_gn.BacktrackingArmijo(max_steps=0), "max_steps"),

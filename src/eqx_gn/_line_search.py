@@ -82,12 +82,23 @@ class GridLineSearch(AbstractLineSearch):
     evaluations when the best step is where it was. It evaluates $\varphi(1)$ only
     when it reaches $s = 1$, so ``loss_at_unit_step`` is NaN otherwise (which is
     why [`eqx_gn.CG`][]'s adaptive damping, a ratio at $s = 1$, refuses it).
+
+    With ``min_step_size`` set, a search that found no grid point below
+    $\varphi(0)$ does not reject yet: it keeps halving the step past the grid's
+    smallest point, $c^{n-1}/2, c^{n-1}/4, \dots$, down to the last one no smaller
+    than ``min_step_size``, and takes the first whose loss is below $\varphi(0)$
+    (a GN direction is a descent direction, so for a small enough step there is
+    one). Only when none is does it reject. ``None`` (the default) is the paper's
+    rule: no point past the grid. Every evaluation counts in ``num_evaluations``.
     """
 
     grid_size: int = eqx.field(default=8, static=True)
     factor: float = eqx.field(default=2**-0.5, static=True)
     stop_on_increase: bool = eqx.field(default=False, static=True)
     warm_start: bool = eqx.field(default=False, static=True)
+    # Not static: a number here is a constant of the trace, and a scalar array is
+    # traced, so a sweep over it need not recompile.
+    min_step_size: float | Float[Array, ""] | None = None
     needs_slope = False
 
     def __check_init__(self):
@@ -104,6 +115,14 @@ class GridLineSearch(AbstractLineSearch):
                 "GridLineSearch: warm_start=True needs stop_on_increase=True (the "
                 "exhaustive grid has no start)."
             )
+        floor = self.min_step_size
+        if floor is not None and not isinstance(floor, jax.core.Tracer):
+            smallest = self.factor ** (self.grid_size - 1)
+            if not 0.0 < float(floor) < smallest:
+                raise ValueError(
+                    "GridLineSearch: min_step_size must be > 0 and below the grid's "
+                    f"smallest step {smallest:.4g} (or None), got {floor}."
+                )
 
     @property
     def grid(self) -> Float[Array, " n"]:
@@ -120,7 +139,13 @@ class GridLineSearch(AbstractLineSearch):
     ) -> tuple[Float[Array, ""], LineSearchStats]:
         grid = self.grid.astype(phi0.dtype)
         if self.stop_on_increase:
-            return self._walk(phi, phi0, grid, self._start(previous))
+            step, stats = self._walk(phi, phi0, grid, self._start(previous))
+        else:
+            step, stats = self._exhaustive(phi, phi0, grid)
+        return self._past_grid(phi, phi0, grid[-1], step, stats)
+
+    def _exhaustive(self, phi, phi0, grid):
+        """Every grid point; the lowest acceptable one."""
         losses = jax.lax.map(lambda s: scalar_loss(phi(s), "GridLineSearch"), grid)
         ok = _acceptable(losses, phi0)
         best = jnp.argmin(jnp.where(ok, losses, jnp.inf))
@@ -133,6 +158,35 @@ class GridLineSearch(AbstractLineSearch):
             num_evaluations=jnp.asarray(self.grid_size),
         )
         return step, stats
+
+    def _past_grid(self, phi, phi0, smallest, step, stats):
+        """When the grid had no acceptable point (``step == 0``): halve the step
+        from ``smallest`` while it stays >= ``min_step_size``, until the loss is
+        below $\varphi(0)$. One ``phi`` per loop iteration (one trace)."""
+        if self.min_step_size is None:
+            return step, stats
+        floor = jnp.asarray(self.min_step_size, phi0.dtype)
+
+        def cond(carry):
+            s, found, _, _ = carry
+            return ~found & jnp.isfinite(phi0) & (0.5 * s >= floor)
+
+        def body(carry):
+            s, _, _, count = carry
+            s = 0.5 * s
+            value = scalar_loss(phi(s), "GridLineSearch")
+            return s, _acceptable(value, phi0), value, count + 1
+
+        init = (smallest, step > 0, stats.loss_after, jnp.asarray(0))
+        s, found, value, extra = jax.lax.while_loop(cond, body, init)
+        past = (step == 0) & found
+        stats = LineSearchStats(
+            loss_before=stats.loss_before,
+            loss_after=jnp.where(past, value, stats.loss_after),
+            loss_at_unit_step=stats.loss_at_unit_step,
+            num_evaluations=stats.num_evaluations + extra,
+        )
+        return jnp.where(past, s, step), stats
 
     def _start(self, previous):
         """The grid index the walk starts at: 0 ($s = 1$) without ``warm_start`` or

@@ -9,6 +9,7 @@ import pytest
 from eqx_gn.lm._plot import (
     WARMUP_LABEL,
     default_title,
+    gn_steps_figure,
     loss_figure,
     plot_runs,
     series,
@@ -383,3 +384,31 @@ def test_study_best_run_is_one_the_study_chose_from(tmp_path, with_chosen):
     # Every run at the batch size is still there when asked for all of them.
     everything = load_runs(study, select="all")
     assert "adamw_b8_lr0.03_A4" in [r.name for r in everything.runs]
+
+
+def test_gn_steps_figure_when_a_run_recorded_its_trust_scale(tmp_path):
+    # Old GN runs (no trust_scale) get no such figure; a run with one does, with
+    # one point per main step and its rejections marked.
+    old = write_run(tmp_path / "old", "gn", steps=6, rejected=(4,))
+    out = tmp_path / "plots_old"
+    assert not any("gn_steps" in p.name for p in plot_runs([old], out))
+    new = write_run(tmp_path / "new", "gn", steps=6, rejected=(4,))
+    records = [json.loads(line) for line in (new / "metrics.jsonl").open()]
+    scale = 1.0
+    for r in records:
+        if r["phase"] == "main":
+            r["trust_scale"] = scale
+            scale = scale / 16 if r["rejected"] else min(1.0, 1.5 * scale)
+    (new / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "plots_new"
+    paths = plot_runs([old, new], out, formats=("png", "svg"))
+    assert {out / "gn_steps.png", out / "gn_steps.svg"} <= set(paths)
+    assert (out / "gn_steps.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    runs = load_runs(new).runs
+    top, bottom = gn_steps_figure(runs, labels=["gn"], title="t").axes
+    assert bottom.get_ylabel() == "trust scale"
+    taken, rejected = top.get_lines()
+    assert list(taken.get_xdata()) == [3, 5, 6]  # main steps 3-6 but 4 rejected
+    assert list(rejected.get_xdata()) == [4]
+    (scales,) = bottom.get_lines()
+    assert list(scales.get_ydata()) == [1.0, 1.0, 1 / 16, 1.5 / 16]

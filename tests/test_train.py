@@ -1,7 +1,9 @@
 """The training runner: configuration, resuming bit for bit, data parallelism over a
 mesh and over processes, the target loss."""
 
+import itertools
 import json
+import math
 import os
 import re
 import socket
@@ -74,6 +76,8 @@ def final_arrays(run_dir):
         (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
         (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
         (dict(line_search="armijo"), "unknown line_search 'armijo'"),
+        (dict(trust="loose"), "unknown trust 'loose'"),
+        (dict(optimizer="adamw", trust="fixed"), "trust applies to optimizer"),
         (dict(optimizer="muon", line_search="grid"), "line_search applies to optim"),
         (
             dict(solver="cg", line_search="warm"),
@@ -111,7 +115,11 @@ def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache
     assert TrainConfig(optimizer="adamw").line_search_rule is None
     evaluations = {}
     for rule in ("grid", "warm"):
-        config = small(tmp_path, cache_dir, rule, steps=6, line_search=rule)
+        # The paper's fixed rule: no shortening past the grid, so the grid's count
+        # of evaluations is exact.
+        config = small(
+            tmp_path, cache_dir, rule, steps=6, line_search=rule, trust="fixed"
+        )
         assert train(config)["line_search"] == rule
         evaluations[rule] = [
             r["line_search_evaluations"]
@@ -121,6 +129,40 @@ def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache
     # The grid evaluates all its step sizes at every step; the walk fewer, in all.
     assert evaluations["grid"] == [config.ls_grid] * len(evaluations["grid"])
     assert sum(evaluations["warm"]) < sum(evaluations["grid"])
+
+
+def test_gn_trust_rule_defaults_to_adaptive_and_is_recorded(tmp_path, cache_dir):
+    assert TrainConfig().trust_rule == "adaptive"
+    assert TrainConfig(solver="cg").trust_rule == "fixed"
+    assert TrainConfig(optimizer="adamw").trust_rule is None
+    # A GN run saved before the setting existed ran the fixed rule.
+    saved = {k: v for k, v in TrainConfig().to_dict().items() if k != "trust"}
+    assert TrainConfig.from_dict(saved).trust_rule == "fixed"
+    scales = {}
+    for rule in ("adaptive", "fixed"):
+        # lr 1.0: far too large, so the adaptive rule has something to do.
+        config = small(tmp_path, cache_dir, rule, steps=6, lr=1.0, trust=rule)
+        assert train(config)["trust"] == rule
+        saved = json.loads((tmp_path / rule / "config.json").read_text())
+        assert saved["resolved"]["trust"] == rule
+        main = [r for r in records(tmp_path / rule) if r["phase"] == "main"]
+        scales[rule] = [r["trust_scale"] for r in main]
+        assert all(r["step_size"] > 0 or r["rejected"] for r in main)
+    assert scales["fixed"] == [1.0] * 4
+    # Each step's scale is the last one times the rule's factor for the step the
+    # line search chose there (from the metrics alone).
+    main = [r for r in records(tmp_path / "adaptive") if r["phase"] == "main"]
+    assert main[0]["trust_scale"] == 1.0
+    for before, after in itertools.pairwise(main):
+        s, predicted = before["step_size"], before["predicted_decrease"]
+        rho = before["actual_decrease"] / predicted if predicted > 0 else math.nan
+        if s >= 1:
+            factor = 1.0 if rho < 0.25 else 1.5
+        else:
+            factor = max(s, 1 / 16) if s < 0.25 else 1.0
+        expected = min(8.0, max(1e-3, before["trust_scale"] * factor))
+        assert after["trust_scale"] == pytest.approx(expected, rel=1e-6)
+    assert min(scales["adaptive"]) < 1.0
 
 
 def test_gn_settings_are_orthogonal_and_named_by_method():

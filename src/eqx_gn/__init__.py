@@ -42,5 +42,10 @@ from ._solvers import (
     ProxLinear as ProxLinear,
     SolverStats as SolverStats,
 )
+from ._trust import (
+    AbstractTrustRule as AbstractTrustRule,
+    AdaptiveTrust as AdaptiveTrust,
+    FixedTrust as FixedTrust,
+)
 
 __version__ = "0.1.0"

@@ -7,8 +7,8 @@ One outer step at $\theta_0$:
    (full or block-diagonal $q$, by the [`eqx_gn.Blocks`][] given);
 2. a line search picks $s \ge 0$ from $\varphi(s) = L(\theta_0 + s d)$ on separate
    line-search batches;
-3. $\theta_1 = \theta_0 + s d$, and the solver updates its state (warm start,
-   damping).
+3. $\theta_1 = \theta_0 + s d$, the solver updates its state (warm start,
+   damping), and the trust rule sets the next subproblem's scale from $s$.
 
 A non-finite direction or loss rejects the step and leaves the model and every
 piece of state exactly as they were.
@@ -41,6 +41,7 @@ from ._line_search import (
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
 from ._solvers import CG, AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
+from ._trust import AbstractTrustRule, FixedTrust
 
 #: $\varphi(s)$: the loss along the direction, as a function of the step size.
 LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
@@ -48,13 +49,15 @@ LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
 
 @final
 class GNState(eqx.Module):
-    """The optimizer's state: the outer step count, the solver's state, and the step
+    """The optimizer's state: the outer step count, the solver's state, the step
     size the line search chose last (1 before the first step, 0 after a rejection),
-    which [`search`][eqx_gn.GaussNewton.search] passes on as ``previous``."""
+    which [`search`][eqx_gn.GaussNewton.search] passes on as ``previous``, and the
+    trust rule's state (``None`` for [`eqx_gn.FixedTrust`][])."""
 
     step: Int[Array, ""]
     solver_state: PyTree
     step_size: Float[Array, ""]
+    trust: PyTree = None
 
 
 @final
@@ -66,7 +69,8 @@ class GNStats(eqx.Module):
     and last inner iterate; ``predicted_decrease`` the model's decrease for $d$ and
     ``actual_decrease`` the true one at $s = 1$ (their ratio drives damping);
     ``rejected`` means $s = 0$ and ``nonfinite`` that a NaN or inf was met (then the
-    step changed nothing).
+    step changed nothing); ``trust_scale`` is the trust rule's scale this step's
+    subproblem was solved at (1 without a rule).
     """
 
     loss_before: Float[Array, ""]
@@ -81,6 +85,7 @@ class GNStats(eqx.Module):
     line_search_evaluations: Int[Array, ""]
     rejected: Bool[Array, ""]
     nonfinite: Bool[Array, ""]
+    trust_scale: Float[Array, ""]
 
 
 @final
@@ -96,6 +101,9 @@ class GaussNewton(eqx.Module):
     - ``line_search``: [`eqx_gn.GridLineSearch`][] (default) or
       [`eqx_gn.BacktrackingArmijo`][].
     - ``blocks``: ``None`` for full GN, or an [`eqx_gn.Blocks`][] for layerwise GN.
+    - ``trust``: [`eqx_gn.FixedTrust`][] (default, the paper's) or
+      [`eqx_gn.AdaptiveTrust`][]: the rule that scales the next subproblem from the
+      step the line search chose.
     - ``axis_name``: the batch axis name when ``step`` runs inside ``shard_map`` or
       ``pmap``; ``None`` otherwise (including ``jit`` over sharded batches).
 
@@ -135,6 +143,7 @@ class GaussNewton(eqx.Module):
     line_search: AbstractLineSearch = eqx.field(default_factory=GridLineSearch)
     blocks: Blocks | None = None
     axis_name: AxisName = eqx.field(default=None, static=True)
+    trust: AbstractTrustRule = eqx.field(default_factory=FixedTrust)
 
     def __check_init__(self):
         if (
@@ -162,7 +171,12 @@ class GaussNewton(eqx.Module):
             self.blocks.check_model(model)
         params = eqx.filter(model, eqx.is_inexact_array)
         dtype = jnp.result_type(*jax.tree.leaves(params), float)
-        return GNState(jnp.asarray(0), self.solver.init(model), jnp.ones((), dtype))
+        return GNState(
+            jnp.asarray(0),
+            self.solver.init(model),
+            jnp.ones((), dtype),
+            self.trust.init(dtype),
+        )
 
     @typecheck
     def solve(
@@ -173,11 +187,15 @@ class GaussNewton(eqx.Module):
         Returns ``(direction, provisional, solver_stats)``: $d$ (the structure of
         ``eqx.filter(model, eqx.is_inexact_array)``), the solver's provisional next
         state (for [`accept`][eqx_gn.GaussNewton.accept]), and its
-        [`eqx_gn.SolverStats`][]. ``batches`` are checked here, once (one-line
-        ``ValueError`` naming the leaf when they are not K stacked micro-batches).
+        [`eqx_gn.SolverStats`][]. The solver works at the trust rule's scale in
+        ``state``. ``batches`` are checked here, once (one-line ``ValueError``
+        naming the leaf when they are not K stacked micro-batches).
         """
+        scale = self.trust.scale(state.trust)
+        # Without a scale (FixedTrust) the solver is called as it always was.
+        extra = {} if scale is None else {"scale": scale}
         return self.solver.solve(
-            self.problem, model, batches, state.solver_state, state.step
+            self.problem, model, batches, state.solver_state, state.step, **extra
         )
 
     @typecheck
@@ -275,8 +293,14 @@ class GaussNewton(eqx.Module):
         solver_state = self.solver.accept(
             provisional, direction, step_size, line_search_stats, solver_stats
         )
+        trust = self.trust.update(
+            state.trust, step_size, line_search_stats, solver_stats.predicted_decrease
+        )
         new_state = GNState(
-            state.step + 1, solver_state, step_size.astype(state.step_size.dtype)
+            state.step + 1,
+            solver_state,
+            step_size.astype(state.step_size.dtype),
+            trust,
         )
         new_state = tree_where(nonfinite, state, new_state)
 
@@ -294,8 +318,13 @@ class GaussNewton(eqx.Module):
             line_search_evaluations=line_search_stats.num_evaluations,
             rejected=~accepted,
             nonfinite=nonfinite,
+            trust_scale=self._scale_value(state, phi0.dtype),
         )
         return new_model, new_state, stats
+
+    def _scale_value(self, state: GNState, dtype) -> Float[Array, ""]:
+        scale = self.trust.scale(state.trust)
+        return jnp.ones((), dtype) if scale is None else jnp.asarray(scale, dtype)
 
     @typecheck
     def step(

@@ -73,9 +73,13 @@ class AbstractGNSolver(eqx.Module):
         batches: MicroBatches,
         state: PyTree,
         step: Int[Array, ""],
+        scale: Float[Array, ""] | None = None,
     ) -> tuple[Params, PyTree, SolverStats]:
         """A direction ``d`` from ``batches`` (stacked along a leading axis of size K),
-        the solver's provisional next state, and statistics."""
+        the solver's provisional next state, and statistics. ``scale`` is the trust
+        rule's scale $t$ (see [`eqx_gn.AdaptiveTrust`][]): a solver makes its
+        direction about $t$ times as long (an inner learning rate times $t$, a
+        damping divided by $t$); ``None`` leaves it exactly as without a rule."""
 
     @abc.abstractmethod
     def accept(

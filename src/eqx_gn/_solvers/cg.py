@@ -99,11 +99,13 @@ class CG(AbstractGNSolver):
         batches: MicroBatches,
         state: CGState,
         step: Int[Array, ""],
+        scale: Float[Array, ""] | None = None,
     ) -> tuple[Params, CGState, SolverStats]:
         problem.check_batches(model, batches)
         model_q = problem.quadratic_model(model, _concatenate(batches))
         g = model_q.gradient()
-        damping = state.damping
+        # A trust rule's scale t trusts the model t times further: damping / t.
+        damping = state.damping if scale is None else state.damping / scale
 
         def operator(v):
             return tree_axpy(damping, v, model_q.gnvp(v))
@@ -148,7 +150,7 @@ class CG(AbstractGNSolver):
             damping=damping,
             iterations=iterations,
         )
-        return x, CGState(damping, x), stats
+        return x, CGState(state.damping, x), stats
 
     @typecheck
     def accept(

@@ -122,6 +122,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         batches: MicroBatches,
         state: InnerState,
         step: Int[Array, ""],
+        scale: Float[Array, ""] | None = None,
     ) -> tuple[Params, InnerState, SolverStats]:
         num_steps = problem.check_batches(model, batches)
         params = eqx.filter(model, eqx.is_inexact_array)
@@ -137,7 +138,10 @@ class _AbstractInnerLoop(AbstractGNSolver):
             value, grad = self._objective(model_q, d)
             theta = jax.tree.map(jnp.add, params, d)
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
-            d = tree_axpy(self._rate(step, k, num_steps), updates, d)
+            rate = self._rate(step, k, num_steps)
+            if scale is not None:
+                rate = rate * scale
+            d = tree_axpy(rate, updates, d)
             return (d, opt_state), (value, model_q.loss_value)
 
         (d, opt_state), (values, losses) = jax.lax.scan(
@@ -181,7 +185,8 @@ class InnerOptimizer(_AbstractInnerLoop):
     model. ``optimizer`` gives the direction at unit learning rate; the step length is
     ``learning_rate`` times the schedule: ``"cosine"`` decays towards 0 inside each outer
     step, ``"global_cosine"`` once over ``total_steps`` outer steps (the paper's best),
-    ``"constant"`` not at all. A scalar array ``learning_rate`` is traced under
+    ``"constant"`` not at all; a trust rule's scale (see [`eqx_gn.AdaptiveTrust`][])
+    multiplies it. A scalar array ``learning_rate`` is traced under
     `eqx.filter_jit`, so a sweep over it compiles once and can be vmapped. With
     ``warm_start`` the inner iterate and optimizer state carry over to the next outer
     step; after a rejected step (line-search step size 0) they restart from zero and

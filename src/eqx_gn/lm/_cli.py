@@ -272,7 +272,7 @@ def _config_values(args: argparse.Namespace, default_out: str) -> dict[str, Any]
 
 
 #: Settings of GN only, and of GN's CG solver only.
-_GN_ONLY = ("line_search", "cg_damping", "cg_iterations")
+_GN_ONLY = ("line_search", "trust", "cg_damping", "cg_iterations")
 _CG_ONLY = ("cg_damping", "cg_iterations")
 
 

@@ -21,6 +21,7 @@ from ._methods import (
     LINE_SEARCHES,
     OPTIMIZERS,
     SOLVERS,
+    TRUST_RULES,
     parse_method,
 )
 from ._model import CONFIGS
@@ -178,6 +179,17 @@ class TrainConfig:
         "or grid with solver cg, whose damping needs the loss at step size 1",
         group="optimization",
         choices=LINE_SEARCHES,
+    )
+    trust: str | None = _setting(
+        None,
+        "GN: 'adaptive' scales the next subproblem (the inner learning rate, or "
+        "CG's damping) by the step the line search chose, shrinking it after a "
+        "step cut below 1/4 and growing it after full ones, and the line search "
+        "halves the step past its grid (to 2^-10) before it rejects; 'fixed' is "
+        "the paper's rule (a fixed subproblem, the grid alone); None: adaptive, or "
+        "fixed with solver cg (its damping has its own Levenberg-Marquardt rule)",
+        group="optimization",
+        choices=TRUST_RULES,
     )
     lr: float | None = _setting(
         None,
@@ -346,6 +358,16 @@ class TrainConfig:
         return "grid" if self.solver == "cg" else "warm"
 
     @property
+    def trust_rule(self) -> str | None:
+        """GN's trust rule, ``trust`` or its default: ``"adaptive"``, or
+        ``"fixed"`` with solver cg; ``None`` for the other optimizers."""
+        if not self.is_gn:
+            return None
+        if self.trust is not None:
+            return self.trust
+        return "fixed" if self.solver == "cg" else "adaptive"
+
+    @property
     def learning_rate(self) -> float | None:
         """``lr``, or the optimizer's default; ``None`` for GN with CG (no learning
         rate)."""
@@ -388,10 +410,13 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         """The inverse of `to_dict`; unknown keys are an error. A configuration
         saved before ``blocks`` and ``solver`` existed (optimizer ``gn-layerwise``
-        or ``gn-prox``) is read as the same method."""
+        or ``gn-prox``) is read as the same method, and a GN configuration saved
+        before ``trust`` existed as the rule it ran, ``"fixed"``."""
         values = dict(values)
         if str(values.get("optimizer", "")).startswith("gn-"):
             values.update(parse_method(values["optimizer"]))
+        if values.get("optimizer") == "gn" and "trust" not in values:
+            values["trust"] = "fixed"
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -444,10 +469,18 @@ def _validate(config: TrainConfig) -> None:
     integer("num_processes", allow_none=True)
     integer("stop_after", allow_none=True)
     integer("process_id", low=0, allow_none=True)
-    for name in ("tokenizer", "model", "optimizer", "blocks", "solver", "line_search"):
+    for name in (
+        "tokenizer",
+        "model",
+        "optimizer",
+        "blocks",
+        "solver",
+        "line_search",
+        "trust",
+    ):
         choices = dataclasses.fields(TrainConfig)[_INDEX[name]].metadata["choices"]
         value = getattr(config, name)
-        if value is None and name == "line_search":
+        if value is None and name in ("line_search", "trust"):
             continue
         if value not in choices:
             hint = ""
@@ -461,7 +494,14 @@ def _validate(config: TrainConfig) -> None:
                 f"unknown {name} {value!r}; choose one of {', '.join(choices)}{hint}"
             )
     if not config.is_gn:
-        for name in ("blocks", "solver", "cg_damping", "cg_iterations", "line_search"):
+        for name in (
+            "blocks",
+            "solver",
+            "cg_damping",
+            "cg_iterations",
+            "line_search",
+            "trust",
+        ):
             if getattr(config, name) != _DEFAULTS[name]:
                 raise ConfigError(
                     f"{name} applies to optimizer 'gn' only, not {config.optimizer!r}"

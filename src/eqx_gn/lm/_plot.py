@@ -98,6 +98,73 @@ def default_title(runs: Sequence[Run], note: str | None = None) -> str:
     return f"{title}\n{note}" if note else title
 
 
+def _colors(runs: Sequence[Run]) -> list[str]:
+    """One colour per run: its method's when every run is of another method, else
+    the first free one (never gray, C7, kept for reference lines)."""
+    unique_methods = len({r.label for r in runs}) == len(runs)
+    palette = [c for c in (f"C{i}" for i in range(10)) if c != "C7"]
+    used: list[str] = []
+    for i, run in enumerate(runs):
+        color = METHOD_COLORS.get(run.label) if unique_methods else None
+        if color is None or color in used:
+            free = [c for c in palette if c not in used]
+            color = free[0] if free else palette[i % len(palette)]
+        used.append(color)
+    return used
+
+
+def gn_step_records(run: Run) -> list[dict[str, Any]]:
+    """The metrics records of ``run``'s GN main steps that carry a trust scale
+    (runs from before the trust rule have none); ``[]`` without a metrics file."""
+    if not (Path(run.path) / "metrics.jsonl").is_file():
+        return []
+    return [r for r in load_metrics(run.path) if r.get("trust_scale") is not None]
+
+
+def gn_steps_figure(runs: Sequence[Run], *, labels: Sequence[str], title: str):
+    """The `matplotlib.figure.Figure` of GN's step decisions: per main step, the
+    step size the line search chose (a rejection as an x at the axis' floor) and
+    the trust scale the step's subproblem was solved at, log2 axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    rows = [
+        (gn_step_records(run), label, color)
+        for run, label, color in zip(runs, labels, _colors(runs), strict=True)
+    ]
+    sizes = [r["step_size"] for records, _, _ in rows for r in records]
+    floor = min([s for s in sizes if s > 0], default=1.0) / 2
+    for records, label, color in rows:
+        if not records:
+            continue
+        steps = [r["step"] for r in records]
+        taken = [r for r in records if r["step_size"] > 0]
+        top.plot(
+            [r["step"] for r in taken],
+            [r["step_size"] for r in taken],
+            color=color,
+            marker=".",
+            label=label,
+        )
+        rejected = [r["step"] for r in records if r["step_size"] <= 0]
+        if rejected:
+            top.plot(rejected, [floor] * len(rejected), "x", color=color)
+        bottom.plot(steps, [r["trust_scale"] for r in records], color=color)
+    top.set_yscale("log", base=2)
+    top.set_ylabel("step size chosen\n(x: rejected)")
+    top.legend(fontsize=8)
+    top.grid(True, alpha=0.3)
+    bottom.set_yscale("log", base=2)
+    bottom.set_ylabel("trust scale")
+    bottom.set_xlabel("optimizer step")
+    bottom.grid(True, alpha=0.3)
+    fig.suptitle("\n".join(textwrap.fill(line, 80) for line in title.splitlines()))
+    return fig
+
+
 def loss_figure(
     runs: Sequence[Run],
     axis: str,
@@ -118,16 +185,8 @@ def loss_figure(
     fig = Figure(figsize=(7.0, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    unique_methods = len({r.label for r in runs}) == len(runs)
-    palette = [c for c in (f"C{i}" for i in range(10)) if c != "C7"]
-    used: set[str] = set()
     lows, highs = [], []
-    for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
-        color = METHOD_COLORS.get(run.label) if unique_methods else None
-        if color is None or color in used:
-            free = [c for c in palette if c not in used]
-            color = free[0] if free else palette[i % len(palette)]
-        used.add(color)
+    for run, label, color in zip(runs, labels, _colors(runs), strict=True):
         x, train, x_val, val = series(run, axis)
         if train:
             ax.plot(x, train, color=color, alpha=0.3, linewidth=0.8)
@@ -199,7 +258,8 @@ def plot_runs(
     `load_runs`) into ``out_dir``; return the paths written.
 
     Writes ``loss_vs_steps``, ``loss_vs_tokens`` (training plus line-search
-    tokens) and ``loss_vs_time`` in each of ``formats`` (``png``, ``pdf``,
+    tokens), ``loss_vs_time`` and, when a GN run recorded its trust scale,
+    ``gn_steps`` (`gn_steps_figure`) in each of ``formats`` (``png``, ``pdf``,
     ``svg``), with a logarithmic loss axis if ``log_y``. The title defaults to
     what the runs share (model, tokens per step, corpus) and, for a study, which
     of its runs are shown. Labels default to `labels_for`.
@@ -236,6 +296,12 @@ def plot_runs(
         )
         for f in formats:
             path = out / f"loss_vs_{axis}.{f}"
+            fig.savefig(path, dpi=150 if f == "png" else None)
+            paths.append(path)
+    if any(gn_step_records(run) for run in runs):
+        fig = gn_steps_figure(runs, labels=labels, title=title)
+        for f in formats:
+            path = out / f"gn_steps.{f}"
             fig.savefig(path, dpi=150 if f == "png" else None)
             paths.append(path)
     return paths

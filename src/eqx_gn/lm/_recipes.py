@@ -21,7 +21,10 @@ sweep compiles each step once.
   ``lr`` on one global cosine over all inner steps, warm start; or `eqx_gn.CG` with
   ``cg_iterations`` iterations from damping ``cg_damping``; then
   `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
-  ``"grid"``) or walked from the last step's choice (``"warm"``).
+  ``"grid"``) or walked from the last step's choice (``"warm"``); with ``trust``
+  ``"adaptive"``, `eqx_gn.AdaptiveTrust` scales each subproblem from the last
+  step and the search halves the step past its grid down to ``MIN_STEP_SIZE``
+  before it rejects (``"fixed"``: the paper's fixed subproblem and grid).
 
 Every first-order update clips the gradient to global norm ``max_grad_norm``.
 Every schedule is [`eqx_gn.cosine_decay`][].
@@ -38,12 +41,16 @@ from .._losses import SoftmaxCrossEntropy
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
 from .._solvers import CG, InnerOptimizer, ProxLinear
+from .._trust import AdaptiveTrust, FixedTrust
 from ..baselines import soap
 from ._config import TrainConfig
 from ._model import Transformer, apply_fn, embedding_and_head, layerwise_blocks
 
 #: The loss every phase minimises: next-token cross-entropy.
 LM_LOSS = SoftmaxCrossEntropy()
+#: The smallest step the adaptive rule's line search tries past its grid: from the
+#: default grid's smallest step 2^-3.5, at most 7 halvings.
+MIN_STEP_SIZE = 2.0**-10
 
 
 def _cosine(peak: float, steps: int) -> optax.Schedule:
@@ -114,6 +121,7 @@ class GaussNewtonRecipe:
     steps: int
     ls_grid: int
     line_search: str
+    trust: str
     cg_damping: float
     cg_iterations: int
     b2: float
@@ -121,6 +129,7 @@ class GaussNewtonRecipe:
     max_grad_norm: float
 
     def build(self, model: Transformer) -> GaussNewton:
+        adaptive = self.trust == "adaptive"
         if self.solver == "cg":
             solver = CG(max_iterations=self.cg_iterations, damping=self.cg_damping)
         else:
@@ -148,8 +157,12 @@ class GaussNewtonRecipe:
                 grid_size=self.ls_grid,
                 stop_on_increase=self.line_search == "warm",
                 warm_start=self.line_search == "warm",
+                min_step_size=min(MIN_STEP_SIZE, 0.5 * 2.0 ** (-(self.ls_grid - 1) / 2))
+                if adaptive
+                else None,
             ),
             blocks=layerwise_blocks(model) if self.blocks == "layerwise" else None,
+            trust=AdaptiveTrust() if adaptive else FixedTrust(),
         )
 
 
@@ -183,6 +196,7 @@ def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
             steps=config.main_steps,
             ls_grid=config.ls_grid,
             line_search=config.line_search_rule,
+            trust=config.trust_rule,
             cg_damping=config.cg_damping,
             cg_iterations=config.cg_iterations,
             b2=config.b2,

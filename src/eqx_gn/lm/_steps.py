@@ -74,6 +74,7 @@ GN_METRICS = (
     "rejected",
     "nonfinite",
     "line_search_evaluations",
+    "trust_scale",
 )
 
 

@@ -423,6 +423,7 @@ class _Training:
             "micro_batch_size": config.micro_batch_size if config.is_gn else None,
             "ls_batch_size": config.line_search_batch_size if config.is_gn else None,
             "line_search": config.line_search_rule,
+            "trust": config.trust_rule,
             "seq_len": self.seq_len,
             "tokens_per_step": config.batch_size * self.seq_len,
             "model_config": {
@@ -448,6 +449,7 @@ class _Training:
             "blocks": config.blocks if config.is_gn else None,
             "solver": config.solver if config.is_gn else None,
             "line_search": config.line_search_rule,
+            "trust": config.trust_rule,
             "method": config.method,
             "label": config.label,
             "model": config.model,

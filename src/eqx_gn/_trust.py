@@ -1,0 +1,146 @@
+r"""Trust rules: who owns the step scale of the next GN subproblem.
+
+A solver proposes a direction $d$; the line search chooses how far along it to
+go, $s$. A trust rule reads what that outer step saw and sets a scale $t > 0$ for
+the next subproblem: the inner-loop solvers ([`eqx_gn.InnerOptimizer`][],
+[`eqx_gn.ProxLinear`][]) multiply their learning rate by $t$, so the next
+direction is about $t$ times as long, and [`eqx_gn.CG`][] divides its damping by
+$t$. The line search still decides each step; the rule keeps the next direction
+at a length the GN model can be trusted with, so the search does not have to keep
+cutting it (or reject it) step after step.
+"""
+
+import abc
+from typing import final
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
+
+from ._line_search import LineSearchStats
+
+
+class AbstractTrustRule(eqx.Module):
+    """A rule that scales the next GN subproblem from the last outer step."""
+
+    @abc.abstractmethod
+    def init(self, dtype) -> PyTree:
+        """The rule's state before the first step."""
+
+    @abc.abstractmethod
+    def scale(self, state: PyTree) -> Float[Array, ""] | None:
+        """The scale $t$ of the next subproblem; ``None`` for none at all (the
+        solvers then compute exactly what they compute without a rule)."""
+
+    @abc.abstractmethod
+    def update(
+        self,
+        state: PyTree,
+        step_size: Float[Array, ""],
+        line_search: LineSearchStats,
+        predicted_decrease: Float[Array, ""],
+    ) -> PyTree:
+        """The state after an outer step chose ``step_size`` (0: rejected)."""
+
+
+@final
+class FixedTrust(AbstractTrustRule):
+    """The paper's rule: no scale, the subproblem is the same at every step."""
+
+    def init(self, dtype) -> None:
+        del dtype
+        return None
+
+    def scale(self, state: None) -> None:
+        del state
+        return None
+
+    def update(self, state, step_size, line_search, predicted_decrease) -> None:
+        del step_size, line_search, predicted_decrease
+        return state
+
+
+@final
+class AdaptiveTrust(AbstractTrustRule):
+    r"""The scale follows the step the line search chose.
+
+    With $s$ the chosen step size and $\rho$ the actual over the predicted decrease
+    at $s = 1$ (when the search evaluated it):
+
+    - $s < $ ``shrink_below`` ($\frac14$): the direction was about $1/s$ too long
+      for the true loss, so $t \leftarrow t \max(s, \text{min\_factor})$;
+      a rejection ($s = 0$) gives $t \leftarrow t \cdot \text{min\_factor}$;
+    - ``shrink_below`` $\le s < 1$: $t$ stays (a line search often prefers a
+      somewhat shorter step; shrinking on every such step compounds and starves
+      the solver, measured in the runner: the scale fell to its floor on runs
+      that the fixed rule trained well);
+    - $s = 1$ and $\rho \ge \frac14$ (or $\rho$ unknown): the full step was the
+      best, so $t \leftarrow \text{grow} \cdot t$;
+    - $s = 1$ and $\rho < \frac14$: $t$ stays;
+
+    always within ``[min_scale, max_scale]``, from $t = 1$. With ``max_scale`` above
+    1 the rule also lengthens a learning rate set too small; ``max_scale = 1``
+    makes the learning rate given to the solver the largest it uses.
+
+    This is the role of Levenberg-Marquardt damping in trust-region methods, with
+    the line search's choice as the measure of agreement (kfac-jax adapts its
+    damping from $\rho$ the same way; optimistix keeps the step scale in a search
+    object apart from the descent that proposes the direction).
+    """
+
+    grow: float | Float[Array, ""] = 1.5
+    shrink_below: float | Float[Array, ""] = 0.25
+    min_factor: float | Float[Array, ""] = 1 / 16
+    min_scale: float | Float[Array, ""] = 1e-3
+    max_scale: float | Float[Array, ""] = 8.0
+
+    def __check_init__(self):
+        def check(name, ok, what):
+            value = getattr(self, name)
+            if not isinstance(value, jax.core.Tracer) and not ok(float(value)):
+                raise ValueError(f"AdaptiveTrust: {name} must be {what}, got {value}.")
+
+        check("grow", lambda v: v >= 1, ">= 1")
+        check("min_factor", lambda v: 0 < v <= 1, "in (0, 1]")
+        check("shrink_below", lambda v: 0 < v <= 1, "in (0, 1]")
+        check("min_scale", lambda v: v > 0, "> 0")
+        if not isinstance(self.max_scale, jax.core.Tracer) and not isinstance(
+            self.min_scale, jax.core.Tracer
+        ):
+            if not float(self.max_scale) >= float(self.min_scale):
+                raise ValueError(
+                    f"AdaptiveTrust: max_scale must be >= min_scale, got "
+                    f"{self.max_scale} < {self.min_scale}."
+                )
+            if not float(self.min_scale) <= 1 <= float(self.max_scale):
+                raise ValueError(
+                    "AdaptiveTrust: the start, scale 1, must lie in [min_scale, "
+                    f"max_scale], got [{self.min_scale}, {self.max_scale}]."
+                )
+
+    def init(self, dtype) -> Float[Array, ""]:
+        return jnp.ones((), dtype)
+
+    def scale(self, state: Float[Array, ""]) -> Float[Array, ""]:
+        return state
+
+    def update(
+        self,
+        state: Float[Array, ""],
+        step_size: Float[Array, ""],
+        line_search: LineSearchStats,
+        predicted_decrease: Float[Array, ""],
+    ) -> Float[Array, ""]:
+        dtype = state.dtype
+        s = jnp.asarray(step_size, dtype)
+        actual = line_search.loss_before - line_search.loss_at_unit_step
+        rho = actual / jnp.where(predicted_decrease > 0, predicted_decrease, jnp.nan)
+        agrees = ~(rho < 0.25)  # NaN (unknown) counts as agreement
+        factor = jnp.where(
+            s >= 1,
+            jnp.where(agrees, self.grow, 1.0),
+            jnp.where(s < self.shrink_below, jnp.maximum(s, self.min_factor), 1.0),
+        ).astype(dtype)
+        new = jnp.clip(state * factor, self.min_scale, self.max_scale)
+        return new.astype(dtype)

@@ -79,10 +79,6 @@ def final_arrays(run_dir):
         (dict(trust="loose"), "unknown trust 'loose'"),
         (dict(optimizer="adamw", trust="fixed"), "trust applies to optimizer"),
         (dict(optimizer="muon", line_search="grid"), "line_search applies to optim"),
-        (
-            dict(solver="cg", line_search="warm"),
-            "line_search 'warm' does not apply to solver 'cg'",
-        ),
     ],
 )
 def test_config_rejects_bad_values(changes, message):
@@ -133,11 +129,14 @@ def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache
 
 def test_gn_trust_rule_defaults_to_adaptive_and_is_recorded(tmp_path, cache_dir):
     assert TrainConfig().trust_rule == "adaptive"
-    assert TrainConfig(solver="cg").trust_rule == "fixed"
+    assert TrainConfig(solver="cg").trust_rule == "levenberg-marquardt"
     assert TrainConfig(optimizer="adamw").trust_rule is None
-    # A GN run saved before the setting existed ran the fixed rule.
-    saved = {k: v for k, v in TrainConfig().to_dict().items() if k != "trust"}
-    assert TrainConfig.from_dict(saved).trust_rule == "fixed"
+    # A GN run saved before the setting existed ran the fixed rule, or with CG its
+    # Levenberg-Marquardt damping.
+    for solver, rule in (("inner", "fixed"), ("cg", "levenberg-marquardt")):
+        saved = TrainConfig(solver=solver).to_dict()
+        del saved["trust"]
+        assert TrainConfig.from_dict(saved).trust_rule == rule
     scales = {}
     for rule in ("adaptive", "fixed"):
         # lr 1.0: far too large, so the adaptive rule has something to do.
@@ -157,12 +156,27 @@ def test_gn_trust_rule_defaults_to_adaptive_and_is_recorded(tmp_path, cache_dir)
         s, predicted = before["step_size"], before["predicted_decrease"]
         rho = before["actual_decrease"] / predicted if predicted > 0 else math.nan
         if s >= 1:
-            factor = 1.0 if rho < 0.25 else 1.5
+            factor = 1.0 if rho < 0.25 else 2.0
         else:
-            factor = max(s, 1 / 16) if s < 0.25 else 1.0
+            factor = max(s, 1 / 4) if s < 0.25 else 1.0
         expected = min(8.0, max(1e-3, before["trust_scale"] * factor))
         assert after["trust_scale"] == pytest.approx(expected, rel=1e-6)
     assert min(scales["adaptive"]) < 1.0
+
+
+def test_cg_trains_with_the_warm_walk_its_damping_set_by_the_trust_rule(
+    tmp_path, cache_dir
+):
+    # Once refused (CG's own damping rule needed the loss at step size 1): the
+    # Levenberg-Marquardt rule now reads the step where the walk skipped s = 1.
+    config = small(tmp_path, cache_dir, "cg", steps=6, solver="cg", line_search="warm")
+    assert train(config)["trust"] == "levenberg-marquardt"
+    main = [r for r in records(tmp_path / "cg") if r["phase"] == "main"]
+    assert main and all(math.isfinite(r["train_loss"]) for r in main)
+    assert any(r["trust_scale"] != 1.0 for r in main)  # the damping moved
+    for r in main:
+        # The damping CG solved at is cg_damping over the rule's scale.
+        assert r["damping"] == pytest.approx(config.cg_damping / r["trust_scale"])
 
 
 def test_gn_settings_are_orthogonal_and_named_by_method():

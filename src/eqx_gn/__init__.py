@@ -46,6 +46,7 @@ from ._trust import (
     AbstractTrustRule as AbstractTrustRule,
     AdaptiveTrust as AdaptiveTrust,
     FixedTrust as FixedTrust,
+    LevenbergMarquardt as LevenbergMarquardt,
 )
 
 __version__ = "0.1.0"

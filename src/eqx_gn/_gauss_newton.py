@@ -7,8 +7,9 @@ One outer step at $\theta_0$:
    (full or block-diagonal $q$, by the [`eqx_gn.Blocks`][] given);
 2. a line search picks $s \ge 0$ from $\varphi(s) = L(\theta_0 + s d)$ on separate
    line-search batches;
-3. $\theta_1 = \theta_0 + s d$, the solver updates its state (warm start,
-   damping), and the trust rule sets the next subproblem's scale from $s$.
+3. $\theta_1 = \theta_0 + s d$, the solver updates its state (warm start), and
+   the trust rule sets the next subproblem's scale from $s$ and from the actual
+   over the predicted decrease.
 
 A non-finite direction or loss rejects the step and leaves the model and every
 piece of state exactly as they were.
@@ -40,8 +41,8 @@ from ._line_search import (
 )
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
-from ._solvers import CG, AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
-from ._trust import AbstractTrustRule, FixedTrust
+from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
+from ._trust import AbstractTrustRule
 
 #: $\varphi(s)$: the loss along the direction, as a function of the step size.
 LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
@@ -52,7 +53,8 @@ class GNState(eqx.Module):
     """The optimizer's state: the outer step count, the solver's state, the step
     size the line search chose last (1 before the first step, 0 after a rejection),
     which [`search`][eqx_gn.GaussNewton.search] passes on as ``previous``, and the
-    trust rule's state (``None`` for [`eqx_gn.FixedTrust`][])."""
+    trust rule's state (``None`` for [`eqx_gn.FixedTrust`][], the scale $t$ for the
+    other rules)."""
 
     step: Int[Array, ""]
     solver_state: PyTree
@@ -67,7 +69,9 @@ class GNStats(eqx.Module):
     ``loss_before``/``loss_after`` are line-search losses at $\\theta_0$ and at the
     chosen step; ``model_start``/``model_end`` the subproblem objective at the first
     and last inner iterate; ``predicted_decrease`` the model's decrease for $d$ and
-    ``actual_decrease`` the true one at $s = 1$ (their ratio drives damping);
+    ``actual_decrease`` the true one at $s = 1$ (NaN when the search did not
+    evaluate it); ``damping`` the damping the subproblem was solved at (0 for the
+    inner-loop solvers);
     ``rejected`` means $s = 0$ and ``nonfinite`` that a NaN or inf was met (then the
     step changed nothing); ``trust_scale`` is the trust rule's scale this step's
     subproblem was solved at (1 without a rule).
@@ -101,9 +105,11 @@ class GaussNewton(eqx.Module):
     - ``line_search``: [`eqx_gn.GridLineSearch`][] (default) or
       [`eqx_gn.BacktrackingArmijo`][].
     - ``blocks``: ``None`` for full GN, or an [`eqx_gn.Blocks`][] for layerwise GN.
-    - ``trust``: [`eqx_gn.FixedTrust`][] (default, the paper's) or
-      [`eqx_gn.AdaptiveTrust`][]: the rule that scales the next subproblem from the
-      step the line search chose.
+    - ``trust``: the rule that scales the next subproblem from what the last step
+      saw: [`eqx_gn.FixedTrust`][] (the paper's), [`eqx_gn.AdaptiveTrust`][] or
+      [`eqx_gn.LevenbergMarquardt`][]. ``None`` (default): the solver's own
+      (``solver.default_trust()``): fixed for the inner-loop solvers,
+      Levenberg-Marquardt damping for CG.
     - ``axis_name``: the batch axis name when ``step`` runs inside ``shard_map`` or
       ``pmap``; ``None`` otherwise (including ``jit`` over sharded batches).
 
@@ -143,20 +149,12 @@ class GaussNewton(eqx.Module):
     line_search: AbstractLineSearch = eqx.field(default_factory=GridLineSearch)
     blocks: Blocks | None = None
     axis_name: AxisName = eqx.field(default=None, static=True)
-    trust: AbstractTrustRule = eqx.field(default_factory=FixedTrust)
+    # None becomes the solver's default rule in `__post_init__`.
+    trust: AbstractTrustRule | None = None
 
-    def __check_init__(self):
-        if (
-            isinstance(self.solver, CG)
-            and self.solver.adapt_damping
-            and isinstance(self.line_search, GridLineSearch)
-            and self.line_search.warm_start
-        ):
-            raise ValueError(
-                "GaussNewton: CG's adaptive damping needs the loss at s = 1, which "
-                "GridLineSearch(warm_start=True) may not evaluate; use warm_start="
-                "False or CG(adapt_damping=False)."
-            )
+    def __post_init__(self):
+        if self.trust is None:
+            self.trust = self.solver.default_trust()
 
     @property
     def problem(self) -> GNProblem:
@@ -290,9 +288,7 @@ class GaussNewton(eqx.Module):
         )
         new_model = eqx.combine(new_params, model)
 
-        solver_state = self.solver.accept(
-            provisional, direction, step_size, line_search_stats, solver_stats
-        )
+        solver_state = self.solver.accept(provisional, direction, step_size)
         trust = self.trust.update(
             state.trust, step_size, line_search_stats, solver_stats.predicted_decrease
         )

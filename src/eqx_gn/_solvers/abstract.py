@@ -10,8 +10,8 @@ from .._batches import check_micro_batches
 from .._blocks import Blocks
 from .._custom_types import ApplyFn, AxisName, MicroBatches, Model, Params
 from .._gnvp import QuadraticModel, quadratic_model
-from .._line_search import LineSearchStats
 from .._losses import AbstractLoss
+from .._trust import AbstractTrustRule
 
 
 @final
@@ -83,11 +83,14 @@ class AbstractGNSolver(eqx.Module):
 
     @abc.abstractmethod
     def accept(
-        self,
-        state: PyTree,
-        direction: Params,
-        step_size: Float[Array, ""],
-        line_search: LineSearchStats,
-        stats: SolverStats,
+        self, state: PyTree, direction: Params, step_size: Float[Array, ""]
     ) -> PyTree:
-        """The solver's state after the line search chose ``step_size``."""
+        """The solver's state after the line search chose ``step_size`` (0: the
+        step was rejected) along ``direction``, from its provisional ``state``.
+        How far to trust the next subproblem is not the solver's to decide: that
+        is the trust rule's (``scale`` in ``solve``)."""
+
+    @abc.abstractmethod
+    def default_trust(self) -> AbstractTrustRule:
+        """The trust rule [`eqx_gn.GaussNewton`][] uses with this solver when it is
+        given none."""

@@ -1,5 +1,4 @@
-r"""Hessian-free: conjugate gradient on the damped GN system, Levenberg-Marquardt
-damping."""
+r"""Hessian-free: conjugate gradient on the damped GN system."""
 
 from typing import final
 
@@ -9,16 +8,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import MicroBatches, Model, Params, typecheck
-from .._line_search import LineSearchStats
 from .._misc import tree_axpy, tree_scale, tree_vdot, tree_zeros_like
+from .._trust import AbstractTrustRule, LevenbergMarquardt
 from .abstract import AbstractGNSolver, GNProblem, SolverStats
 
 
 @final
 class CGState(eqx.Module):
-    """The Levenberg-Marquardt damping and the previous CG solution."""
+    """The previous CG solution (a warm start's first iterate)."""
 
-    damping: Float[Array, ""]
     previous: Params
 
 
@@ -51,21 +49,18 @@ class CG(AbstractGNSolver):
     $G$ and $g$ are the GN matrix and gradient of the loss on all K micro-batches
     together (one linearization, reused by every CG iteration). CG stops after
     ``max_iterations`` or when $\lVert r \rVert \le$ ``tolerance`` $\lVert g \rVert$.
-    After the line search, $\lambda$ follows Levenberg-Marquardt: with
-    $\rho = (L(\theta_0) - L(\theta_0 + d)) / (q(0) - q(d))$ (actual over predicted
-    decrease at unit step), $\lambda \leftarrow \frac32\lambda$ if $\rho < \frac14$ and
-    $\lambda \leftarrow \frac23\lambda$ if $\rho > \frac34$, within
-    ``[min_damping, max_damping]``. ``adapt_damping=False`` keeps $\lambda$ fixed.
-    ``warm_start`` starts CG from the previous solution (scaled by
-    ``warm_start_decay``) instead of 0.
+    The damping is ``damping`` divided by the trust rule's scale $t$: with
+    [`eqx_gn.GaussNewton`][]'s default rule for CG, [`eqx_gn.LevenbergMarquardt`][],
+    that is Levenberg-Marquardt damping ($\lambda \leftarrow \frac32\lambda$ when
+    the actual decrease at unit step is below $\frac14$ of the predicted one,
+    $\lambda \leftarrow \frac23\lambda$ above $\frac34$); with
+    [`eqx_gn.FixedTrust`][], $\lambda$ stays ``damping``. ``warm_start`` starts CG
+    from the previous solution (scaled by ``warm_start_decay``) instead of 0.
     """
 
     max_iterations: int = eqx.field(default=50, static=True)
     tolerance: float = eqx.field(default=1e-6, static=True)
     damping: float = eqx.field(default=1e-3, static=True)
-    adapt_damping: bool = eqx.field(default=True, static=True)
-    min_damping: float = eqx.field(default=1e-8, static=True)
-    max_damping: float = eqx.field(default=1e8, static=True)
     warm_start: bool = eqx.field(default=False, static=True)
     warm_start_decay: float = eqx.field(default=0.95, static=True)
 
@@ -78,18 +73,14 @@ class CG(AbstractGNSolver):
             raise ValueError(f"CG: tolerance must be >= 0, got {self.tolerance}.")
         if not self.damping >= 0:
             raise ValueError(f"CG: damping must be >= 0, got {self.damping}.")
-        if not 0 <= self.min_damping <= self.max_damping:
-            raise ValueError(
-                f"CG: need 0 <= min_damping <= max_damping, got {self.min_damping}, "
-                f"{self.max_damping}."
-            )
+
+    def default_trust(self) -> AbstractTrustRule:
+        r"""[`eqx_gn.LevenbergMarquardt`][]: the damping follows $\rho$."""
+        return LevenbergMarquardt()
 
     @typecheck
     def init(self, model: Model) -> CGState:
-        params = eqx.filter(model, eqx.is_inexact_array)
-        leaves = jax.tree.leaves(params)
-        dtype = jnp.result_type(*leaves) if leaves else float
-        return CGState(jnp.asarray(self.damping, dtype), tree_zeros_like(params))
+        return CGState(tree_zeros_like(eqx.filter(model, eqx.is_inexact_array)))
 
     @typecheck
     def solve(
@@ -104,8 +95,11 @@ class CG(AbstractGNSolver):
         problem.check_batches(model, batches)
         model_q = problem.quadratic_model(model, _concatenate(batches))
         g = model_q.gradient()
+        dtype = jnp.result_type(*jax.tree.leaves(g), float)
         # A trust rule's scale t trusts the model t times further: damping / t.
-        damping = state.damping if scale is None else state.damping / scale
+        damping = jnp.asarray(self.damping, dtype)
+        if scale is not None:
+            damping = damping / scale
 
         def operator(v):
             return tree_axpy(damping, v, model_q.gnvp(v))
@@ -150,25 +144,11 @@ class CG(AbstractGNSolver):
             damping=damping,
             iterations=iterations,
         )
-        return x, CGState(state.damping, x), stats
+        return x, CGState(x), stats
 
     @typecheck
     def accept(
-        self,
-        state: CGState,
-        direction: Params,
-        step_size: Float[Array, ""],
-        line_search: LineSearchStats,
-        stats: SolverStats,
+        self, state: CGState, direction: Params, step_size: Float[Array, ""]
     ) -> CGState:
-        if not self.adapt_damping:
-            return state
-        actual = line_search.loss_before - line_search.loss_at_unit_step
-        predicted = stats.predicted_decrease
-        rho = jnp.where(
-            predicted > 0, actual / jnp.where(predicted > 0, predicted, 1.0), -jnp.inf
-        )
-        rho = jnp.where(jnp.isfinite(rho), rho, -jnp.inf)
-        factor = jnp.where(rho < 0.25, 1.5, jnp.where(rho > 0.75, 2.0 / 3.0, 1.0))
-        damping = jnp.clip(state.damping * factor, self.min_damping, self.max_damping)
-        return CGState(damping, state.previous)
+        del direction, step_size
+        return state

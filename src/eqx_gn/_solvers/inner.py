@@ -13,19 +13,28 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .._custom_types import FilterSpec, MicroBatches, Model, Params, typecheck
 from .._gnvp import QuadraticModel
-from .._line_search import LineSearchStats
 from .._misc import tree_axpy, tree_scale, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
+from .._trust import AbstractTrustRule, FixedTrust
 from .abstract import AbstractGNSolver, GNProblem, SolverStats
 
 Schedule = Literal["constant", "cosine", "global_cosine"]
+#: What the inner loop keeps after a rejected step: ``"restart_iterate"`` restarts
+#: the iterate from 0 and keeps the optimizer state, ``"restart"`` restarts both,
+#: ``"keep"`` keeps both (the rejected iterate seeds the next loop).
+OnReject = Literal["restart_iterate", "restart", "keep"]
 
 
 @final
 class InnerState(eqx.Module):
     """The inner iterate (relative to the linearization point) and the inner
-    optimizer's state; both carry across outer steps when warm-starting."""
+    optimizer's state; both carry across outer steps when warm-starting.
+
+    The iterate is kept at unit trust scale: a solve at scale $t$ starts from
+    $t$ times it and stores its last iterate divided by $t$, so when the trust
+    rule rescales the next subproblem, the warm start it carries is rescaled with
+    it. Without a scale (``FixedTrust``) it is the iterate itself."""
 
     direction: Params
     opt_state: PyTree
@@ -42,7 +51,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
     schedule: Schedule = eqx.field(static=True)
     total_steps: int | None = eqx.field(static=True)
     warm_start: bool = eqx.field(static=True)
-    reset_on_reject: bool = eqx.field(static=True)
+    on_reject: OnReject = eqx.field(static=True)
 
     def __init__(
         self,
@@ -52,7 +61,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         schedule: Schedule = "cosine",
         total_steps: int | None = None,
         warm_start: bool = True,
-        reset_on_reject: bool = True,
+        on_reject: OnReject = "restart_iterate",
         adam_filter: FilterSpec | None = None,
     ):
         self.optimizer = (
@@ -62,7 +71,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         self.schedule = schedule
         self.total_steps = total_steps
         self.warm_start = warm_start
-        self.reset_on_reject = reset_on_reject
+        self.on_reject = on_reject
 
     def __check_init__(self):
         self._check(type(self).__name__)
@@ -94,6 +103,15 @@ class _AbstractInnerLoop(AbstractGNSolver):
                 f"{name}: schedule='global_cosine' needs total_steps >= 1 (the number of "
                 f"outer steps), got {self.total_steps}."
             )
+        if self.on_reject not in ("restart_iterate", "restart", "keep"):
+            raise ValueError(
+                f"{name}: on_reject must be 'restart_iterate', 'restart' or 'keep', got "
+                f"{self.on_reject!r}."
+            )
+
+    def default_trust(self) -> AbstractTrustRule:
+        """[`eqx_gn.FixedTrust`][]: the paper's fixed subproblem."""
+        return FixedTrust()
 
     @abc.abstractmethod
     def _objective(self, model_q: QuadraticModel, d: Params) -> tuple[Array, Params]:
@@ -128,6 +146,8 @@ class _AbstractInnerLoop(AbstractGNSolver):
         params = eqx.filter(model, eqx.is_inexact_array)
         if self.warm_start:
             d, opt_state = state.direction, state.opt_state
+            if scale is not None:
+                d = tree_scale(scale, d)
         else:
             d, opt_state = tree_zeros_like(params), self.optimizer.init(params)
 
@@ -154,25 +174,31 @@ class _AbstractInnerLoop(AbstractGNSolver):
             damping=jnp.zeros((), values.dtype),
             iterations=jnp.asarray(num_steps),
         )
-        return d, InnerState(d, opt_state), stats
+        stored = d if scale is None else tree_scale(1 / scale, d)
+        return d, InnerState(stored, opt_state), stats
 
     @typecheck
     def accept(
-        self,
-        state: InnerState,
-        direction: Params,
-        step_size: Float[Array, ""],
-        line_search: LineSearchStats,
-        stats: SolverStats,
+        self, state: InnerState, direction: Params, step_size: Float[Array, ""]
     ) -> InnerState:
         # The next linearization point is theta0 + s d; the inner iterate theta0 + d
-        # stays where it is, so relative to the new point it is (1 - s) d.
-        carried = InnerState(tree_scale(1.0 - step_size, direction), state.opt_state)
-        if not self.reset_on_reject:
+        # stays where it is, so relative to the new point it is (1 - s) d (kept at
+        # unit trust scale, as `state.direction` is: see `InnerState`).
+        carried = InnerState(
+            tree_scale(1.0 - step_size, state.direction), state.opt_state
+        )
+        if self.on_reject == "keep":
             return carried
-        # A rejected direction would otherwise seed the next inner loop, which then
-        # keeps growing the same rejected step: start afresh instead.
-        fresh = InnerState(tree_zeros_like(direction), self.optimizer.init(direction))
+        # A rejected iterate would seed the next inner loop, which then keeps
+        # growing the same rejected step: it restarts from 0. The optimizer's
+        # moments estimate the subproblem's gradient scale, which the rejection
+        # does not invalidate: "restart_iterate" keeps them (measured on the tiny LM,
+        # see the solvers guide).
+        zero = tree_zeros_like(state.direction)
+        if self.on_reject == "restart":
+            fresh = InnerState(zero, self.optimizer.init(direction))
+        else:
+            fresh = InnerState(zero, state.opt_state)
         return tree_where(step_size > 0, carried, fresh)
 
 
@@ -189,8 +215,10 @@ class InnerOptimizer(_AbstractInnerLoop):
     multiplies it. A scalar array ``learning_rate`` is traced under
     `eqx.filter_jit`, so a sweep over it compiles once and can be vmapped. With
     ``warm_start`` the inner iterate and optimizer state carry over to the next outer
-    step; after a rejected step (line-search step size 0) they restart from zero and
-    a fresh optimizer state, unless ``reset_on_reject=False``. The default optimizer
+    step; after a rejected step (line-search step size 0) the iterate restarts from
+    zero and the optimizer state carries over (``on_reject="restart_iterate"``;
+    ``"restart"`` also restarts the optimizer state, ``"keep"`` keeps the rejected
+    iterate). The default optimizer
     is the paper's: Muon on hidden 2-D matrices, AdamW on the rest and on what
     ``adam_filter`` selects (embedding and head), after global-norm clipping at 1.
     """

@@ -176,7 +176,8 @@ class TrainConfig:
         "the best (the paper's); 'warm' walks the grid from the last step's "
         "choice while the loss falls (the same choice when the loss is unimodal "
         "along the grid, in about 3 evaluations instead of ls_grid); None: warm, "
-        "or grid with solver cg, whose damping needs the loss at step size 1",
+        "or grid with solver cg (its Levenberg-Marquardt damping reads the loss at "
+        "step size 1, which the grid always evaluates)",
         group="optimization",
         choices=LINE_SEARCHES,
     )
@@ -184,10 +185,11 @@ class TrainConfig:
         None,
         "GN: 'adaptive' scales the next subproblem (the inner learning rate, or "
         "CG's damping) by the step the line search chose, shrinking it after a "
-        "step cut below 1/4 and growing it after full ones, and the line search "
-        "halves the step past its grid (to 2^-10) before it rejects; 'fixed' is "
-        "the paper's rule (a fixed subproblem, the grid alone); None: adaptive, or "
-        "fixed with solver cg (its damping has its own Levenberg-Marquardt rule)",
+        "step cut below 1/4 and growing it after full ones; 'levenberg-marquardt' "
+        "scales it by the ratio of actual to predicted decrease at step size 1; "
+        "with both the line search halves the step past its grid (to 2^-10) "
+        "before it rejects; 'fixed' is the paper's rule (a fixed subproblem, the "
+        "grid alone); None: adaptive, or levenberg-marquardt with solver cg",
         group="optimization",
         choices=TRUST_RULES,
     )
@@ -200,7 +202,8 @@ class TrainConfig:
     )
     cg_damping: float = _setting(
         1e-3,
-        "GN with solver cg: the initial Levenberg-Marquardt damping",
+        "GN with solver cg: the damping at trust scale 1 (the start; the trust rule "
+        "divides it by its scale)",
         group="optimization",
     )
     cg_iterations: int = _setting(
@@ -360,12 +363,13 @@ class TrainConfig:
     @property
     def trust_rule(self) -> str | None:
         """GN's trust rule, ``trust`` or its default: ``"adaptive"``, or
-        ``"fixed"`` with solver cg; ``None`` for the other optimizers."""
+        ``"levenberg-marquardt"`` with solver cg; ``None`` for the other
+        optimizers."""
         if not self.is_gn:
             return None
         if self.trust is not None:
             return self.trust
-        return "fixed" if self.solver == "cg" else "adaptive"
+        return "levenberg-marquardt" if self.solver == "cg" else "adaptive"
 
     @property
     def learning_rate(self) -> float | None:
@@ -411,12 +415,14 @@ class TrainConfig:
         """The inverse of `to_dict`; unknown keys are an error. A configuration
         saved before ``blocks`` and ``solver`` existed (optimizer ``gn-layerwise``
         or ``gn-prox``) is read as the same method, and a GN configuration saved
-        before ``trust`` existed as the rule it ran, ``"fixed"``."""
+        before ``trust`` existed as the rule it ran: ``"fixed"``, or
+        ``"levenberg-marquardt"`` with solver cg (CG's damping followed it)."""
         values = dict(values)
         if str(values.get("optimizer", "")).startswith("gn-"):
             values.update(parse_method(values["optimizer"]))
         if values.get("optimizer") == "gn" and "trust" not in values:
-            values["trust"] = "fixed"
+            cg = values.get("solver") == "cg"
+            values["trust"] = "levenberg-marquardt" if cg else "fixed"
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -511,11 +517,6 @@ def _validate(config: TrainConfig) -> None:
             raise ConfigError(
                 "lr does not apply to solver 'cg' (CG has no learning rate; its "
                 "step comes from the damped GN system: set cg_damping)"
-            )
-        if config.line_search == "warm":
-            raise ConfigError(
-                "line_search 'warm' does not apply to solver 'cg': its damping needs "
-                "the loss at step size 1, which the warm walk may skip; use 'grid'"
             )
     else:
         for name in ("cg_damping", "cg_iterations"):

@@ -21,10 +21,11 @@ SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
 #: GN's line searches: the exhaustive grid (the paper's) and the walk from the
 #: last step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``).
 LINE_SEARCHES: tuple[str, ...] = ("grid", "warm")
-#: GN's trust rules: ``adaptive`` (`eqx_gn.AdaptiveTrust`, with a line search that
-#: halves the step past its grid before it rejects) and ``fixed`` (the paper's:
-#: `eqx_gn.FixedTrust` and the grid alone).
-TRUST_RULES: tuple[str, ...] = ("adaptive", "fixed")
+#: GN's trust rules: ``adaptive`` (`eqx_gn.AdaptiveTrust`), ``levenberg-marquardt``
+#: (`eqx_gn.LevenbergMarquardt`), each with a line search that halves the step past
+#: its grid before it rejects, and ``fixed`` (the paper's: `eqx_gn.FixedTrust` and
+#: the grid alone).
+TRUST_RULES: tuple[str, ...] = ("adaptive", "levenberg-marquardt", "fixed")
 #: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
 #: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
 #: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64

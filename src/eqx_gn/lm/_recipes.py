@@ -22,7 +22,8 @@ sweep compiles each step once.
   ``cg_iterations`` iterations from damping ``cg_damping``; then
   `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
   ``"grid"``) or walked from the last step's choice (``"warm"``); with ``trust``
-  ``"adaptive"``, `eqx_gn.AdaptiveTrust` scales each subproblem from the last
+  ``"adaptive"`` (`eqx_gn.AdaptiveTrust`) or ``"levenberg-marquardt"``
+  (`eqx_gn.LevenbergMarquardt`) the rule scales each subproblem from the last
   step and the search halves the step past its grid down to ``MIN_STEP_SIZE``
   before it rejects (``"fixed"``: the paper's fixed subproblem and grid).
 
@@ -41,7 +42,7 @@ from .._losses import SoftmaxCrossEntropy
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
 from .._solvers import CG, InnerOptimizer, ProxLinear
-from .._trust import AdaptiveTrust, FixedTrust
+from .._trust import AdaptiveTrust, FixedTrust, LevenbergMarquardt
 from ..baselines import soap
 from ._config import TrainConfig
 from ._model import Transformer, apply_fn, embedding_and_head, layerwise_blocks
@@ -129,7 +130,12 @@ class GaussNewtonRecipe:
     max_grad_norm: float
 
     def build(self, model: Transformer) -> GaussNewton:
-        adaptive = self.trust == "adaptive"
+        shortens = self.trust != "fixed"
+        trust = {
+            "adaptive": AdaptiveTrust,
+            "levenberg-marquardt": LevenbergMarquardt,
+            "fixed": FixedTrust,
+        }[self.trust]()
         if self.solver == "cg":
             solver = CG(max_iterations=self.cg_iterations, damping=self.cg_damping)
         else:
@@ -158,11 +164,11 @@ class GaussNewtonRecipe:
                 stop_on_increase=self.line_search == "warm",
                 warm_start=self.line_search == "warm",
                 min_step_size=min(MIN_STEP_SIZE, 0.5 * 2.0 ** (-(self.ls_grid - 1) / 2))
-                if adaptive
+                if shortens
                 else None,
             ),
             blocks=layerwise_blocks(model) if self.blocks == "layerwise" else None,
-            trust=AdaptiveTrust() if adaptive else FixedTrust(),
+            trust=trust,
         )
 
 

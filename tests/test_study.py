@@ -362,6 +362,74 @@ def test_report_page_traces_to_study_json(finished, tmp_path):
     assert "GN's line search (each run's resolved `line_search`): the warm walk" in text
 
 
+def test_report_shows_the_learning_rate_robustness_beside_the_study(finished, tmp_path):
+    from eqx_gn.lm._study_report import write_report
+
+    base, _, _ = finished
+    factors = [0.5, 1.0, 2.0]
+
+    def runs(steps):
+        return [
+            {"factor": f, "lr": f, "steps_to_target": s}
+            for f, s in zip(factors, steps, strict=True)
+        ]
+
+    result = {
+        "model": "tiny",
+        "date": "2026-12-03",
+        "machine": "cpu",
+        "seed": 0,
+        "steps": 80,
+        "rule": {"target": "AdamW's loss", "good_range": "runs within 1.25x"},
+        "batch_sizes": {
+            "32": {
+                "target": 2.97941,
+                "runs": {
+                    "gn-adaptive": runs([12, 13, 15]),
+                    "muon": runs([19, 14, None]),
+                },
+                "good_range": {
+                    "gn-adaptive": dict(
+                        best_factor=0.5,
+                        best_steps=12,
+                        low_factor=0.5,
+                        high_factor=2.0,
+                        width=4.0,
+                        open=True,
+                    ),
+                    "muon": dict(
+                        best_factor=1.0,
+                        best_steps=14,
+                        low_factor=1.0,
+                        high_factor=1.0,
+                        width=1.0,
+                        open=False,
+                    ),
+                },
+            }
+        },
+    }
+    (base / "lr_robustness_tiny.json").write_text(json.dumps(result))
+    (base / "lr_robustness_tiny.png").write_bytes(b"png")
+    page = tmp_path / "docs" / "results.md"
+    try:
+        write_report([base / "out"], page)
+    finally:
+        (base / "lr_robustness_tiny.json").unlink()
+        (base / "lr_robustness_tiny.png").unlink()
+    text = page.read_text()
+    assert "## Learning-rate robustness (tiny)" in text
+    assert (
+        "| 32 | 2.9794 | gn-adaptive | 12 | 13 | 15 | 12 at x1/2 | x1/2 to x2 | >= 4x |"
+        in text
+    )
+    assert (
+        "| 32 | 2.9794 | muon | 19 | 14 | missed | 14 at x1 | x1 to x1 | 1x |" in text
+    )
+    assert "GN's good range is at least 4x wide against Muon's 1x (met" in text
+    assert (page.parent / "assets" / "lr_robustness_tiny.png").read_bytes() == b"png"
+
+
 def test_report_names_the_grid_for_runs_from_before_the_line_search_setting():
     from eqx_gn.lm._study_report import _gn_line_search
 

@@ -6,6 +6,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -306,8 +307,97 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
         rel = os.path.relpath(assets, path.parent)
         lines += _study_section(result, file, rel)
     lines += _baselines_note(studies)
+    for file in _robustness_files(studies, study_dirs):
+        lines += _robustness_section(file, path)
     lines += _limits(studies)
     path.write_text("\n".join(lines).rstrip() + "\n")
+
+
+def _robustness_files(studies, study_dirs: list[Path]) -> list[Path]:
+    """``lr_robustness_<model>.json`` beside each study directory, for the
+    studies' models, where it exists."""
+    files = []
+    for (result, _), d in zip(studies, study_dirs, strict=True):
+        file = (
+            Path(d).resolve().parent
+            / f"lr_robustness_{result['settings']['model']}.json"
+        )
+        if file.exists() and file not in files:
+            files.append(file)
+    return files
+
+
+def _factor(f: float) -> str:
+    return f"{f:g}" if f >= 1 else f"1/{1 / f:g}"
+
+
+def _robustness_section(file: Path, page: Path) -> list[str]:
+    """Steps to target against the learning rate, from
+    ``benchmarks/lr_robustness.py``'s JSON (and its figure, copied to assets)."""
+    r = json.loads(file.read_text())
+    name = _display(file)
+    first = next(iter(r["batch_sizes"].values()))
+    factors = [x["factor"] for x in next(iter(first["runs"].values()))]
+    lines = [
+        f"## Learning-rate robustness ({r['model']})",
+        "",
+        f"Read from `{name}` (`python benchmarks/lr_robustness.py`, "
+        f"{r['date']}, {r['machine']}): steps to the target against the learning "
+        "rate (GN's inner one) at 1/8 to 8 times each method's default, one seed "
+        f"({r['seed']}), runs of {r['steps']} steps with the validation loss at "
+        "every step. The rule, declared before the runs: the target is "
+        f"{r['rule']['target']}; the good range is the {r['rule']['good_range']}. "
+        "`gn-adaptive` is the runner's default GN (`--trust adaptive`), `gn-fixed` "
+        "the paper's fixed rule (`--trust fixed`).",
+        "",
+        "| batch | target | method | "
+        + " | ".join(f"x{_factor(f)}" for f in factors)
+        + " | best | good range | width |",
+        "|---|---|---|" + "---|" * len(factors) + "---|---|---|",
+    ]
+    for batch, entry in r["batch_sizes"].items():
+        for method, runs in entry["runs"].items():
+            g = entry["good_range"][method]
+            cells = [
+                "missed" if x["steps_to_target"] is None else str(x["steps_to_target"])
+                for x in runs
+            ]
+            if g["width"] is None:
+                best = good = width = "missed"
+            else:
+                best = f"{g['best_steps']} at x{_factor(g['best_factor'])}"
+                good = f"x{_factor(g['low_factor'])} to x{_factor(g['high_factor'])}"
+                width = f"{'>= ' if g['open'] else ''}{g['width']:g}x"
+            lines.append(
+                f"| {batch} | {entry['target']:.4f} | {method} | "
+                + " | ".join(cells)
+                + f" | {best} | {good} | {width} |"
+            )
+    lines.append("")
+    for batch, entry in r["batch_sizes"].items():
+        widths = entry["good_range"]
+        if "gn-adaptive" in widths and "muon" in widths:
+            gn, muon = widths["gn-adaptive"]["width"], widths["muon"]["width"]
+            ok = gn is not None and (muon is None or gn >= muon)
+            lines.append(
+                f"- Batch {batch}: GN's good range is {_fmt_width(widths['gn-adaptive'])}"
+                f" wide against Muon's {_fmt_width(widths['muon'])} "
+                f"({'met' if ok else '**missed**'}: at least as wide; "
+                f"`batch_sizes.{batch}.good_range`)."
+            )
+    figure = file.with_suffix(".png")
+    if figure.exists():
+        assets = page.parent / "assets"
+        assets.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure, assets / figure.name)
+        lines += ["", f"![learning-rate robustness](assets/{figure.name})"]
+    return [*lines, ""]
+
+
+def _fmt_width(g: dict) -> str:
+    if g["width"] is None:
+        return "empty (target missed at every learning rate)"
+    return f"{'at least ' if g['open'] else ''}{g['width']:g}x"
 
 
 def _baselines_note(studies: list[tuple[dict, str]]) -> list[str]:

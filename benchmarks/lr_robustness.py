@@ -95,7 +95,10 @@ def config_for(args, method: str, batch: int, factor: float, root: Path, **extra
 
 
 def run(config: lm.TrainConfig) -> dict:
-    summary = lm.train(config)
+    try:
+        summary = lm.train(config)
+    except lm.Diverged:  # a missed target like any other; the summary is written
+        summary = json.loads((Path(config.out) / "summary.json").read_text())
     lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     main = [r for r in records if r["phase"] == "main"]

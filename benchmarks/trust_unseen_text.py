@@ -50,7 +50,10 @@ def run(root: Path, name: str, **settings) -> dict:
         progress=False,
         **settings,
     )
-    summary = lm.train(config)
+    try:
+        summary = lm.train(config)
+    except lm.Diverged:  # the summary is written, with diverged_at
+        summary = json.loads((Path(config.out) / "summary.json").read_text())
     lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
     main = [r for r in map(json.loads, lines) if r["phase"] == "main"]
     out = {

@@ -169,6 +169,8 @@ def test_compare_methods_then_plot(env, tmp_path):
         (["train", "--out", "TMP:/a_file"], "is a file, not a directory"),
         (["train", "--out", "TMP:/a_file/run"], "cannot create out="),
         (["plot", "TMP:/", "--format", "gif"], "--format 'gif'"),
+        (["plot", "TMP:/", "--out", "TMP:/a_file"], "is a file; plot writes its"),
+        (["study", "--report-only", "--out", "TMP:/"], "no study in"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, args, message):

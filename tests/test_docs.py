@@ -322,3 +322,18 @@ def test_other_included_snippets_run(name):
     losses = re.findall(r"^\d+ (\S+) (?:-> )?(\S+)$", result.stdout, re.MULTILINE)
     if losses:
         assert float(losses[-1][1]) < float(losses[0][0]), result.stdout[-2000:]
+
+
+def test_the_readme_tour_runs_as_written():
+    # Every name the tour uses is defined in it: a reader can paste it whole.
+    text = (REPO / "README.md").read_text()
+    tour = text.split("## A short tour", 1)[1].split("```python", 1)[1]
+    code = tour.split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

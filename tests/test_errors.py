@@ -87,6 +87,48 @@ def test_step_names_targets_that_do_not_fit_the_outputs(setup):
     one_line(info, "the loss does not fit", "(16, 4)", "(16, 1)")
 
 
+@pytest.mark.parametrize(
+    "targets, needles",
+    [
+        ("float", ("targets must be integer class labels", "float64")),
+        ("one-hot", ("integer class labels", "one-hot targets?", "jnp.argmax")),
+    ],
+)
+def test_step_names_float_or_one_hot_targets(setup, targets, needles):
+    model, (x, y), loss = setup
+    bad = y.astype(jnp.float64) if targets == "float" else jax.nn.one_hot(y, 4)
+    gn = eqx_gn.GaussNewton(apply, loss)
+    with pytest.raises(ValueError) as info:
+        gn.step(model, gn.init(model), (x, bad), (x, y))
+    one_line(info, "the loss does not fit", *needles)
+
+
+def test_step_names_outputs_without_a_class_axis(setup):
+    model, (x, y), loss = setup
+    gn = eqx_gn.GaussNewton(lambda m, x: apply(m, x)[:, 0], loss)  # (B,) outputs
+    with pytest.raises(ValueError) as info:
+        gn.step(model, gn.init(model), (x, y), (x, y))
+    one_line(info, "the labels have the outputs' shape (16,)", "lack the class axis")
+
+
+@pytest.mark.parametrize("tangent", ["int32", "model"])
+def test_gnvp_names_a_tangent_that_is_not_float_parameters(setup, tangent):
+    # Caught by the type check at the boundary: one line naming the argument and
+    # the first leaf that is not a float array, not the model printed twice.
+    model, (x, y), loss = setup
+    params = eqx.filter(model, eqx.is_inexact_array)
+    v = (
+        jax.tree.map(lambda p: jnp.ones(p.shape, jnp.int32), params)
+        if tangent == "int32"
+        else model
+    )
+    with pytest.raises(TypeError) as info:
+        eqx_gn.gnvp(apply, model, (x[0], y[0]), v, loss=loss)
+    leaf = ".layers[0].weight is int32[8, 3]" if tangent == "int32" else ".activation"
+    one_line(info, "gnvp: tangent must be PyTree[Float[Array", leaf)
+    assert len(str(info.value)) < 300
+
+
 # ----------------------------------------------------------- GaussNewton parts
 def test_init_names_blocks_of_another_model(setup, getkey):
     model, _, loss = setup

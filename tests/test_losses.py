@@ -286,9 +286,17 @@ mse = eqx_gn.MeanSquaredError()
 
 INVALID = [
     # (loss, outputs, targets, match, violates the annotations)
-    (ce, z34, jnp.array([0, 1]), "labels have shape", True),
-    (ce, z34, jnp.zeros((3, 1), int), "labels have shape", True),
-    (ce, z34, jnp.array([0.0, 1.0, 2.0]), "labels must be integers", True),
+    (ce, z34, jnp.array([0, 1]), "labels have shape", False),
+    (ce, z34, jnp.zeros((3, 1), int), "labels have shape", False),
+    (
+        ce,
+        z34,
+        jnp.array([0.0, 1.0, 2.0]),
+        "targets must be integer class labels",
+        False,
+    ),
+    (ce, z34, jnp.eye(3, 4), r"integer class labels.*one-hot targets\?", False),
+    (ce, jnp.zeros(3), labels3, "either fn's outputs lack the class axis", False),
     (ce, z34, (labels3, jnp.ones(2)), r"weights have shape \(2,\)", False),
     (ce, z34, (labels3, jnp.ones((3, 1))), "weights have shape", False),
     (ce, z34, (labels3, jnp.ones(3, int)), "weights must be floats or bools", False),

@@ -10,7 +10,11 @@ from eqx_gn.lm._run_dir import RUN_FILES, RunDirectory
 
 def _prepare(path, **changes):
     config = TrainConfig(out=str(path), **changes)
-    RunDirectory(config.out, primary=True).prepare(config)
+    run_dir = RunDirectory(config.out, primary=True)
+    try:
+        run_dir.prepare(config)
+    finally:
+        run_dir.release()
     return config
 
 

@@ -1,9 +1,13 @@
 """Type aliases shared across eqx_gn, and the one runtime type-check decorator."""
 
+import functools
+import inspect
+import re
 from collections.abc import Callable, Hashable
 from typing import Any, TypeAlias
 
 import equinox as eqx
+import jax
 import numpy as np
 from beartype import beartype
 from jaxtyping import (
@@ -14,13 +18,78 @@ from jaxtyping import (
     PyTree,
     Real,
     Shaped,
+    TypeCheckError,
     jaxtyped,
 )
 
-#: ``@typecheck``: jaxtyping annotations checked by beartype at every call (shapes
-#: bound per call). The one decorator every public function and method of eqx_gn
-#: uses; under ``eqx.filter_jit`` put it inside the jit, so it checks tracers.
-typecheck = jaxtyped(typechecker=beartype)
+
+def _describe(value: Any) -> str:
+    """A short description of ``value``: an array's dtype and shape, or a PyTree's
+    first leaves with their paths (never the whole object)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{value.dtype} array of shape {tuple(value.shape)}"
+    leaves = jax.tree_util.tree_leaves_with_path(value)
+    if not leaves:
+        return f"{type(value).__name__} with no leaves"
+
+    def kind(leaf):
+        if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            return f"{leaf.dtype}{list(leaf.shape)}"
+        return type(leaf).__name__
+
+    def where(path):
+        return jax.tree_util.keystr(path) or "(root)"
+
+    for path, leaf in leaves:  # the first leaf that is not a float array
+        if not (hasattr(leaf, "dtype") and np.issubdtype(leaf.dtype, np.inexact)):
+            return (
+                f"{type(value).__name__} whose leaf {where(path)} is {kind(leaf)} "
+                f"({len(leaves)} leaves)"
+            )
+    parts = [f"{where(path)}: {kind(leaf)}" for path, leaf in leaves[:3]]
+    more = f", ... ({len(leaves)} leaves)" if len(leaves) > 3 else ""
+    return f"{type(value).__name__} with leaves " + ", ".join(parts) + more
+
+
+def _one_line(fn: Callable, args, kwargs, error: TypeCheckError) -> str:
+    """The type-check failure of a call of ``fn`` in one line: the argument, what
+    it must be, and what it was."""
+    text = str(error)
+    name = re.search(r"typechecking parameter '(\w+)'", text)
+    expected = re.search(r"Expected type: (.*)", text)
+    want = expected.group(1).strip() if expected else "its annotation"
+    want = re.sub(r"<class '(.*)'>\.?$", r"\1", want).replace("jaxlib._jax.", "")
+    want = want.replace("jax.Array", "Array")
+    if len(want) > 160:
+        want = want[:157] + "..."
+    if name is None:
+        what = "the return value" if "return" in text else "an argument"
+        return f"{fn.__qualname__}: {what} does not match its annotation {want}."
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+        got = _describe(bound.arguments[name.group(1)])
+    except (TypeError, KeyError):
+        got = "a value of another type"
+    return f"{fn.__qualname__}: {name.group(1)} must be {want}; got {got}."
+
+
+def typecheck(fn: Callable) -> Callable:
+    """jaxtyping annotations checked by beartype at every call (shapes bound per
+    call): the one decorator every public function and method of eqx_gn uses;
+    under ``eqx.filter_jit`` put it inside the jit, so it checks tracers. A failed
+    check is a one-line ``TypeError`` naming the argument, what it must be and
+    what it was (its dtype and shape, or its first leaves), not the object."""
+    checked = jaxtyped(typechecker=beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return checked(*args, **kwargs)
+        except TypeCheckError as e:
+            raise TypeError(_one_line(fn, args, kwargs, e)) from None
+
+    return wrapper
+
 
 #: An Equinox model: a Module or any PyTree whose inexact-array leaves are its
 #: parameters.

@@ -22,7 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PyTree, Scalar
+from jaxtyping import Array, Float, PyTree, Scalar, Shaped
 
 from ._custom_types import AxisName, typecheck
 from ._sharding import error_if_any, has_explicit_axes, psum
@@ -138,6 +138,19 @@ class SoftmaxCrossEntropy(AbstractLoss):
         what = "SoftmaxCrossEntropy"
         labels, weights = _split_targets(targets, what)
         labels = jnp.asarray(labels)
+        one_hot = labels.shape == outputs.shape
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            hint = " (one-hot targets? pass jnp.argmax(targets, axis=-1))"
+            raise ValueError(
+                f"{what}: targets must be integer class labels, got {labels.dtype} "
+                f"with shape {labels.shape}{hint if one_hot else ''}."
+            )
+        if one_hot:
+            raise ValueError(
+                f"{what}: the labels have the outputs' shape {labels.shape}: either "
+                "fn's outputs lack the class axis (logits are (*positions, classes)) "
+                "or the targets are one-hot (pass jnp.argmax(targets, axis=-1))."
+            )
         if labels.shape != outputs.shape[:-1]:
             raise ValueError(
                 f"{what}: labels have shape {labels.shape} but the logits' positions "
@@ -145,10 +158,6 @@ class SoftmaxCrossEntropy(AbstractLoss):
             )
         if weights is not None:
             weights = _check_weights(weights, labels.shape, what)
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(
-                f"SoftmaxCrossEntropy: labels must be integers, got {labels.dtype}."
-            )
         num_classes = outputs.shape[-1]
         bad = (labels < 0) | (labels >= num_classes)
         if weights is not None:
@@ -164,7 +173,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
     def value(
         self,
         outputs: Float[Array, "*positions classes"],
-        targets: Int[Array, "*positions"] | tuple[Array, Array],
+        targets: Shaped[Array, "..."] | tuple[Array, Array],
         *,
         axis_name: AxisName = None,
     ) -> Scalar:
@@ -199,7 +208,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
     def curvature(
         self,
         outputs: Float[Array, "*positions classes"],
-        targets: Int[Array, "*positions"] | tuple[Array, Array],
+        targets: Shaped[Array, "..."] | tuple[Array, Array],
         *,
         axis_name: AxisName = None,
     ) -> tuple[
@@ -214,7 +223,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
     def grad(
         self,
         outputs: Float[Array, "*positions classes"],
-        targets: Int[Array, "*positions"] | tuple[Array, Array],
+        targets: Shaped[Array, "..."] | tuple[Array, Array],
         *,
         axis_name: AxisName = None,
     ) -> Float[Array, "*positions classes"]:
@@ -224,7 +233,7 @@ class SoftmaxCrossEntropy(AbstractLoss):
     def hvp(
         self,
         outputs: Float[Array, "*positions classes"],
-        targets: Int[Array, "*positions"] | tuple[Array, Array],
+        targets: Shaped[Array, "..."] | tuple[Array, Array],
         tangent: Float[Array, "*positions classes"],
         *,
         axis_name: AxisName = None,

@@ -47,7 +47,7 @@ from ._corpus import (  # noqa: E402
     split_documents as split_documents,
     strip_play_markdown as strip_play_markdown,
 )
-from ._errors import ConfigError as ConfigError  # noqa: E402
+from ._errors import ConfigError as ConfigError, Diverged as Diverged  # noqa: E402
 from ._methods import (  # noqa: E402
     BLOCKS as BLOCKS,
     DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,

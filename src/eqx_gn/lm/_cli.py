@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from ._checkpoint import CheckpointError
 from ._config import TrainConfig, describe, settings
-from ._errors import ConfigError
+from ._errors import ConfigError, Diverged
 from ._methods import parse_method
 
 _DESCRIPTION = """\
@@ -45,7 +45,10 @@ the number of sequences per optimizer step for every optimizer; GN splits it
 into --micro-batches micro-batches and draws its line-search batches apart
 (--ls-batches of --ls-batch-size sequences, counted as line-search tokens).
 The output directory gets config.json, metrics.jsonl (one record per step),
-summary.json and checkpoints/; a directory holding other files is refused.
+summary.json and checkpoints/ (and .eqx-gn.lock, held while the run lives): a
+directory holding a run needs --resume or --overwrite, one holding files of
+those names that are not an eqx-gn run's is refused, and any other files in it
+are left alone.
 
 Data parallelism: --mesh data=N splits every batch over N devices. On CPU,
 simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=N.
@@ -122,7 +125,7 @@ def _add_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]) -> 
         if group is None:
             group = groups[meta["group"]] = parser.add_argument_group(meta["group"])
         text, default = describe(field)
-        if default is not None:
+        if default is not None and field.name != "out":  # its help says the default
             text += f" (default: {default})"
         flag = meta["flag"] or "--" + field.name.replace("_", "-")
         options: dict[str, Any] = {
@@ -382,19 +385,29 @@ def _plot(args: argparse.Namespace) -> int:
             raise _UsageError(f"--format {fmt!r}: choose among png, pdf, svg")
     if args.out is not None:
         out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise _UsageError(
+                f"--out {out} is a file; plot writes its figures into a directory"
+            )
     elif len(runs) == 1:
         out = runs[0]
     else:
         out = Path(os.path.commonpath([r.absolute() for r in runs]))
-    paths = plot_runs(
-        runs,
-        out,
-        title=args.title,
-        log_y=args.log_y,
-        formats=formats or ("png",),
-        batch_size=args.batch_size,
-        select="all" if args.all_runs else "best",
-    )
+    try:
+        paths = plot_runs(
+            runs,
+            out,
+            title=args.title,
+            log_y=args.log_y,
+            formats=formats or ("png",),
+            batch_size=args.batch_size,
+            select="all" if args.all_runs else "best",
+        )
+    except PermissionError as e:
+        raise _UsageError(
+            f"cannot write the figures into {out} ({e.strerror}); choose a "
+            "writable directory with --out"
+        ) from None
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -429,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         return command(args)
     except (ConfigError, CheckpointError, _UsageError, FileNotFoundError) as e:
         _fail(prog, str(e))
+    except Diverged as e:
+        sys.stderr.write(f"{prog}: {' '.join(str(e).split())}\n")
+        return 1
     except ValueError as e:
         if args.command != "plot":
             raise

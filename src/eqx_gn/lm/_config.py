@@ -242,7 +242,9 @@ class TrainConfig:
     seed: int = _setting(0, "random seed (model and data order)", group="run")
     out: str = _setting(
         "runs/eqx-gn",
-        "the output directory (the command's default: runs/METHOD-DATE-TIME)",
+        "the output directory (eqx-gn train's default: runs/METHOD-DATE-TIME); "
+        "one holding a run needs resume or overwrite, and other files in it are "
+        "left alone",
         group="run",
         role=EXECUTION,
         metavar="DIR",
@@ -265,7 +267,7 @@ class TrainConfig:
     )
     progress: bool = _setting(
         True,
-        "a progress bar (--no-progress: a line per evaluation instead)",
+        "True: a progress bar; False (--no-progress): a line per evaluation",
         group="run",
         role=EXECUTION,
         flag="--no-progress",
@@ -438,14 +440,31 @@ class TrainConfig:
         return self.replace(**parse_method(method))
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:
-        """The fields that define the run (not how it is carried out) and differ
-        from ``other``'s, as ``{name: (other's, self's)}``."""
+        """The fields that define the run (not how it is carried out) whose
+        resolved values (``lr`` as `learning_rate`, ``line_search`` as
+        `line_search_rule`, ...: the values the run uses) differ from ``other``'s,
+        as ``{name: (other's, self's)}``."""
         return {
-            f.name: (getattr(other, f.name), getattr(self, f.name))
+            f.name: (other.resolved(f.name), self.resolved(f.name))
             for f in dataclasses.fields(self)
             if f.metadata["role"] == DEFINES
-            and getattr(other, f.name) != getattr(self, f.name)
+            and other.resolved(f.name) != self.resolved(f.name)
         }
+
+    def resolved(self, name: str) -> Any:
+        """The value setting ``name`` resolves to: its default where ``None``
+        stands for one (``lr``, ``line_search``, ``trust``, ``ls_batch_size``), the
+        field itself otherwise."""
+        return getattr(self, _RESOLVED.get(name, name))
+
+
+#: The settings whose ``None`` stands for a default, and the property giving it.
+_RESOLVED = {
+    "lr": "learning_rate",
+    "line_search": "line_search_rule",
+    "trust": "trust_rule",
+    "ls_batch_size": "line_search_batch_size",
+}
 
 
 def settings() -> tuple[dataclasses.Field, ...]:

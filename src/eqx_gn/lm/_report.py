@@ -123,6 +123,20 @@ def _rejected(s: Mapping[str, Any]) -> str:
     return f"{rejected}/{total}" if total is not None else str(rejected)
 
 
+def rejection_advice(summary: Mapping[str, Any]) -> str:
+    """What to change when many GN steps were rejected: the directions were too
+    long for the true loss at every step size the line search tried."""
+    if summary.get("trust") == "fixed":
+        return (
+            "many steps rejected: the GN directions were too long for the loss; "
+            "drop --trust fixed (the adaptive rule shortens them) or lower --lr"
+        )
+    return (
+        "many steps rejected: the GN directions were too long for the loss even "
+        "after shortening; lower --lr (GN's inner learning rate)"
+    )
+
+
 def summary_text(summary: Mapping[str, Any]) -> str:
     """The summary printed at the end of ``eqx-gn train``: method, model, losses,
     tokens read (training and line search), rejected GN steps, time, the target
@@ -157,6 +171,8 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         lines.append(
             f"  rejected GN steps      {rejected:,}{of} (line search chose step size 0)"
         )
+        if total and rejected > max(2, total // 10):
+            lines.append("  " + rejection_advice(s))
     if s.get("time_s") is not None:
         time = f"  time                   {s['time_s']:.1f} s training"
         extra = [

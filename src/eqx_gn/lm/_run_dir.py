@@ -14,15 +14,23 @@ files safe:
   run or no checkpoint yet (a job that always passes ``--resume``, killed before its
   first checkpoint), the run starts from step 0 and says so in one line;
 - ``out`` naming a file, or a directory that cannot be created or written, is
-  refused.
+  refused;
+- one run at a time: a run holds an exclusive OS lock on ``.eqx-gn.lock`` in its
+  directory for its whole life (taken before anything else is checked, released
+  when the run ends or its process dies, so a killed run leaves no stale lock);
+  a second run, ``resume`` or ``overwrite`` on a locked directory is refused,
+  naming the holder's host and process id. Of a multi-process run, process 0
+  holds it.
 
 Every refusal is a [`ConfigError`][eqx_gn.lm.ConfigError] of one line, raised
 before any step runs.
 """
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +43,8 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
 #: Everything a run writes into its directory.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINTS)
+#: The lock file a running run holds (not a run file: never removed).
+LOCK_FILE = ".eqx-gn.lock"
 #: The key of ``config.json`` that marks an eqx-gn run.
 _MARK = "eqx_gn_run"
 
@@ -59,6 +69,7 @@ class RunDirectory:
     def __init__(self, out: str, *, primary: bool):
         self.path = Path(out).expanduser().absolute()
         self.primary = primary
+        self._lock: int | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -70,6 +81,14 @@ class RunDirectory:
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"out={path} is a file, not a directory")
+        if self.primary:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create out={path}: {e.strerror}") from None
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"out={path} is not writable")
+            self._acquire()
         present = [name for name in RUN_FILES if (path / name).exists()]
         if present:
             saved = read_run_config(path)
@@ -88,13 +107,28 @@ class RunDirectory:
                     f"{path} already holds a run; pass resume to continue it, "
                     "overwrite to start over, or choose another output directory"
                 )
-        if self.primary:
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"cannot create out={path}: {e.strerror}") from None
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise ConfigError(f"out={path} is not writable")
+
+    def _acquire(self) -> None:
+        """Take the run lock, or refuse in one line naming its holder."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"out={self.path} is in use by another eqx-gn run ({holder}); wait "
+                "for it to end or choose another output directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"host {socket.gethostname()}, process {os.getpid()}".encode())
+        self._lock = fd
+
+    def release(self) -> None:
+        """Release the run lock (the OS releases it too if the process dies)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _check_same_run(self, config: TrainConfig, saved: dict[str, Any]) -> None:
         try:

@@ -206,6 +206,11 @@ def main(args: argparse.Namespace) -> int:
             }
         )
     runs_dir = Path(args.runs_dir) if args.runs_dir else out / "runs"
+    if args.report_only and not saved.exists() and not runs_dir.is_dir():
+        raise ConfigError(
+            f"no study in {out}: it holds neither study.json nor a runs directory "
+            f"({runs_dir}); run the study first, or point --out at one"
+        )
     if args.report_only:
         train = None
     else:

@@ -44,6 +44,7 @@ def draw_plots(result: dict[str, Any], out: Path) -> list[str]:
             )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_ticks(ax.yaxis, matplotlib)
     ax.set_xlabel("tokens per step")
     ax.set_ylabel("steps to target")
     ax.set_title(f"{settings['model']} model: steps to validation loss {target:.3f}")
@@ -55,6 +56,8 @@ def draw_plots(result: dict[str, Any], out: Path) -> list[str]:
 
     largest = str(max(settings["batch_sizes"]))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shown = [target]  # every loss drawn, so that no curve is clipped
+    warmup = result.get("warmup_steps") or 0
     for method, row in result["chosen"].items():
         entry = row.get(largest)
         if entry is None:
@@ -62,23 +65,44 @@ def draw_plots(result: dict[str, Any], out: Path) -> list[str]:
         curve = runs[entry["run"]]["curve"]
         idx = [i for i, v in enumerate(curve["val_loss"]) if v is not None]
         losses = [curve["val_loss"][i] for i in idx]
+        shown += [
+            v for i, v in zip(idx, losses, strict=True) if curve["step"][i] >= warmup
+        ]
         color = COLORS.get(method)
         a1.plot([curve["step"][i] for i in idx], losses, label=method, color=color)
         a2.plot([curve["time_s"][i] for i in idx], losses, label=method, color=color)
+    finite = [v for v in shown if v == v and abs(v) != float("inf")]
+    low, high = min(finite), max(finite)
+    pad = 0.05 * (high - low) or 0.05
     for a, xlabel in ((a1, "step"), (a2, "training time (s)")):
         a.set_xlabel(xlabel)
         a.set_ylabel("validation loss")
         a.grid(True, alpha=0.3)
-        a.axhline(target, color="grey", linestyle=":", linewidth=1)
-        a.set_ylim(target - 0.1, target + 1.0)
-    if result.get("warmup_steps"):
-        a1.axvline(result["warmup_steps"], color="grey", linewidth=0.8)
+        a.axhline(
+            target,
+            color="grey",
+            linestyle=":",
+            linewidth=1,
+            label=f"target {target:.3f}",
+        )
+        # From the end of the warm-up down: the curves whole, the target inside.
+        a.set_ylim(low - pad, high + pad)
+    if warmup:
+        a1.axvline(warmup, color="grey", linewidth=0.8, label="end of warm-up")
     a1.set_title(f"chosen runs, batch {largest} sequences")
-    a1.legend()
+    a1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
     return ["steps_to_target.png", "loss_curves.png"]
+
+
+def _plain_ticks(axis, matplotlib) -> None:
+    """Ticks of a log axis as plain numbers (20, 40, 60), not 2 x 10^1."""
+    axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.get_major_formatter().set_scientific(False)
+    axis.get_minor_formatter().set_scientific(False)
 
 
 def copy_plots(study_dir: Path, assets: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import ConfigError, parse_method
+from ._errors import Diverged
 from ._study_plots import draw_plots
 from ._study_protocol import Point, _point_of, choose, plan_grid, refine, target_of
 from ._study_records import (
@@ -111,7 +112,10 @@ class Study:
             fields["grad_accumulation"] = accum
         config = TrainConfig(**fields, **parse_method(method))
         start = time.perf_counter()
-        self.train(config)
+        try:
+            self.train(config)
+        except Diverged as e:  # a learning rate too large: a run like any other
+            self.log(f"{name}: {e}")
         record = read_run_dir(self.runs_dir / name, role, target)
         if record is None:
             raise ConfigError(f"run {name} ended without a summary.json")

@@ -41,12 +41,20 @@ steps (every ``eval_every`` steps, the last warm-up step and the last step) add
 
 **Resuming.** With ``resume=True`` a run continues from its newest intact
 checkpoint and ends with the same parameters, bit for bit on CPU, and the same
-metrics records (but for the times) as a run that was never interrupted.
+metrics records (but for the times) as a run that was never interrupted. It is
+refused when a setting that defines the run resolves to another value, or the
+corpus's digest changed; on a finished run it changes no file.
+
+**Divergence.** A non-finite training loss, or non-finite parameters about to be
+checkpointed, end the run at that step with `Diverged` (one line: the step, the
+last good checkpoint, what to try). The metrics up to that step stay, nothing
+non-finite is checkpointed, and the summary records the step as ``diverged_at``.
 """
 
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -58,7 +66,7 @@ import jax.numpy as jnp
 
 from ._checkpoint import Checkpointer
 from ._config import TrainConfig
-from ._errors import ConfigError
+from ._errors import ConfigError, Diverged
 from ._model import LMConfig, Transformer, count_params, get_config
 from ._parallel import (
     BATCH_AXES,
@@ -70,7 +78,7 @@ from ._parallel import (
 from ._pipeline import GlobalBatches, batch_iterator
 from ._recipes import compile_key, learning_rate_at, phase_recipe
 from ._report import corpus_name, eval_line, start_line
-from ._run_dir import RunDirectory
+from ._run_dir import RunDirectory, read_run_config
 from ._steps import (
     COMPILED,
     GN_METRICS,
@@ -84,6 +92,17 @@ from ._tokens import cached_splits
 
 #: The seed offset of the line-search batches' iterator.
 _LS_SEED_OFFSET = 1_000_003
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every inexact leaf of ``tree`` is finite (one scalar)."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -239,13 +258,30 @@ class _Training:
         params, self.opt_state, self.key_data = state
         self.model = eqx.combine(params, self.static)
 
-    def _save(self) -> None:
+    def _diverged(self, step: int, what: str) -> Diverged:
+        last = self.checkpointer.latest_step()
+        where = (
+            f"the last good checkpoint is step {last}"
+            if last is not None
+            else "no checkpoint was written"
+        )
+        lr = "inner learning rate (--lr)" if self.config.is_gn else "--lr"
+        return Diverged(
+            f"training diverged at step {step}: {what}; {where} in "
+            f"{self.run_dir.path}; start a new run with a lower {lr}"
+        )
+
+    def _save(self) -> Diverged | None:
+        """Checkpoint the state, unless it is not finite: then the divergence."""
         start = time.perf_counter()
         step = self.counters.step
         if self.checkpointer.latest_step() != step:
+            if not bool(_all_finite(self._state()[0])):
+                return self._diverged(step, "the parameters are not finite")
             meta = {"phase": self.phase, "counters": dataclasses.asdict(self.counters)}
             self.checkpointer.save(step, self._state(), self.iterators, meta)
         self.checkpoint_s += time.perf_counter() - start
+        return None
 
     # -- steps --------------------------------------------------------------
 
@@ -281,20 +317,28 @@ class _Training:
     # -- the loop -----------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        self.run_dir.prepare(self.config)
-        sync("eqx_gn_run_dir")
-        self._init_model()
-        self.checkpointer = Checkpointer(self.run_dir.checkpoints)
         try:
-            return self._loop()
+            self.run_dir.prepare(self.config)
+            sync("eqx_gn_run_dir")
+            self._init_model()
+            self.checkpointer = Checkpointer(self.run_dir.checkpoints)
+            try:
+                return self._loop()
+            finally:
+                self.checkpointer.close()
         finally:
-            self.checkpointer.close()
+            self.run_dir.release()
 
     def _loop(self) -> dict[str, Any]:
         config = self.config
         self._restore_or_start()
         counters = self.counters
         resolved = self._resolved()
+        if config.resume:
+            self._check_corpus(resolved)
+            finished = self._finished_summary()
+            if finished is not None:
+                return finished
         self.run_dir.write_config(config, resolved)
         metrics_file = self.run_dir.open_metrics(counters.metrics_offset)
         tokens_per_step = config.batch_size * self.seq_len
@@ -304,6 +348,7 @@ class _Training:
         bar = self._progress(resolved)
         rejected_since_eval = 0
         stopped_early = False
+        diverged: Diverged | None = None
         try:
             while counters.step < config.steps and counters.target_step is None:
                 step = counters.step + 1
@@ -347,6 +392,11 @@ class _Training:
                     metrics_file.write(_json_line(record))
                     metrics_file.flush()
                     counters.metrics_offset = metrics_file.tell()
+                if not math.isfinite(record["train_loss"]):
+                    diverged = self._diverged(
+                        step, f"the training loss is {record['train_loss']}"
+                    )
+                    break
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(record, tokens_per_step / elapsed))
@@ -354,21 +404,55 @@ class _Training:
                 if finished or (
                     config.checkpoint_every and step % config.checkpoint_every == 0
                 ):
-                    self._save()
+                    diverged = self._save()
+                    if diverged is not None:
+                        break
                 if config.stop_after is not None and step >= config.stop_after:
                     stopped_early = not finished
                     break
-            if counters.step > 0 and not stopped_early:
-                self._save()
+            if counters.step > 0 and not stopped_early and diverged is None:
+                diverged = self._save()
         finally:
             if bar is not None:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
         summary = self._summary(completed=not stopped_early)
+        if diverged is not None:
+            summary["diverged_at"] = counters.step
         if not stopped_early:
             self.run_dir.write_json("summary.json", summary)
+        if diverged is not None:
+            raise diverged
         return summary
+
+    def _check_corpus(self, resolved: dict[str, Any]) -> None:
+        """Refuse to resume on a corpus other than the one the run trained on."""
+        saved = read_run_config(self.run_dir.path)
+        before = ((saved or {}).get("resolved") or {}).get("corpus_hash")
+        if before is not None and before != resolved["corpus_hash"]:
+            raise ConfigError(
+                f"cannot resume the run in {self.run_dir.path}: its corpus changed "
+                f"since it was trained (digest {before[:12]} -> "
+                f"{resolved['corpus_hash'][:12]}); restore the corpus or start a "
+                "new run"
+            )
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """The summary of a run that resume finds finished (its last step or its
+        target reached, its summary written), after saying so in one line; then
+        no file is changed. ``None`` for a run with steps left."""
+        counters, config = self.counters, self.config
+        done = counters.step >= config.steps or counters.target_step is not None
+        summary_file = self.run_dir.path / "summary.json"
+        if not done or not summary_file.exists():
+            return None
+        if self.primary:
+            sys.stderr.write(
+                f"eqx-gn: the run in {self.run_dir.path} is finished (step "
+                f"{counters.step}); nothing to resume, no file changed\n"
+            )
+        return json.loads(summary_file.read_text())
 
     def _record_eval(self, record: dict[str, Any]) -> None:
         config, counters = self.config, self.counters
@@ -510,7 +594,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     run short), the method's ``label`` and where the files are.
 
     **Raises:** [`ConfigError`][eqx_gn.lm.ConfigError] for an unusable
-    configuration, output directory or corpus (before any step runs).
+    configuration, output directory or corpus (before any step runs);
+    [`Diverged`][eqx_gn.lm.Diverged] when the training loss or the parameters
+    become non-finite (after writing the summary, with ``diverged_at``).
     """
     if config.distributed:
         initialize_distributed(config)

@@ -1,0 +1,184 @@
+"""A run's life in its directory: one run at a time (an OS lock, gone with a killed
+holder), a stop at divergence with nothing non-finite saved, a resume that changes
+nothing on a finished run, and one that compares resolved settings and the corpus."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from eqx_gn.lm import ConfigError, Diverged, TrainConfig, train
+from eqx_gn.lm._checkpoint import Checkpointer
+from eqx_gn.lm._cli import main as cli
+from eqx_gn.lm._run_dir import LOCK_FILE
+
+SMALL = dict(
+    model="tiny",
+    seq_len=32,
+    steps=6,
+    batch_size=16,
+    micro_batches=2,
+    ls_batches=1,
+    warmup_fraction=0.34,
+    eval_every=2,
+    eval_batches=2,
+    eval_batch_size=8,
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def small(tmp_path, cache_dir, name, **changes):
+    return TrainConfig(
+        **{**SMALL, "cache_dir": cache_dir, "out": str(tmp_path / name)}
+    ).replace(**changes)
+
+
+def records(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").open()]
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from eqx_gn.lm import TrainConfig
+    from eqx_gn.lm._run_dir import RunDirectory
+    config = TrainConfig(out=sys.argv[1])
+    RunDirectory(config.out, primary=True).prepare(config)
+    print("locked", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_one_run_per_directory_and_a_killed_holder_leaves_no_lock(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            config = small(tmp_path, cache_dir, "run", **flags)
+            with pytest.raises(
+                ConfigError,
+                match=f"in use by another eqx-gn run .*process {holder.pid}",
+            ):
+                train(config)
+        assert not (out / "config.json").exists()  # nothing was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The OS released the killed holder's lock: the run trains.
+    summary = train(small(tmp_path, cache_dir, "run"))
+    assert summary["completed"] and summary["steps"] == 6
+    # A finished run released its own lock: a resume may take it.
+    assert train(small(tmp_path, cache_dir, "run", resume=True))["steps"] == 6
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 1])
+def test_a_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(
+    tmp_path, cache_dir, checkpoint_every, capsys
+):
+    config = small(
+        tmp_path,
+        cache_dir,
+        f"nan{checkpoint_every}",
+        optimizer="adamw",
+        lr=1e8,
+        steps=10,
+        warmup_fraction=0.0,
+        checkpoint_every=checkpoint_every,
+    )
+    with pytest.raises(Diverged, match="training diverged at step") as info:
+        train(config)
+    message = str(info.value)
+    assert "\n" not in message and "lower --lr" in message
+    out = tmp_path / f"nan{checkpoint_every}"
+    metrics = records(out)
+    step = metrics[-1]["step"]
+    assert step < 10 and f"at step {step}:" in message
+    # The metrics up to the step stay; the summary says where it stopped.
+    assert [r["step"] for r in metrics] == list(range(1, step + 1))
+    assert all(math.isfinite(r["train_loss"]) for r in metrics[:-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_at"] == step
+    checkpointer = Checkpointer(str(out / "checkpoints"))
+    try:
+        last = checkpointer.latest_step()
+        if checkpoint_every == 0:
+            assert last is None and "no checkpoint was written" in message
+        else:
+            assert last is not None and last < step
+            assert f"the last good checkpoint is step {last}" in message
+            for array in checkpointer.restore_arrays():
+                if np.issubdtype(np.asarray(array).dtype, np.inexact):
+                    assert np.all(np.isfinite(array))
+    finally:
+        checkpointer.close()
+    # The command line: one line, exit status 1.
+    argv = ["train", "--out", str(tmp_path / "cli"), "--cache-dir", cache_dir]
+    argv += ["--model", "tiny", "--seq-len", "32", "--steps", "6", "--batch-size"]
+    argv += ["16", "--optimizer", "adamw", "--lr", "1e8", "--warmup-fraction", "0"]
+    argv += ["--eval-batches", "2", "--eval-batch-size", "8", "--no-progress"]
+    capsys.readouterr()
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eqx-gn train: training diverged")
+
+
+def _files(path):
+    """Every file of the run (the lock file aside: each run writes its holder)."""
+    return {
+        str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
+
+
+def test_resume_on_a_finished_run_changes_no_file(tmp_path, cache_dir, capsys):
+    config = small(tmp_path, cache_dir, "done", optimizer="adamw")
+    summary = train(config)
+    before = _files(tmp_path / "done")
+    capsys.readouterr()
+    again = train(config.replace(resume=True))
+    assert again == summary
+    assert _files(tmp_path / "done") == before
+    err = capsys.readouterr().err
+    assert "is finished (step 6); nothing to resume, no file changed" in err
+
+
+def test_resume_compares_resolved_settings_and_the_corpus(tmp_path, cache_dir):
+    text = tmp_path / "corpus.txt"
+    text.write_text("To be, or not to be, that is the question. " * 400)
+    config = small(
+        tmp_path, cache_dir, "gn", text=str(text), stop_after=3, checkpoint_every=1
+    )
+    assert config.lr is None  # GN's default inner learning rate, 0.03
+    train(config)
+    # The same run, its default learning rate spelled out: resumes.
+    same = config.replace(lr=config.learning_rate, stop_after=4, resume=True)
+    assert train(same)["steps"] == 4
+    # A real difference is named with the values the run used.
+    with pytest.raises(ConfigError, match=r"lr: 0\.03 -> 0\.01"):
+        train(config.replace(lr=0.01, resume=True))
+    # A changed corpus is refused, and config.json keeps the trained one's digest.
+    digest = json.loads((tmp_path / "gn" / "config.json").read_text())["resolved"][
+        "corpus_hash"
+    ]
+    text.write_text("All the world's a stage, and all the men and women. " * 400)
+    with pytest.raises(ConfigError, match="its corpus changed since it was trained"):
+        train(config.replace(stop_after=None, resume=True))
+    saved = json.loads((tmp_path / "gn" / "config.json").read_text())
+    assert saved["resolved"]["corpus_hash"] == digest
+    assert os.path.exists(tmp_path / "gn" / "checkpoints")

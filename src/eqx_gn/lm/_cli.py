@@ -11,9 +11,12 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
@@ -322,16 +325,42 @@ def _train(args: argparse.Namespace) -> int:
         **{k: given[k] for k in ("optimizer", "blocks", "solver") if k in given}
     ).method
     config = TrainConfig(**_config_values(args, f"runs/{method}-{_timestamp()}"))
+    previous = signal.signal(signal.SIGINT, _quiet_interrupt)
     try:
         summary = train(config)
     except KeyboardInterrupt:
         sys.stderr.write(
             f"eqx-gn train: interrupted; continue with --resume --out {config.out}\n"
         )
-        return 130
+        # Exit now, and silently: orbax's writer threads (a checkpoint the interrupt
+        # cut short) print tracebacks at interpreter shutdown or keep the process
+        # waiting on them. A checkpoint cut short is never committed, so --resume
+        # ignores it; the lock goes with the process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        os._exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if _is_primary():
         print(summary_text(summary), flush=True)
     return 0
+
+
+def _quiet_interrupt(signum, frame) -> None:
+    """Ctrl-C during ``train``: the run stops before its next step (never in the
+    middle of a checkpoint write, which orbax's writer threads report at length or
+    wait on); a second Ctrl-C interrupts at once, with background threads
+    silenced."""
+    del signum, frame
+    from ._train import STEPPING, STOP_REQUESTED
+
+    if STEPPING.is_set() and not STOP_REQUESTED.is_set():
+        STOP_REQUESTED.set()
+        return
+    logging.disable(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    raise KeyboardInterrupt
 
 
 def _compare(args: argparse.Namespace) -> int:

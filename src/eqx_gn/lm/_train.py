@@ -56,6 +56,7 @@ import functools
 import json
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,6 +93,13 @@ from ._tokens import cached_splits
 
 #: The seed offset of the line-search batches' iterator.
 _LS_SEED_OFFSET = 1_000_003
+
+
+#: Set (by ``eqx-gn train``'s Ctrl-C handler) to stop the run before its next step:
+#: a stop between steps never cuts a checkpoint write short. ``STEPPING`` is set
+#: while the training loop runs (before it, an interrupt may stop at once).
+STOP_REQUESTED = threading.Event()
+STEPPING = threading.Event()
 
 
 @jax.jit
@@ -349,8 +357,11 @@ class _Training:
         rejected_since_eval = 0
         stopped_early = False
         diverged: Diverged | None = None
+        STEPPING.set()
         try:
             while counters.step < config.steps and counters.target_step is None:
+                if STOP_REQUESTED.is_set():  # Ctrl-C, seen between two steps
+                    raise KeyboardInterrupt
                 step = counters.step + 1
                 if self.phase == "warmup" and step > config.warmup_steps:
                     self._enter_phase("main")
@@ -413,6 +424,7 @@ class _Training:
             if counters.step > 0 and not stopped_early and diverged is None:
                 diverged = self._save()
         finally:
+            STEPPING.clear()
             if bar is not None:
                 bar.close()
             if metrics_file is not None:
@@ -600,4 +612,5 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """
     if config.distributed:
         initialize_distributed(config)
+    STOP_REQUESTED.clear()
     return _Training(config).run()

@@ -67,6 +67,29 @@ def test_help_lists_commands_and_options(env):
         "--no-progress",
     ):
         assert flag in train.stdout, flag
+    # --out names one default (the command's), and --no-progress does not read as
+    # a progress bar; the epilog says what the behaviour is: other files are kept.
+    help_text = " ".join(train.stdout.split())
+    assert "runs/METHOD-DATE-TIME" in help_text and "runs/eqx-gn" not in help_text
+    assert "--no-progress a progress bar" not in help_text
+    assert "any other files in it are left alone" in help_text
+    assert "a directory holding other files is refused" not in help_text
+
+
+def test_plot_into_an_unwritable_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    # Run as root here, so the directory is made unwritable by the plotter failing
+    # as matplotlib does on a read-only directory.
+    from eqx_gn.lm import _cli, _plot
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_plot, "plot_runs", refuse)
+    with pytest.raises(SystemExit) as info:
+        _cli.main(["plot", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the figures into" in err[0]
 
 
 def test_train_defaults_on_a_cut_down_budget(env, tmp_path):

@@ -324,6 +324,18 @@ def test_other_included_snippets_run(name):
         assert float(losses[-1][1]) < float(losses[0][0]), result.stdout[-2000:]
 
 
+def test_headings_carry_no_math_and_the_install_extras_match_the_readme():
+    # A heading's TeX shows raw in the table of contents.
+    for page in _pages():
+        for line in page.read_text().splitlines():
+            if line.startswith("#"):
+                assert "$" not in line, (page.name, line)
+    readme = (REPO / "README.md").read_text()
+    index = (DOCS / "index.md").read_text()
+    for extras in re.findall(r'pip install -e "\.\[([\w,]+)\]"', readme):
+        assert f'pip install -e ".[{extras}]"' in index, extras
+
+
 def test_the_readme_tour_runs_as_written():
     # Every name the tour uses is defined in it: a reader can paste it whole.
     text = (REPO / "README.md").read_text()

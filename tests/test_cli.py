@@ -247,9 +247,9 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(env, tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            # A test runner started in the background ignores SIGINT; its children
-            # would inherit that.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            # No preexec_fn (a fork of this multithreaded process must not run
+            # Python): eqx-gn train installs its own SIGINT handler, which holds
+            # even where a runner started in the background left SIGINT ignored.
         )
         while not process.stdout.readline().startswith("step"):
             assert process.poll() is None, process.stderr.read()[-2000:]

@@ -278,6 +278,189 @@ def test_target_loss_stops_the_run_and_resume_after_the_end(tmp_path, cache_dir)
     assert again == summary
 
 
+# -- eval_resolution and give_up_after ------------------------------------------
+
+# AdamW without a warm-up for 100 steps: a falling validation curve to set targets
+# on. With R = 1/8 every spacing R * step is exact in floating point.
+CURVE = dict(optimizer="adamw", steps=100, warmup_fraction=0.0, checkpoint_every=0)
+RESOLUTION = 0.125
+
+
+@pytest.fixture(scope="module")
+def curve(tmp_path_factory, cache_dir):
+    """The CURVE run evaluated at every step: ``(config, records)``."""
+    config = small(tmp_path_factory.mktemp("curve"), cache_dir, "every", **CURVE)
+    config = config.replace(eval_every=1)
+    train(config)
+    run = records(config.out)
+    assert [r["step"] for r in run if "val_loss" in r] == list(range(1, 101))
+    return config, run
+
+
+def first_crossing(losses, after):
+    """``(t, target)``: a target the loss first reaches at step ``t >= after``,
+    halfway between its lowest before ``t`` and its value at ``t``."""
+    t = next(
+        t for t in range(after, len(losses) + 1) if losses[t - 1] < min(losses[: t - 1])
+    )
+    target = (min(losses[: t - 1]) + losses[t - 1]) / 2
+    assert next(s for s, loss in enumerate(losses, 1) if loss <= target) == t
+    return t, target
+
+
+def resolution_schedule(losses, r, target):
+    """The steps a run evaluates with ``eval_resolution=r`` alone (no eval_every,
+    no warm-up), from its validation loss at every step, as TrainConfig describes
+    it: when the steps since the last evaluation (or the start) reach ``r * step``,
+    and at every step from the one where the line through the last two
+    evaluations meets the target within two such spacings; up to the first step at
+    or below the target."""
+    evaluated, every_step = [], False
+    for step, loss in enumerate(losses, 1):
+        spacing = max(1, r * step)
+        due = every_step or step - (evaluated[-1] if evaluated else 0) >= spacing
+        if not due and len(evaluated) >= 2:
+            (a, b), (la, lb) = evaluated[-2:], [losses[s - 1] for s in evaluated[-2:]]
+            if la > lb:  # the line falls: it meets the target at step `meets`
+                meets = b + (lb - target) * (b - a) / (la - lb)
+                every_step = due = meets <= step + 2 * spacing
+        if due:
+            evaluated.append(step)
+            if loss <= target:
+                break
+    return evaluated
+
+
+@pytest.mark.parametrize("after", [50, 80])
+def test_eval_resolution_finds_the_step_to_the_target_exactly(
+    tmp_path, cache_dir, curve, after
+):
+    # The same run with a target and eval_resolution alone: evaluations at most
+    # R * step apart, then at every step near the target, so the run stops at the
+    # first step at or below the target, the one the run evaluated at every step
+    # (an independent oracle) says; with a fraction of its evaluations.
+    every, run = curve
+    losses = [r["val_loss"] for r in run]
+    t, target = first_crossing(losses, after)
+    config = every.replace(
+        out=str(tmp_path / "spaced"),
+        eval_every=0,
+        eval_resolution=RESOLUTION,
+        target_loss=target,
+    )
+    summary = train(config)
+    assert summary["completed"] and summary["target_reached"]
+    assert summary["steps_to_target"] == summary["steps"] == t
+    assert summary["gave_up_at"] is None
+    spaced = records(config.out)
+    evaluated = [r["step"] for r in spaced if "val_loss" in r]
+    assert evaluated == resolution_schedule(losses, RESOLUTION, target)
+    assert evaluated[-1] == t and len(evaluated) < 0.75 * t
+    for before, step in itertools.pairwise([0, *evaluated]):
+        assert step - before <= max(1, math.ceil(RESOLUTION * step)), step
+    # Evaluating does not change the training: every step and every evaluation as
+    # in the run evaluated at each step (the same compiled functions on CPU).
+    assert len(spaced) == t
+    for r in spaced:
+        assert r["train_loss"] == run[r["step"] - 1]["train_loss"]
+        if "val_loss" in r:
+            assert r["val_loss"] == run[r["step"] - 1]["val_loss"]
+
+
+def test_eval_resolution_resumes_to_the_same_evaluations(tmp_path, cache_dir, curve):
+    # Killed twice and resumed from checkpoints: one after the last spaced
+    # evaluation, where the next step to evaluate at depends on the last two
+    # evaluations (their steps and losses); one where it evaluates at every step.
+    # Both come back with the checkpoint, so the same steps are evaluated as in
+    # the run never interrupted.
+    every, run = curve
+    t, target = first_crossing([r["val_loss"] for r in run], 50)
+    config = every.replace(
+        out=str(tmp_path / "whole"),
+        eval_every=0,
+        eval_resolution=RESOLUTION,
+        target_loss=target,
+    )
+    assert train(config)["steps_to_target"] == t
+    whole = records(config.out)
+    evaluated = [r["step"] for r in whole if "val_loss" in r]
+    # The every-step stretch up to the target starts after the last wider gap.
+    gaps = [b - a for a, b in itertools.pairwise(evaluated)]
+    last_spaced = evaluated[max(i for i, gap in enumerate(gaps) if gap > 1)]
+    every_step_from = evaluated[evaluated.index(last_spaced) + 1]
+    assert every_step_from - last_spaced > 2 and every_step_from + 3 < t
+    after_spaced, inside = last_spaced + 1, every_step_from + 1
+
+    cut = config.replace(out=str(tmp_path / "cut"))
+    partial = train(
+        cut.replace(checkpoint_every=after_spaced, stop_after=after_spaced + 1)
+    )
+    assert not partial["completed"] and partial["steps"] == after_spaced + 1
+    partial = train(
+        cut.replace(resume=True, checkpoint_every=inside, stop_after=inside + 1)
+    )
+    assert not partial["completed"] and partial["steps"] == inside + 1
+    resumed = train(cut.replace(resume=True))
+    assert resumed["steps_to_target"] == t
+    assert records(cut.out) == whole
+
+
+def test_give_up_after_ends_the_run_on_the_schedule_of_steps(tmp_path, cache_dir):
+    # A target out of reach, given up after 7 of 12 steps: the run ends there,
+    # evaluated, complete, with the 7 steps (learning rates, losses) of the 12-step
+    # run, not those of a 7-step one.
+    full = small(
+        tmp_path, cache_dir, "full", optimizer="adamw", steps=12, eval_every=1,
+        checkpoint_every=0,
+    )  # fmt: skip
+    assert full.warmup_steps == 4
+    train(full)
+    whole = records(full.out)
+    config = full.replace(
+        out=str(tmp_path / "give-up"), eval_every=0, target_loss=0.5, give_up_after=7
+    )
+    summary = train(config)
+    assert summary["completed"] and not summary["target_reached"]
+    assert summary["gave_up_at"] == summary["steps"] == 7
+    assert summary["steps_to_target"] is None
+    assert summary["tokens"] == 7 * 16 * 32
+    saved = json.loads((tmp_path / "give-up" / "summary.json").read_text())
+    assert saved["gave_up_at"] == 7 and saved["completed"]
+    run = records(config.out)
+    assert [r["step"] for r in run] == list(range(1, 8))
+    assert [r["step"] for r in run if "val_loss" in r] == [4, 7]
+    assert summary["final_val_loss"] == whole[6]["val_loss"]
+    for a, b in zip(run, whole[:7], strict=True):
+        assert a["lr"] == b["lr"] and a["train_loss"] == b["train_loss"], a["step"]
+    # The run is over: resuming it runs no step and returns its summary as it was.
+    assert train(config.replace(resume=True)) == summary
+    # A target first reached at the step it would give up at: reached, not given up.
+    losses = [r["val_loss"] for r in whole]
+    assert losses[6] < min(losses[:6])
+    reached = train(
+        config.replace(out=str(tmp_path / "reached"), target_loss=losses[6])
+    )
+    assert reached["target_reached"] and reached["steps_to_target"] == 7
+    assert reached["gave_up_at"] is None
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(eval_resolution=0.05), "eval_resolution needs a target_loss"),
+        (dict(give_up_after=10), "give_up_after needs a target_loss"),
+        (dict(target_loss=3.0, eval_resolution=-0.05), "eval_resolution must be >= 0"),
+        (dict(target_loss=3.0, eval_resolution=math.inf), "eval_resolution must be"),
+        (dict(target_loss=3.0, eval_resolution=math.nan), "eval_resolution must be"),
+        (dict(target_loss=3.0, give_up_after=0), "give_up_after must be an integer"),
+    ],
+)
+def test_eval_resolution_and_give_up_after_need_a_target(changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        TrainConfig(**changes)
+    assert "\n" not in str(error.value)
+
+
 def test_an_existing_run_is_not_overwritten_or_resumed_differently(tmp_path, cache_dir):
     run_dir = tmp_path / "taken"
     run_dir.mkdir()

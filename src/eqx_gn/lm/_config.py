@@ -238,6 +238,24 @@ class TrainConfig:
         group="evaluation",
         metavar="LOSS",
     )
+    eval_resolution: float = _setting(
+        0.0,
+        "with target_loss: also evaluate whenever the steps since the last "
+        "evaluation reach this fraction of the step, and at every step once the "
+        "last two evaluations, extrapolated, reach the target within two such "
+        "spacings: steps to the target are then exact to one step, or at worst to "
+        "this fraction of them; 0: off",
+        group="evaluation",
+        metavar="R",
+    )
+    give_up_after: int | None = _setting(
+        None,
+        "with target_loss: end the run at this step if the target is not reached "
+        "by then (the schedule stays that of steps; the summary records "
+        "gave_up_at); None: never",
+        group="evaluation",
+        metavar="STEP",
+    )
     # -- run
     seed: int = _setting(0, "random seed (model and data order)", group="run")
     out: str = _setting(
@@ -493,6 +511,7 @@ def _validate(config: TrainConfig) -> None:
         integer(name, allow_none=True)
     integer("num_processes", allow_none=True)
     integer("stop_after", allow_none=True)
+    integer("give_up_after", allow_none=True)
     integer("process_id", low=0, allow_none=True)
     for name in (
         "tokenizer",
@@ -561,6 +580,11 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError(f"max_grad_norm must be > 0, got {config.max_grad_norm}")
     if config.target_loss is not None and not math.isfinite(config.target_loss):
         raise ConfigError(f"target_loss must be finite, got {config.target_loss}")
+    if not (math.isfinite(config.eval_resolution) and config.eval_resolution >= 0):
+        raise ConfigError(f"eval_resolution must be >= 0, got {config.eval_resolution}")
+    for name in ("eval_resolution", "give_up_after"):
+        if getattr(config, name) and config.target_loss is None:
+            raise ConfigError(f"{name} needs a target_loss")
     if config.seed >= 2**31:
         raise ConfigError(f"seed must be < 2**31, got {config.seed}")
     if config.is_gn and config.batch_size % config.micro_batches:

@@ -39,6 +39,14 @@ steps (every ``eval_every`` steps, the last warm-up step and the last step) add
 ``val_loss``, the mean loss over ``eval_batches`` fixed validation batches of
 ``eval_batch_size`` sequences.
 
+**Steps to a target.** With ``target_loss``, the run stops at the first evaluation
+that reaches it. ``eval_resolution = R`` adds evaluations whenever ``R`` times the
+step has passed since the last one, and at every step once the line through the
+last two evaluations reaches the target within two such spacings, so the count is
+exact to one step (the summary's ``resolution`` says what it was).
+``give_up_after`` ends a run that has not reached the target by that step (the
+study's tuning: a run slower than the best so far need not finish).
+
 **Resuming.** With ``resume=True`` a run continues from its newest intact
 checkpoint and ends with the same parameters, bit for bit on CPU, and the same
 metrics records (but for the times) as a run that was never interrupted. It is
@@ -142,6 +150,38 @@ class _Counters:
     target_step: int | None = None
     target_tokens: int | None = None
     target_time_s: float | None = None
+    # The last two evaluations (step, loss), for `eval_resolution`.
+    eval_steps: list[int] = dataclasses.field(default_factory=list)
+    eval_losses: list[float] = dataclasses.field(default_factory=list)
+    eval_each_step: bool = False
+    gave_up_at: int | None = None
+
+
+def _due_for_resolution(config: TrainConfig, counters: _Counters, step: int) -> bool:
+    """Whether ``eval_resolution`` asks for an evaluation at ``step``: the steps
+    since the last evaluation reach ``R * step``, or the line through the last two
+    evaluations reaches the target within two such spacings (from then on every
+    step, so that the first step at or below the target is found exactly; a loss
+    curve that flattens crosses later than the line says, never earlier)."""
+    r = config.eval_resolution
+    if not r or config.target_loss is None:
+        return False
+    if counters.eval_each_step:
+        return True
+    spacing = max(1.0, r * step)
+    # Before any evaluation (no warm-up, no eval_every), count from the start.
+    last = counters.eval_steps[-1] if counters.eval_steps else 0
+    if step - last >= spacing:
+        return True
+    if len(counters.eval_steps) < 2:
+        return False
+    (s0, s1), (l0, l1) = counters.eval_steps, counters.eval_losses
+    if not (math.isfinite(l0) and math.isfinite(l1)):
+        return False
+    slope = (l0 - l1) / max(s1 - s0, 1)  # loss drop per step
+    gap = l1 - config.target_loss
+    counters.eval_each_step = slope > 0 and gap <= slope * (step - s1 + 2 * spacing)
+    return counters.eval_each_step
 
 
 class _Training:
@@ -359,7 +399,11 @@ class _Training:
         diverged: Diverged | None = None
         STEPPING.set()
         try:
-            while counters.step < config.steps and counters.target_step is None:
+            while (
+                counters.step < config.steps
+                and counters.target_step is None
+                and counters.gave_up_at is None
+            ):
                 if STOP_REQUESTED.is_set():  # Ctrl-C, seen between two steps
                     raise KeyboardInterrupt
                 step = counters.step + 1
@@ -390,7 +434,10 @@ class _Training:
                     (config.eval_every and step % config.eval_every == 0)
                     or step == config.warmup_steps
                     or step == config.steps
-                ):
+                    or (config.give_up_after is not None
+                        and step == config.give_up_after)
+                    or _due_for_resolution(config, counters, step)
+                ):  # fmt: skip
                     self._record_eval(record)
                     if bar is None and self.primary:
                         line = eval_line(
@@ -411,7 +458,17 @@ class _Training:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(record, tokens_per_step / elapsed))
-                finished = step == config.steps or counters.target_step is not None
+                if (
+                    config.give_up_after is not None
+                    and step >= config.give_up_after
+                    and counters.target_step is None
+                ):
+                    counters.gave_up_at = step
+                finished = (
+                    step == config.steps
+                    or counters.target_step is not None
+                    or counters.gave_up_at is not None
+                )
                 if finished or (
                     config.checkpoint_every and step % config.checkpoint_every == 0
                 ):
@@ -455,7 +512,11 @@ class _Training:
         target reached, its summary written), after saying so in one line; then
         no file is changed. ``None`` for a run with steps left."""
         counters, config = self.counters, self.config
-        done = counters.step >= config.steps or counters.target_step is not None
+        done = (
+            counters.step >= config.steps
+            or counters.target_step is not None
+            or counters.gave_up_at is not None
+        )
         summary_file = self.run_dir.path / "summary.json"
         if not done or not summary_file.exists():
             return None
@@ -471,6 +532,8 @@ class _Training:
         loss = self._evaluate()
         record["val_loss"] = loss
         counters.last_val_loss = loss
+        counters.eval_steps = [*counters.eval_steps, record["step"]][-2:]
+        counters.eval_losses = [*counters.eval_losses, loss][-2:]
         best = counters.best_val_loss
         counters.best_val_loss = loss if best is None else min(best, loss)
         if config.target_loss is not None and loss <= config.target_loss:
@@ -570,6 +633,7 @@ class _Training:
             "final_train_loss": counters.last_train_loss,
             "target_loss": config.target_loss,
             "target_reached": counters.target_step is not None,
+            "gave_up_at": counters.gave_up_at,
             "steps_to_target": counters.target_step,
             "tokens_to_target": counters.target_tokens,
             "time_to_target": counters.target_time_s,

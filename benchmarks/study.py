@@ -1,16 +1,15 @@
 """The study, now ``eqx-gn study`` (`eqx_gn.lm._study`): this script passes its
 arguments on, so ``python benchmarks/study.py ARGS`` is ``eqx-gn study ARGS``.
 
-The published study (docs/results.md) was made by::
+The second edition's ``tiny`` study (its protocol: ``eqx-gn study --help``)::
 
-    eqx-gn study --model tiny --seq-len 64 --batch-sizes 8,16,32,64,128 --steps 80 \\
-        --runs 3 --seeds 3 --out benchmarks/results/study_tiny \\
-        --runs-dir runs/study/tiny
-    eqx-gn study --model prototype --seq-len 64 --batch-sizes 8,32 --steps 50 \\
-        --runs 3 --seeds 3 --out benchmarks/results/study_prototype \\
-        --runs-dir runs/study/prototype
-    eqx-gn study --model tiny ... --report-only --report docs/results.md \\
-        --report-with benchmarks/results/study_prototype
+    eqx-gn study --model tiny --batch-sizes 8,16,32,64,128,256 --steps 160 \\
+        --seeds 3 --timing-rounds 3 --out benchmarks/results/study2_tiny
+
+The first edition (docs/results.md until the second is finished; study.json
+format "eqx-gn study 2", which this eqx-gn no longer trains or reports) was made
+with ``--runs 3 --seeds 3`` into ``benchmarks/results/study_tiny`` and
+``benchmarks/results/study_prototype``.
 """
 
 import sys

@@ -1,34 +1,46 @@
-"""The study's bookkeeping (`eqx_gn.lm._study`) on hand-made runs, no training: the
-equal budget (every method the same number of runs at every batch size), the
-declared grids, the refinement rule applied to every method alike, the target
-rule, line-search tokens in tokens_to_target, reuse of finished runs, study.json
-and the results page drawn from it alone, and one-line errors."""
+"""The study's protocol (`eqx_gn.lm._study`, second edition) on hand-made runs, no
+training: the one tuning rule (`next_point`, `bracketed`, `rank`), the target set
+by the tuned baselines at the largest batch, starts chained from the next larger
+batch, GN's K, give-up steps, seeds with their medians, line-search tokens,
+reuse of finished runs, one-line errors and the figures.
+
+A fake runner writes each run as `eqx_gn.lm.train` does, from a loss curve whose
+best learning rate is known in closed form: the tests' independent oracle."""
 
 import argparse
-import itertools
 import json
 import math
+import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from eqx_gn.lm import ConfigError, _study as study
+from eqx_gn.lm._study_plots import curves_figure, steps_figure
 from eqx_gn.lm._study_protocol import (
     BASELINES,
+    CENTRES,
     Point,
-    _point_of,
-    plan_grid,
+    bracketed,
+    centre,
+    next_point,
     rank,
-    refine,
-    search_space,
 )
+from eqx_gn.lm._study_records import run_name
+from eqx_gn.lm._study_report import write_report
 from eqx_gn.lm._study_runs import Study
 
-SEQ = 10
+SEQ = 8
 STEPS = 40
-EVAL_EVERY = 5
-WARMUP = 4
-METHODS = ("adamw", "muon", "soap", "psgd", "gn", "gn-layerwise", "gn-prox")
+BATCHES = (8, 16, 32)
+LARGEST = max(BATCHES)
+EVAL_EVERY = 3
+MICRO = 4
+SEEDS = 2
+LS_BATCHES = 2
+MAX_RUNS = 7
+METHODS = ("adamw", "muon", "gn", "gn-layerwise")
 
 
 def parse(*argv):
@@ -37,85 +49,179 @@ def parse(*argv):
     return parser.parse_args(list(argv))
 
 
-# -- the declared grids and the refinement rule ---------------------------------
+def log3(x):
+    return math.log(x) / math.log(3)
 
 
-def test_grids_are_declared_and_of_the_same_size():
-    for runs in (2, 3, 5):
-        for method in METHODS:
-            grid = plan_grid(method, runs)
-            assert len(grid) == runs - 1
-            centre = search_space(method).centre
-            # Learning rates x3 apart, centred (geometrically) on the centre.
-            lrs = [p.lr for p in grid]
-            assert math.prod(lrs) ** (1 / len(lrs)) == pytest.approx(centre, rel=1e-3)
-            for a, b in itertools.pairwise(lrs):
-                assert b / a == pytest.approx(3, rel=1e-3)
-    # N = 3: baselines two learning rates; GN two corners of lr x K, K from {8, 4}.
-    assert plan_grid("adamw", 3) == [Point(0.001732), Point(0.005196)]
-    assert plan_grid("gn", 3) == [Point(0.01, 8), Point(0.03, 4)]
-    assert plan_grid("gn-layerwise", 3) == plan_grid("gn", 3)
-    assert [p.micro_batches for p in plan_grid("gn-prox", 5)] == [8, 4, 8, 4]
+# -- the tuning rule ----------------------------------------------------------------
 
 
-def outcome(steps, best=2.0):
-    return {"steps_to_target": steps, "best_val_loss": best}
+def outcome(steps, loss=2.0):
+    """A run's outcome as `rank` reads it: steps to the target (None: missed) and
+    its loss there, or its best loss when it missed."""
+    if steps is None:
+        return {"steps_to_target": None, "loss_at_target": None, "best_val_loss": loss}
+    return {"steps_to_target": steps, "loss_at_target": loss, "best_val_loss": loss}
 
 
-@pytest.mark.parametrize(
-    "method, tried, expected",
-    [
-        # The best run at an edge: one x3 step outward, for every method alike.
-        ("adamw", [(1e-3, None, 30), (3e-3, None, 20)], Point(9e-3)),
-        ("muon", [(1e-2, None, 20), (3e-2, None, None)], Point(3.333e-3)),
-        ("psgd", [(1e-3, None, None), (3e-3, None, 25)], Point(9e-3)),
-        # Runs on both sides: half a step (x3^(1/2)) toward the better neighbour.
-        ("soap", [(1e-3, None, 40), (3e-3, None, 20), (9e-3, None, 30)],
-         Point(5.196e-3)),
-        ("soap", [(1e-3, None, 25), (3e-3, None, 20), (9e-3, None, 30)],
-         Point(1.732e-3)),
-        # GN's corners (lr_low, K 8) and (lr_high, K 4): no run with the best one's
-        # K on either side, so toward the declared centre.
-        ("gn", [(0.01, 8, 20), (0.03, 4, 30)], Point(0.03, 8)),
-        ("gn-prox", [(0.01, 8, 30), (0.03, 4, 20)], Point(0.01, 4)),
-        # Ties in steps go to the lower best loss.
-        ("adamw", [(1e-3, None, 20), (3e-3, None, 20)], Point(3.333e-4)),
-    ],
-)  # fmt: skip
-def test_refinement_rule(method, tried, expected):
-    tried = [
-        (Point(lr, k), outcome(steps, 2.0 - 0.1 * (i == 0)))
-        for i, (lr, k, steps) in enumerate(tried)
+def tune(start, steps_of, k=None, max_runs=MAX_RUNS):
+    """The runs `next_point` asks for, each answered by ``steps_of(lr)`` (at most
+    20, so that a rule that never stops fails an assertion)."""
+    tried = []
+    while (point := next_point(start, tried, k, max_runs)) is not None:
+        tried.append((point, outcome(steps_of(point.lr))))
+        if len(tried) == 20:
+            break
+    return tried
+
+
+def lrs(tried):
+    return [p.lr for p, _ in tried]
+
+
+def test_rank_orders_by_steps_then_loss():
+    ordered = [
+        outcome(20, 2.0),
+        outcome(20, 2.1),  # a tie in steps goes to the lower loss at the target
+        outcome(30, 1.0),  # fewer steps beat a lower loss
+        outcome(None, 1.5),  # a run that missed ranks after every one that reached
+        outcome(None, 1.6),  # ... and among those, by its best loss
+        outcome(None, math.nan),
     ]
-    assert refine(method, tried) == expected
+    for shuffled in (ordered[::-1], ordered[2:] + ordered[:2]):
+        assert sorted(shuffled, key=rank) == ordered
+    # A run that missed is ranked by its best loss, not a stale loss at a target.
+    stale = {"steps_to_target": None, "loss_at_target": 0.5, "best_val_loss": 1.7}
+    assert rank(outcome(None, 1.6)) < rank(stale)
 
 
-def test_refinement_never_repeats_a_run():
-    tried = [(Point(1e-3), outcome(20)), (Point(3.333e-4), outcome(30))]
-    tried += [(Point(3e-3), outcome(None))]
-    # Both sides tried: half a step toward the better neighbour (3.3e-4, 30 steps).
-    assert refine("adamw", tried) == Point(5.774e-4)
-    tried += [(Point(5.774e-4), outcome(40))]
-    assert refine("adamw", tried) not in [p for p, _ in tried]
+def test_the_grid_start_x3_and_over_3_in_order():
+    tried = []
+    for expected in (0.01, 0.03, 0.003333):
+        point = next_point(0.01, tried, k=4)
+        assert point == Point(expected, 4)
+        tried.append((point, outcome(30)))
 
 
-# -- a fake runner: hand-made runs, written as the runner writes them -------------
+def test_extension_past_either_edge_then_one_half_step_then_none():
+    # Best at the upper edge: x3 beyond it, twice, until it has worse runs on both
+    # sides; then half a step toward the better neighbour (0.03: 20 steps, better
+    # than 0.27: 25); then nothing more.
+    table = {0.01: 30, 0.03: 20, 0.003333: 40, 0.09: 15, 0.27: 25}
+    tried = tune(0.01, table.get, max_runs=5)
+    assert lrs(tried) == [0.01, 0.03, 0.003333, 0.09, 0.27]
+    assert bracketed(tried)
+    assert next_point(0.01, tried) == Point(0.05196)  # 0.09 / 3^(1/2)
+    for half in (10, 18, 50):  # the half step the best, between, or worst of all
+        refined = [*tried, (Point(0.05196), outcome(half))]
+        assert next_point(0.01, refined) is None
+    # The better neighbour above: the half step goes up.
+    table = {0.01: 30, 0.03: 20, 0.003333: 40, 0.09: 15, 0.27: 19}
+    tried = tune(0.01, table.get, max_runs=5)
+    assert next_point(0.01, tried) == Point(0.1559)  # 0.09 x 3^(1/2)
+    # Best at the lower edge: /3 beyond it, the same rule mirrored.
+    table = {0.01: 30, 0.03: 40, 0.003333: 20, 0.001111: 25}
+    tried = tune(0.01, table.get, max_runs=4)
+    assert lrs(tried) == [0.01, 0.03, 0.003333, 0.001111]
+    assert next_point(0.01, tried) == Point(0.001924)
+    # A run that missed the target is worse than every run that reached it.
+    table = {0.01: None, 0.03: None, 0.003333: 40, 0.001111: None}
+    tried = tune(0.01, table.get, max_runs=4)
+    assert lrs(tried) == [0.01, 0.03, 0.003333, 0.001111] and bracketed(tried)
 
 
-def quality(method, lr, k):
-    """Loss drop per step of a hand-made run: best at lr = 2x the method's centre;
-    GN better at K = 8 than 4; GN's line search reads 2 micro-batches per step."""
-    centre = search_space(method).centre
-    q = {"adamw": 0.02, "muon": 0.04, "soap": 0.03, "psgd": 0.025}.get(method, 0.08)
-    q *= math.exp(-(math.log(lr / (2 * centre)) ** 2) / 4)
-    if k == 4:
-        q *= 0.8
-    return q
+def test_max_runs_caps_a_tuning_still_at_an_edge():
+    def faster_up(lr):
+        return round(30 - 5 * log3(lr / 0.01))
+
+    for cap in (3, 4, 7):
+        tried = tune(0.01, faster_up, max_runs=cap)
+        assert len(tried) == cap
+        assert not bracketed(tried)
+        assert next_point(0.01, tried, max_runs=cap) is None
+    assert lrs(tune(0.01, faster_up)) == [0.01, 0.03, 0.003333, 0.09, 0.27, 0.81, 2.43]
+
+
+def test_the_rule_never_repeats_a_learning_rate():
+    # Any outcomes, unimodal or not, ties included: distinct runs, at most the cap.
+    for seed in range(300):
+        rng = random.Random(seed)
+        table = {}
+
+        def steps_of(lr, rng=rng, table=table):
+            if lr not in table:
+                table[lr] = rng.choice([None, 20, 21, 22, 30, rng.randint(5, 60)])
+            return table[lr]
+
+        cap = rng.choice([3, 4, 5, 7, 9])
+        tried = tune(0.01, steps_of, max_runs=cap)
+        assert len(set(lrs(tried))) == len(tried) <= cap, seed
+
+
+def test_bracketed():
+    def runs(*pairs):
+        return [(Point(lr), outcome(steps)) for lr, steps in pairs]
+
+    assert not bracketed([])
+    assert not bracketed(runs((0.01, 20)))
+    assert bracketed(runs((0.01, 20), (0.03, 25), (0.003, 30)))
+    assert bracketed(runs((0.01, 20), (0.03, None), (0.003, None)))
+    # The best at an edge, or tied with its nearest neighbour: not bracketed.
+    assert not bracketed(runs((0.01, 20), (0.03, 15), (0.003, 30)))
+    assert not bracketed(runs((0.01, 20), (0.03, 20), (0.003, 30)))
+    # Its nearest neighbour decides, not a worse run farther out.
+    assert not bracketed(runs((0.01, 20), (0.017, 20), (0.03, 40), (0.003, 30)))
+
+
+# -- a fake runner: hand-made runs, written as the runner writes them ----------------
+
+#: The fake's best learning rate at the largest batch, in x3 steps from the
+#: method's centre: AdamW's inside the first grid, Muon's past its upper edge,
+#: GN's past its lower edge, layerwise GN's inside. At a smaller batch ``b`` it is
+#: ``(b / largest)^(1/2)`` of that.
+OPTIMUM = {"adamw": 0.3, "muon": 1.6, "gn": -1.35, "gn-layerwise": -0.4}
+#: The fake's loss-drop rate at the best learning rate (Muon the best baseline).
+SPEED = {"adamw": 1.0, "muon": 1.1, "gn": 1.5, "gn-layerwise": 1.3}
+#: The fake's critical batch size: the rate per step grows as b / (b + 16).
+CRITICAL = 16
+L0, L_INF = 5.0, 1.0
+
+
+def best_lr(method, batch):
+    return centre(method) * 3 ** OPTIMUM[method] * (batch / LARGEST) ** 0.5
+
+
+def rate(method, lr, batch, seed=0):
+    """Loss-drop rate of a hand-made run: log-normal in the learning rate (one x3
+    step from the best: 0.61 of it), faster at larger batches, a little faster at
+    each seed."""
+    d = log3(lr / best_lr(method, batch))
+    return (
+        0.05
+        * SPEED[method]
+        * math.exp(-d * d / 2)
+        * batch
+        / (batch + CRITICAL)
+        * (1 + 0.03 * seed)
+    )
+
+
+def loss(r, step):
+    return L_INF + (L0 - L_INF) * math.exp(-r * step)
+
+
+def steps_to(r, target, steps):
+    """The first step whose loss is at or below ``target`` (the oracle)."""
+    return next((t for t in range(1, steps + 1) if loss(r, t) <= target), None)
 
 
 class FakeTrainer:
     """Stands in for `eqx_gn.lm.train`: writes config.json, metrics.jsonl and
-    summary.json like the runner (stopping at the target), and records each call."""
+    summary.json like the runner, evaluating on its schedule (every
+    ``eval_every``, at the end of the warm-up, at the last step, at
+    ``give_up_after``, and ``eval_resolution``'s), stopping at the first evaluation
+    at or below ``target_loss`` or giving up at ``give_up_after``; records each
+    call."""
 
     def __init__(self):
         self.calls = []
@@ -125,346 +231,442 @@ class FakeTrainer:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         gn = config.optimizer == "gn"
-        q = quality(config.method, config.lr, config.micro_batches if gn else None)
-        q *= 1 + 0.05 * config.seed + 0.002 * math.log2(config.batch_size)
-        tokens_per_step = config.batch_size * SEQ
-        ls_per_step = 2 * (config.batch_size // config.micro_batches) * SEQ
-        records, ls, reached = [], 0, None
+        r = rate(config.method, config.lr, config.batch_size, config.seed)
+        target = config.target_loss
+        ls_per_step = LS_BATCHES * config.line_search_batch_size * SEQ
+        records, evals, each_step = [], [], False
+        reached = gave_up = None
         for step in range(1, config.steps + 1):
-            main = step > WARMUP
-            ls += ls_per_step if gn and main else 0
+            main = step > config.warmup_steps
             record = {
                 "step": step,
                 "phase": "main" if main else "warmup",
-                "tokens": step * tokens_per_step,
+                "tokens": step * config.batch_size * SEQ,
                 "time_s": step * (2.0 if gn else 1.0),
-                "train_loss": 4.0 - q * step,
+                "lr": config.lr,
+                "train_loss": loss(r, step) + 0.01,
             }
             if gn and main:
-                record["ls_tokens"] = ls
-            if step % EVAL_EVERY == 0:
-                record["val_loss"] = round(4.0 - q * step, 6)
-                target = config.target_loss
+                record["ls_tokens"] = (step - config.warmup_steps) * ls_per_step
+            due = (config.eval_every and step % config.eval_every == 0) or step in (
+                config.warmup_steps,
+                config.steps,
+                config.give_up_after,
+            )
+            if not due and config.eval_resolution and target is not None:
+                spacing = max(1.0, config.eval_resolution * step)
+                last = evals[-1][0] if evals else 0
+                due = each_step or step - last >= spacing
+                if not due and len(evals) > 1:
+                    (s0, l0), (s1, l1) = evals[-2:]
+                    slope = (l0 - l1) / (s1 - s0)
+                    gap = l1 - target
+                    each_step = due = slope > 0 and gap <= slope * (
+                        step - s1 + 2 * spacing
+                    )
+            if due:
+                record["val_loss"] = loss(r, step)
+                evals.append((step, record["val_loss"]))
                 if target is not None and record["val_loss"] <= target:
                     reached = step
             records.append(record)
-            if reached:
+            if reached is not None:
                 break
+            if config.give_up_after is not None and step >= config.give_up_after:
+                gave_up = step
+                break
+        last = records[-1]
+        losses = [v for _, v in evals]
+        ls_tokens = last.get("ls_tokens", 0)
         resolved = {
-            "warmup_steps": WARMUP,
+            "warmup_steps": config.warmup_steps,
             "seq_len": SEQ,
+            "micro_batch_size": config.micro_batch_size if gn else None,
             "line_search": config.line_search_rule,
+        }
+        summary = {
+            "completed": True,
+            "steps": last["step"],
+            "warmup_steps": config.warmup_steps,
+            "tokens": last["tokens"],
+            "ls_tokens": ls_tokens,
+            "tokens_read": last["tokens"] + ls_tokens,
+            "time_s": last["time_s"],
+            "final_val_loss": losses[-1],
+            "best_val_loss": min(losses),
+            "target_loss": target,
+            "target_reached": reached is not None,
+            "gave_up_at": gave_up,
+            "steps_to_target": reached,
+            "tokens_to_target": None if reached is None else last["tokens"] + ls_tokens,
+            "time_to_target": None if reached is None else last["time_s"],
         }
         (out / "config.json").write_text(
             json.dumps({"config": config.to_dict(), "resolved": resolved})
         )
         (out / "metrics.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in records)
+            "".join(json.dumps(x) + "\n" for x in records)
         )
-        summary = {
-            "completed": True,
-            "steps": records[-1]["step"],
-            "target_loss": config.target_loss,
-            "target_reached": reached is not None,
-            "tokens_to_target": None,
-            "time_s": records[-1]["time_s"],
-        }
         (out / "summary.json").write_text(json.dumps(summary))
         return summary
 
 
-def run_study(tmp_path, trainer, *extra, methods=None, runs=3, timing=0):
-    methods = ",".join(METHODS) if methods is None else methods
-    args = parse(
-        "--timing-rounds", str(timing), "--methods", methods, "--batch-sizes", "8,32", "--steps", str(STEPS),
-        "--runs", str(runs), "--seeds", "3", "--out", str(tmp_path / "out"),
-        "--runs-dir", str(tmp_path / "runs"), *extra,
+def study_args(base, *extra):
+    return parse(
+        "--methods", ",".join(METHODS), "--batch-sizes", ",".join(map(str, BATCHES)),
+        "--steps", str(STEPS), "--seeds", str(SEEDS), "--eval-every", str(EVAL_EVERY),
+        "--gn-micro-batch", str(MICRO), "--ls-batches", str(LS_BATCHES),
+        "--max-runs", str(MAX_RUNS), "--timing-rounds", "0",
+        "--out", str(base / "out"), "--runs-dir", str(base / "runs"), *extra,
     )  # fmt: skip
-    settings = study.settings_from(args)
-    s = Study(settings, Path(args.out), Path(args.runs_dir), trainer,
-              log=lambda line: None)  # fmt: skip
+
+
+def run_study(base, trainer, *extra):
+    args = study_args(base, *extra)
+    s = Study(study.settings_from(args), Path(args.out), Path(args.runs_dir),
+              trainer, log=lambda line: None)  # fmt: skip
     return s.execute()
 
 
-@pytest.fixture
-def finished(tmp_path):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    base = tmp_path_factory.mktemp("study")
     trainer = FakeTrainer()
-    result = run_study(tmp_path, trainer)
-    return tmp_path, trainer, result
+    result = run_study(base, trainer)
+    return base, trainer, result
 
 
-def test_every_method_gets_the_same_budget(finished):
+def by_name(result):
+    return {r["name"]: r for r in result["runs"]}
+
+
+def budget(batch):
+    return STEPS * LARGEST // batch
+
+
+def tuning_runs(result, method, batch):
+    runs = by_name(result)
+    return [runs[n] for n in result["tuning"][method][str(batch)]["runs"]]
+
+
+# -- the study end to end on the fake ------------------------------------------------
+
+
+def test_target_is_the_best_baselines_loss_at_0_8_of_the_budget(finished, tmp_path):
     _, trainer, result = finished
-    searches = {}
-    for config in trainer.calls:
-        if config.seed == 0 and config.grad_accumulation == 1:
-            key = (config.method, config.batch_size)
-            searches[key] = searches.get(key, 0) + 1
-    # N = 3 trained runs per method and batch size, for all 7 methods at both.
-    assert searches == {(m, b): 3 for m in METHODS for b in (8, 32)}
-    assert result["runs_per_method_and_batch"] == {
-        m: {"8": 3, "32": 3} for m in METHODS
-    }
-    # Two more seeds of each method's chosen configuration at the largest batch.
-    seeds = [(c.method, c.batch_size, c.seed) for c in trainer.calls if c.seed]
-    assert sorted(seeds) == sorted((m, 32, s) for m in METHODS for s in (1, 2))
-    for method in METHODS:
-        chosen = result["chosen"][method]["32"]
-        for config in trainer.calls:
-            if config.method == method and config.seed:
-                assert config.lr == chosen["lr"]
-                if method.startswith("gn"):
-                    assert config.micro_batches == chosen["micro_batches"]
-        assert len(result["steps_to_target_by_seed"][method]) == 3
-    # The layout check: each baseline's chosen run with GN's chosen K micro-batches.
-    layout = [c for c in trainer.calls if c.grad_accumulation != 1]
-    k = result["chosen"]["gn"]["32"]["micro_batches"]
-    assert sorted(c.method for c in layout) == sorted(BASELINES)
-    assert {(c.batch_size, c.grad_accumulation) for c in layout} == {(32, k)}
-
-
-def test_every_method_is_refined_by_the_same_rule(finished):
-    _, _, result = finished
-    runs = result["runs"]
-    for method in METHODS:
-        for batch in (8, 32):
-            mine = [
-                r for r in runs if r["method"] == method and r["batch_size"] == batch
-            ]
-            grid = [r for r in mine if r["role"] == "grid"]
-            (refined,) = [r for r in mine if r["role"] == "refine"]
-            points = [_point_of(r) for r in grid]
-            assert points == plan_grid(method, 3)
-            tried = [(_point_of(r), r) for r in grid]
-            assert _point_of(refined) == refine(method, tried)
-            # The chosen run is the best of the three.
-            chosen = result["chosen"][method][str(batch)]
-            best = min([*grid, refined], key=rank)
-            assert chosen["run"] == best["name"]
-    # In this hand-made world every baseline is best at twice its centre, so the
-    # upper grid point wins and every baseline moves up by 3, the same move.
-    for method in BASELINES:
-        refined = [r for r in runs if r["method"] == method and r["role"] == "refine"]
-        for r in refined:
-            assert r["hyperparameters"]["lr"] == pytest.approx(
-                plan_grid(method, 3)[1].lr * 3, rel=1e-3
-            )
-
-
-def test_target_is_adamws_best_at_the_largest_batch(finished):
-    base, trainer, result = finished
-    adamw = [
-        r for r in result["runs"] if r["method"] == "adamw" and r["batch_size"] == 32
-    ]
-    search = [r for r in adamw if r["role"] in ("grid", "refine")]
-    assert len(search) == 3
-    assert result["target"] == min(r["best_val_loss"] for r in search)
-    # AdamW's runs at the largest batch trained with no target; every other run
-    # stopped at this one.
-    for config in trainer.calls:
-        first = config.method == "adamw" and config.batch_size == 32 and not config.seed
-        if first and config.grad_accumulation == 1:
-            assert config.target_loss is None
-        else:
-            assert config.target_loss == result["target"]
-    # A given target replaces the rule; AdamW then trains against it too.
+    runs = by_name(result)
+    # The baselines at the largest batch are tuned first, with no target, over
+    # the whole budget, evaluated every EVAL_EVERY steps; every later run stops
+    # at the target.
+    free = [c for c in trainer.calls if c.target_loss is None]
+    assert trainer.calls[: len(free)] == free
+    assert {c.method for c in free} == {"adamw", "muon"}
+    for c in free:
+        assert (c.batch_size, c.steps, c.seed, c.grad_accumulation) == (
+            LARGEST, STEPS, 0, 1)  # fmt: skip
+        assert (c.eval_every, c.eval_resolution, c.give_up_after) == (
+            EVAL_EVERY,
+            0,
+            None,
+        )
+    assert {c.target_loss for c in trainer.calls[len(free) :]} == {result["target"]}
+    # The oracle: the free run with the fastest hand-made rate, at the evaluation
+    # nearest below 0.8 x 40 = 32 steps (evaluations every 3 steps: step 30).
+    best = max(free, key=lambda c: rate(c.method, c.lr, c.batch_size))
+    assert best.method == "muon"
+    source = result["target_source"]
+    assert source["run"] == Path(best.out).name
+    assert (source["method"], source["step"], source["budget"]) == ("muon", 30, STEPS)
+    assert source["batch_size"] == LARGEST
+    assert result["target"] == loss(rate("muon", best.lr, LARGEST), 30)
+    curve = runs[source["run"]]["curve"]
+    assert curve["val_loss"][curve["step"].index(30)] == result["target"]
+    assert set(source["tuning"]) == {"adamw", "muon"}
+    # A given target replaces the rule: no run without one.
     other = FakeTrainer()
-    given = run_study(base / "given", other, "--target", "3.5")
-    assert given["target"] == 3.5
-    assert {c.target_loss for c in other.calls} == {3.5}
+    given = run_study(tmp_path, other, "--target", "2.5")
+    assert given["target"] == 2.5 and given["target_source"] is None
+    assert {c.target_loss for c in other.calls} == {2.5}
 
 
-def test_tokens_to_target_count_line_search_tokens(finished):
+def test_every_choice_is_bracketed_and_near_the_known_optimum(finished):
     _, _, result = finished
+    for method in METHODS:
+        for batch in BATCHES:
+            tuning = result["tuning"][method][str(batch)]
+            runs = tuning_runs(result, method, batch)
+            chosen = result["chosen"][method][str(batch)]
+            assert tuning["bracketed"] and tuning["complete"]
+            assert len(runs) <= MAX_RUNS
+            by_lr = {r["hyperparameters"]["lr"]: r for r in runs}
+            assert len(by_lr) == len(runs)
+            lr = chosen["lr"]
+            assert chosen["run"] == by_lr[lr]["name"]
+            below = max(x for x in by_lr if x < lr)
+            above = min(x for x in by_lr if x > lr)
+            for neighbour in (below, above):
+                assert rank(by_lr[neighbour]) > rank(by_lr[lr])
+
+            # The oracle: the chosen run is the fastest tried, and within the
+            # half step of the fake's best learning rate.
+            def speed(x, method=method, batch=batch):
+                return rate(method, x, batch)
+
+            assert max(by_lr, key=speed) == lr
+            assert speed(below) < speed(lr) > speed(above)
+            assert abs(log3(lr / best_lr(method, batch))) <= 0.5 + 1e-3
+            # Half a step was taken: one run off the x3 grid of the start.
+            offsets = [log3(x / tuning["start_lr"]) for x in by_lr]
+            assert sum(abs(o - round(o)) > 0.4 for o in offsets) == 1
+    # Muon's optimum lies past the first grid's upper edge, GN's past its lower.
+    muon = sorted(by_lr_of(result, "muon", LARGEST))
+    assert muon[-1] == pytest.approx(centre("muon") * 27, rel=1e-3)
+    gn = sorted(by_lr_of(result, "gn", LARGEST))
+    assert gn[0] == pytest.approx(centre("gn") / 9, rel=1e-3)
+
+
+def test_a_choice_still_at_an_edge_is_reported_unbracketed(tmp_path):
+    # Three runs at most: Muon's optimum, 1.6 x3 steps above its centre, is out of
+    # reach, and its choice stays at the grid's upper edge; AdamW's is bracketed
+    # by its grid (its half step is past the cap).
+    trainer = FakeTrainer()
+    result = run_study(tmp_path, trainer, "--methods", "adamw,muon", "--batch-sizes",
+                       "32", "--max-runs", "3", "--seeds", "1")  # fmt: skip
+    muon, adamw = result["tuning"]["muon"]["32"], result["tuning"]["adamw"]["32"]
+    assert len(muon["runs"]) == len(adamw["runs"]) == 3
+    assert not muon["bracketed"] and adamw["bracketed"]
+    lrs = by_lr_of(result, "muon", 32)
+    assert result["chosen"]["muon"]["32"]["lr"] == max(lrs) == 0.15  # 3 x centre
+    assert len(trainer.calls) == 6  # the free runs, reused with the target
+
+
+def by_lr_of(result, method, batch):
+    return [r["hyperparameters"]["lr"] for r in tuning_runs(result, method, batch)]
+
+
+def test_tuning_follows_the_rule_from_the_next_larger_batchs_choice(finished):
+    _, trainer, result = finished
+    for method in METHODS:
+        start = centre(method)
+        for batch in sorted(BATCHES, reverse=True):
+            tuning = result["tuning"][method][str(batch)]
+            assert tuning["start_lr"] == start
+            k = batch // MICRO if method.startswith("gn") else None
+            # Run by run, the one rule on the outcomes recorded so far.
+            tried = []
+            for run in tuning_runs(result, method, batch):
+                point = Point(run["hyperparameters"]["lr"], k)
+                assert next_point(start, tried, k, MAX_RUNS) == point
+                assert run["hyperparameters"]["micro_batches"] == k
+                tried.append((point, run))
+            assert next_point(start, tried, k, MAX_RUNS) is None
+            start = result["chosen"][method][str(batch)]["lr"]
+    # GN's K = batch / micro-batch in every GN run, and in what study.json says.
+    gn_calls = [c for c in trainer.calls if c.optimizer == "gn"]
+    assert {c.batch_size for c in gn_calls} == set(BATCHES)
+    for c in gn_calls:
+        assert c.micro_batches == c.batch_size // MICRO
+    assert result["gn_micro_batches"] == {str(b): b // MICRO for b in BATCHES}
+
+
+def test_tuning_runs_give_up_at_the_best_steps_so_far(finished):
+    _, trainer, result = finished
+    gave_up = 0
+    for method in METHODS:
+        for batch in BATCHES:
+            best = None
+            for run in tuning_runs(result, method, batch):
+                config = run["config"]
+                if config["target_loss"] is None:  # a free run, reused: all steps
+                    assert run["curve"]["step"][-1] == budget(batch) == STEPS
+                    assert config["give_up_after"] is None
+                else:
+                    assert config["give_up_after"] == best
+                if run["gave_up_at"] is not None:
+                    gave_up += 1
+                    assert run["gave_up_at"] == best == run["curve"]["step"][-1]
+                    assert run["steps_to_target"] is None
+                if run["steps_to_target"] is not None:
+                    best = min(run["steps_to_target"], best or math.inf)
+    assert gave_up >= 10
+    # Seeds and layout runs run their whole budget or to the target.
+    assert all(c.give_up_after is None for c in trainer.calls if c.seed)
+    assert all(c.give_up_after is None for c in trainer.calls
+               if c.grad_accumulation != 1)  # fmt: skip
+
+
+def test_runs_with_a_target_are_exact_to_one_step(finished):
+    _, _, result = finished
+    target = result["target"]
+    exact = 0
     for run in result["runs"]:
-        if run["steps_to_target"] is None:
+        config = run["config"]
+        r = rate(run["method"], config["lr"], run["batch_size"], config["seed"])
+        oracle = steps_to(r, target, budget(run["batch_size"]))
+        if config["target_loss"] is None:  # a free run: its evaluations only
+            evaluated = [s for s in range(oracle or 1, STEPS + 1)
+                         if s % EVAL_EVERY == 0 or s in (4, STEPS)]  # fmt: skip
+            assert run["steps_to_target"] == (evaluated[0] if oracle else None)
             continue
+        if run["steps_to_target"] is None:
+            assert oracle is None or oracle > run["curve"]["step"][-1]
+            continue
+        assert run["steps_to_target"] == oracle, run["name"]
+        assert run["resolution"] == 1, run["name"]
+        exact += 1
+    assert exact >= 30
+
+
+def test_seeds_of_every_chosen_configuration_at_every_batch(finished):
+    _, trainer, result = finished
+    runs = by_name(result)
+    seeded = sorted((c.method, c.batch_size, c.seed) for c in trainer.calls if c.seed)
+    assert seeded == sorted(
+        (m, b, s) for m in METHODS for b in BATCHES for s in range(1, SEEDS)
+    )
+    for method in METHODS:
+        for batch in BATCHES:
+            entry = result["chosen"][method][str(batch)]
+            k = entry["micro_batches"]
+            names = [run_name(method, batch, Point(entry["lr"], k), s)
+                     for s in range(SEEDS)]  # fmt: skip
+            assert entry["seed_runs"] == names and entry["seeds_complete"]
+            assert names[0] == entry["run"]
+            for s, name in enumerate(names):
+                h = runs[name]["hyperparameters"]
+                assert (h["lr"], h["micro_batches"], runs[name]["seed"]) == (
+                    entry["lr"], k, s)  # fmt: skip
+            steps = [runs[n]["steps_to_target"] for n in names]
+            assert None not in steps
+            assert entry["steps_by_seed"] == steps
+            assert entry["median_steps"] == sum(steps) / 2
+            assert (entry["min_steps"], entry["max_steps"]) == (min(steps), max(steps))
+            assert entry["tokens_by_seed"] == [runs[n]["tokens_to_target"]
+                                               for n in names]  # fmt: skip
+            assert entry["missed_seeds"] == 0
+    # The claims at each batch size, from the medians.
+    for batch in BATCHES:
+        claims = result["claims"]["by_batch"][str(batch)]
+        medians = {m: result["chosen"][m][str(batch)]["median_steps"] for m in METHODS}
+        best = min(BASELINES[:2], key=medians.get)
+        warmup = round(0.1 * budget(batch))
+        assert (claims["best_baseline"], claims["warmup_steps"]) == (best, warmup)
+        assert claims["best_baseline_steps_over_gn"] == pytest.approx(
+            medians[best] / medians["gn"]
+        )
+        assert claims["layerwise_steps_over_gn_after_warmup"] == pytest.approx(
+            (medians["gn-layerwise"] - warmup) / (medians["gn"] - warmup)
+        )
+
+
+def test_tokens_to_target_include_line_search_tokens(finished):
+    _, _, result = finished
+    checked = 0
+    for run in result["runs"]:
         step = run["steps_to_target"]
+        if step is None:
+            continue
         tokens = step * run["batch_size"] * SEQ
         if run["method"].startswith("gn"):
-            k = run["hyperparameters"]["micro_batches"]
-            tokens += (step - WARMUP) * 2 * (run["batch_size"] // k) * SEQ
+            warmup = run["resolved"]["warmup_steps"]
+            tokens += (step - warmup) * LS_BATCHES * MICRO * SEQ
+            checked += 1
         assert run["tokens_to_target"] == tokens, run["name"]
-    gn = [r for r in result["runs"] if r["method"] == "gn" and r["steps_to_target"]]
-    assert gn and all(
-        r["tokens_to_target"] > r["steps_to_target"] * r["batch_size"] * SEQ for r in gn
-    )
+    assert checked >= 12
+    entry = result["chosen"]["gn"][str(LARGEST)]
+    assert entry["tokens_to_target"] > entry["steps_to_target"] * LARGEST * SEQ
 
 
-def test_claims_from_the_chosen_runs(finished):
-    _, _, result = finished
-    chosen = {m: result["chosen"][m]["32"] for m in METHODS}
-    steps = {m: chosen[m]["steps_to_target"] for m in METHODS}
-    base = min(BASELINES, key=lambda m: steps[m] or math.inf)
-    claims = result["claims"]["largest"]
-    assert claims["best_baseline"] == base
-    assert claims["best_baseline_steps_over_gn"] == pytest.approx(
-        steps[base] / steps["gn"]
-    )
-    assert claims["best_baseline_steps_over_gn_after_warmup"] == pytest.approx(
-        (steps[base] - WARMUP) / (steps["gn"] - WARMUP)
-    )
-    assert claims["layerwise_steps_over_gn"] == pytest.approx(
-        steps["gn-layerwise"] / steps["gn"]
-    )
-    times = {m: chosen[m]["time_to_target"] for m in BASELINES}
-    fastest = min(t for t in times.values() if t is not None)
-    assert claims["gn_time_over_fastest_baseline"] == pytest.approx(
-        chosen["gn"]["time_to_target"] / fastest
-    )
-    assert result["claims"]["by_batch"]["8"]["batch_size"] == 8
+def test_budgets_give_every_batch_size_the_same_tokens(finished):
+    _, trainer, result = finished
+    assert result["budgets"] == {str(b): budget(b) for b in BATCHES}
+    assert {b: budget(b) for b in BATCHES} == {8: 160, 16: 80, 32: 40}
+    for c in trainer.calls:
+        assert c.steps == STEPS * LARGEST // c.batch_size
+        assert c.warmup_steps == round(0.1 * c.steps)
+    for run in result["runs"]:
+        assert run["curve"]["step"][-1] <= budget(run["batch_size"])
+    # The layout check: the baselines' chosen runs at the largest batch with GN's K.
+    layout = [c for c in trainer.calls if c.grad_accumulation != 1]
+    k = result["chosen"]["gn"][str(LARGEST)]["micro_batches"]
+    assert sorted(c.method for c in layout) == ["adamw", "muon"]
+    assert {(c.batch_size, c.grad_accumulation) for c in layout} == {(LARGEST, k)}
+    assert set(result["layouts"]) == {"adamw", "muon"}
 
 
-def test_finished_runs_are_reused_and_study_json_suffices(finished):
-    tmp_path, _trainer, result = finished
+def test_a_second_execute_trains_nothing(finished, tmp_path):
+    base, trainer, result = finished
+    shutil.copytree(base / "out", tmp_path / "out")
+    shutil.copytree(base / "runs", tmp_path / "runs")
+    keys = ("target", "target_source", "tuning", "chosen", "claims")
+
+    def same(other, runs=True):
+        if runs:
+            assert other["runs"] == result["runs"]
+        assert [r["name"] for r in other["runs"]] == [r["name"] for r in result["runs"]]
+        assert {k: other[k] for k in keys} == {k: result[k] for k in keys}
+
     again = FakeTrainer()
-    assert run_study(tmp_path, again)["runs"] == result["runs"]
+    same(run_study(tmp_path, again))
     assert again.calls == []
-    # From study.json alone, the run directories gone: the same result.
-    for path in (tmp_path / "runs").iterdir():
-        for f in path.iterdir():
-            f.unlink()
-        path.rmdir()
-    alone = run_study(tmp_path, None)
-    assert alone["runs"] == result["runs"] and alone["chosen"] == result["chosen"]
-    # study.json's runs carry what `eqx-gn plot` reads.
-    saved = json.loads((tmp_path / "out" / "study.json").read_text())
-    run = saved["runs"][0]
-    for key in ("config", "summary", "curve", "method", "batch_size"):
-        assert key in run
-    for key in ("step", "phase", "tokens", "ls_tokens", "time_s", "train_loss"):
-        assert len(run["curve"][key]) == len(run["curve"]["step"])
-    assert saved["plots"] == ["steps_to_target.png", "loss_curves.png"]
+    # From the run directories alone.
+    saved = tmp_path / "out" / "study.json"
+    text = saved.read_text()
+    saved.unlink()
+    same(run_study(tmp_path, again))
+    assert again.calls == []
+    # From study.json alone, with nothing to train with.
+    saved.write_text(text)
+    shutil.rmtree(tmp_path / "runs")
+    same(run_study(tmp_path, None))
+    # The first edition's study.json answers other questions: all trained anew.
+    saved.write_text(text.replace('"eqx-gn study 3"', '"eqx-gn study 2"'))
+    fresh = FakeTrainer()
+    same(run_study(tmp_path, fresh), runs=False)  # runs now under tmp_path
+    assert len(fresh.calls) == len(trainer.calls)
 
 
-def test_eqx_gn_plot_reads_study_json(finished):
-    from eqx_gn.lm._plot import load_runs
-
-    tmp_path, _, _result = finished
-    source = load_runs(tmp_path / "out")
-    assert {r.label for r in source.runs} == {m.replace("-", " ") for m in METHODS}
-
-
-def test_report_page_traces_to_study_json(finished, tmp_path):
-    from eqx_gn.lm._study_report import write_report
-
+def test_a_run_with_another_budget_is_trained_anew(finished, tmp_path):
     base, _, result = finished
-    page = tmp_path / "docs" / "results.md"
-    write_report([base / "out"], page)
-    text = page.read_text()
-    assert str(base / "out" / "study.json") in text or "out/study.json" in text
-    assert f"{result['target']:.4f}" in text
-    gn = result["chosen"]["gn"]["32"]
-    assert f"| {gn['steps_to_target']} " in text
-    ratio = result["claims"]["largest"]["best_baseline_steps_over_gn"]
-    assert f"{ratio:.2f}" in text
-    assert (page.parent / "assets" / "out" / "steps_to_target.png").exists()
-    assert "GN's line search (each run's resolved `line_search`): the warm walk" in text
+    shutil.copytree(base / "out", tmp_path / "out")
+    shutil.copytree(base / "runs", tmp_path / "runs")
+    trainer = FakeTrainer()
+    other = run_study(tmp_path, trainer, "--steps", "30")
+    # The free runs (40 steps) answer for no 30-step budget: trained again, and
+    # the target set anew at the evaluation nearest below 0.8 x 30 = 24.
+    free = [c for c in trainer.calls if c.target_loss is None]
+    assert {c.method for c in free} == {"adamw", "muon"}
+    assert {c.steps for c in free} == {30}
+    assert other["target_source"]["step"] == 24 != result["target_source"]["step"]
+    for c in trainer.calls:
+        assert c.steps == 30 * LARGEST // c.batch_size
+    assert other["budgets"] == {"8": 120, "16": 60, "32": 30}
 
 
-def test_report_shows_the_learning_rate_robustness_beside_the_study(finished, tmp_path):
-    from eqx_gn.lm._study_report import write_report
-
-    base, _, _ = finished
-    factors = [0.5, 1.0, 2.0]
-
-    def runs(steps):
-        return [
-            {"factor": f, "lr": f, "steps_to_target": s}
-            for f, s in zip(factors, steps, strict=True)
-        ]
-
-    result = {
-        "model": "tiny",
-        "date": "2026-12-03",
-        "machine": "cpu",
-        "seed": 0,
-        "steps": 80,
-        "rule": {"target": "AdamW's loss", "good_range": "runs within 1.25x"},
-        "batch_sizes": {
-            "32": {
-                "target": 2.97941,
-                "runs": {
-                    "gn-adaptive": runs([12, 13, 15]),
-                    "muon": runs([19, 14, None]),
-                },
-                "good_range": {
-                    "gn-adaptive": dict(
-                        best_factor=0.5,
-                        best_steps=12,
-                        low_factor=0.5,
-                        high_factor=2.0,
-                        width=4.0,
-                        open=True,
-                    ),
-                    "muon": dict(
-                        best_factor=1.0,
-                        best_steps=14,
-                        low_factor=1.0,
-                        high_factor=1.0,
-                        width=1.0,
-                        open=False,
-                    ),
-                },
-            }
-        },
-    }
-    (base / "lr_robustness_tiny.json").write_text(json.dumps(result))
-    (base / "lr_robustness_tiny.png").write_bytes(b"png")
-    page = tmp_path / "docs" / "results.md"
-    try:
-        write_report([base / "out"], page)
-    finally:
-        (base / "lr_robustness_tiny.json").unlink()
-        (base / "lr_robustness_tiny.png").unlink()
-    text = page.read_text()
-    assert "## Learning-rate robustness (tiny)" in text
-    assert (
-        "| 32 | 2.9794 | gn-adaptive | 12 | 13 | 15 | 12 at x1/2 | x1/2 to x2 | >= 4x |"
-        in text
-    )
-    assert (
-        "| 32 | 2.9794 | muon | 19 | 14 | missed | 14 at x1 | x1 to x1 | 1x |" in text
-    )
-    assert "GN's good range is at least 4x wide against Muon's 1x (met" in text
-    assert (page.parent / "assets" / "lr_robustness_tiny.png").read_bytes() == b"png"
-
-
-def test_report_names_the_grid_for_runs_from_before_the_line_search_setting():
-    from eqx_gn.lm._study_report import _gn_line_search
-
-    runs = [
-        {"method": "gn", "resolved": {}},
-        {"method": "adamw", "resolved": {"line_search": None}},
-    ]
-    assert "the exhaustive grid" in _gn_line_search({"runs": runs})
-    runs.append({"method": "gn-prox", "resolved": {"line_search": "warm"}})
-    assert "grid (every step size evaluated, the paper's); the warm walk" in (
-        _gn_line_search({"runs": runs})
-    )
-
-
-def test_report_only_takes_the_settings_study_json_records(finished, tmp_path):
-    # The page's own command: --out and --report, none of the study's options.
-    base, _, result = finished
-    page = tmp_path / "page" / "results.md"
-    argv = ["--out", str(base / "out"), "--runs-dir", str(base / "runs")]
-    assert study.main(parse(*argv, "--report-only", "--report", str(page))) == 0
-    assert f"{result['target']:.4f}" in page.read_text()
-    saved = json.loads((base / "out" / "study.json").read_text())
-    assert saved["runs"] == result["runs"] and saved["settings"]["steps"] == STEPS
+def test_report_only_on_an_empty_directory(tmp_path):
+    argv = ["--report-only", "--out", str(tmp_path / "out")]
+    with pytest.raises(ConfigError, match="no study in") as info:
+        study.main(parse(*argv))
+    assert "\n" not in str(info.value)
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="cannot set the target") as info:
+        study.main(parse(*argv, "--methods", "adamw,gn"))
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--methods", "adamw,sgd"], "unknown method 'sgd'"),
+        (["--max-runs", "2"], "--max-runs must be >= 3"),
+        (["--methods", "adamw,gn", "--batch-sizes", "8,16", "--gn-micro-batch", "3"],
+         "--batch-sizes 8 is not divisible by --gn-micro-batch 3"),
         (["--methods", "adamw,gn-cg"], "GN with CG has no learning rate"),
+        (["--methods", "adamw,sgd"], "unknown method 'sgd'"),
         (["--methods", "adamw,adamw"], "lists a method twice"),
-        (["--batch-sizes", "8,6", "--methods", "adamw,gn"],
-         "--batch-sizes 6 is not divisible by gn's K=8"),
+        (["--methods", "adamw", "--batch-sizes", "8,12", "--steps", "5"],
+         "--batch-sizes 8 does not divide --steps x the largest batch"),
         (["--batch-sizes", "8,x"], "--batch-sizes takes integers"),
-        (["--runs", "1"], "--runs must be >= 2"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
     ],
 )  # fmt: skip
 def test_one_line_errors(argv, message):
@@ -473,39 +675,145 @@ def test_one_line_errors(argv, message):
     assert "\n" not in str(info.value)
 
 
-def test_report_only_without_adamw_runs(tmp_path):
-    with pytest.raises(ConfigError, match="cannot set the target"):
-        run_study(tmp_path, None, methods="adamw,gn")
+def test_a_method_without_a_declared_learning_rate(monkeypatch):
+    monkeypatch.delitem(CENTRES, "psgd")
+    with pytest.raises(
+        ConfigError, match="no declared learning rate for method 'psgd'"
+    ):
+        study.settings_from(parse("--methods", "adamw,psgd"))
 
 
-def test_interleaved_timing_and_the_timed_claims(tmp_path):
-    trainer = FakeTrainer()
-    run_study(tmp_path, trainer)
-    searched = len(trainer.calls)
-    result = run_study(tmp_path, trainer, timing=2)
-    timing_calls = trainer.calls[searched:]
-    # Every chosen configuration at the largest batch, the baselines also with GN's
-    # K micro-batches: 7 + 4 configurations, once per round, round after round.
-    k = result["chosen"]["gn"]["32"]["micro_batches"]
-    labels = [c.method + ("" if c.grad_accumulation == 1 else f" A{k}")
-              for c in timing_calls]  # fmt: skip
-    assert len(labels) == 2 * 11 and labels[:11] == labels[11:]
-    assert {c.batch_size for c in timing_calls} == {32}
-    timing = result["timing"]
-    assert timing["rounds"] == 2 and len(timing["seconds_per_step"]) == 11
-    # The fake runner's clock: 2 s per GN step, 1 s per first-order step.
-    assert timing["median_seconds_per_step"]["gn"] == 2.0
-    assert timing["median_seconds_per_step"][f"muon A{k}"] == 1.0
-    assert {c.grad_accumulation for c in timing_calls} == {1, k}
-    timed = result["claims"]["timed"]
-    steps = {m: result["chosen"][m]["32"]["steps_to_target"] for m in METHODS}
-    base = min(BASELINES, key=lambda m: steps[m] or math.inf)
-    assert timed["fastest_baseline"] == base
-    assert timed["gn_over_fastest_baseline"] == pytest.approx(
-        (steps["gn"] - WARMUP) * 2.0 / ((steps[base] - WARMUP) * 1.0)
+# -- the figures ------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures():
+    """Closes the figures a test drew."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_steps_figure_has_plain_tick_labels(finished, figures):
+    _, _, result = finished
+    fig = steps_figure(result)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    for axis in (ax.xaxis, ax.yaxis):
+        labels = [t.get_text() for t in axis.get_ticklabels(which="both")]
+        labels = [t for t in labels if t]
+        assert labels
+        for text in labels:
+            assert "\\times" not in text and "$" not in text, text
+            float(text)
+    assert {"8", "16", "32"} <= {t.get_text() for t in ax.xaxis.get_ticklabels()}
+
+
+def test_curves_figure_labels_its_lines_and_clips_no_curve(finished, figures):
+    _, _, result = finished
+    fig = curves_figure(result)
+    fig.canvas.draw()
+    steps_ax, time_ax = fig.axes
+    labels = [t.get_text() for t in steps_ax.get_legend().get_texts()]
+    assert f"target {result['target']:.3f}" in labels
+    assert "end of warm-up" in labels
+    assert set(METHODS) <= set(labels)
+    runs = by_name(result)
+    drawn = 0
+    for method in METHODS:
+        entry = result["chosen"][method][str(LARGEST)]
+        curve = runs[entry["run"]]["curve"]
+        for step, value in zip(curve["step"], curve["val_loss"], strict=True):
+            if value is None or step < entry["warmup_steps"]:
+                continue
+            for ax in (steps_ax, time_ax):
+                low, high = ax.get_ylim()
+                assert low <= value <= high, (method, step, value)
+            drawn += 1
+    assert drawn > 20
+
+
+def test_eqx_gn_plot_reads_study_json(finished):
+    from eqx_gn.lm._plot import load_runs
+
+    base, _, result = finished
+    source = load_runs(base / "out")
+    assert {r.label for r in source.runs} == {m.replace("-", " ") for m in METHODS}
+    chosen = {result["chosen"][m][str(LARGEST)]["run"] for m in METHODS}
+    assert {r.name for r in source.runs} == chosen
+
+
+# -- the results page -------------------------------------------------------------
+
+
+def page_rows(page, first_cell):
+    """The table rows of ``page`` whose first cell is ``first_cell``."""
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in page.splitlines()
+        if line.startswith(f"| {first_cell} |")
+    ]
+
+
+def test_report_reads_every_median_from_the_runs(finished, tmp_path):
+    base, _, result = finished
+    page_path = tmp_path / "docs" / "results.md"
+    write_report([base / "out"], page_path)
+    page = page_path.read_text()
+    runs = by_name(result)
+    # The oracle: each chosen configuration's seeds, read from the runs themselves.
+    for method in METHODS:
+        (row,) = [r for r in page_rows(page, method) if len(r) == len(BATCHES) + 1]
+        for b, cell in zip(BATCHES, row[1:], strict=True):
+            best = runs[result["chosen"][method][str(b)]["run"]]
+            seeds = [best] + [
+                r for r in runs.values()
+                if r["role"] == "seed" and r["method"] == method
+                and r["batch_size"] == b
+                and r["hyperparameters"]["lr"] == best["hyperparameters"]["lr"]
+            ]  # fmt: skip
+            assert len(seeds) == SEEDS
+            steps = sorted(r["steps_to_target"] for r in seeds)
+            median = (steps[0] + steps[1]) / 2  # two seeds
+            assert cell.startswith(f"{median:g} [{steps[0]}-{steps[1]}]"), cell
+            assert "\\*" not in cell  # every choice of the fake study is bracketed
+    source = result["target_source"]
+    assert (
+        f"step {source['step']} of {source['budget']} in run `{source['run']}`" in page
     )
-    assert timed["psgd_over_adamw_seconds_per_step"] == 1.0
-    # Measured once: a later invocation keeps it.
-    again = FakeTrainer()
-    assert run_study(tmp_path, again, timing=2)["timing"] == timing
-    assert again.calls == []
+    assert f"**{result['target']:.4f}**" in page
+    # The critical-batch lines: each method's fall over the last doubling.
+    lo, hi = BATCHES[-2:]
+    falls = {
+        m: result["chosen"][m][str(lo)]["median_steps"]
+        / result["chosen"][m][str(hi)]["median_steps"]
+        for m in METHODS
+    }
+    expected = ", ".join(f"{m} {f:.2f}x" for m, f in falls.items())
+    assert f"From batch {lo} to {hi}" in page and expected in page
+    assert (page_path.parent / "assets" / "out").is_dir()
+
+
+def test_report_marks_an_unbracketed_choice(tmp_path):
+    run_study(tmp_path, FakeTrainer(), "--methods", "adamw,muon", "--batch-sizes",
+              "32", "--max-runs", "3", "--seeds", "1")  # fmt: skip
+    write_report([tmp_path / "out"], tmp_path / "results.md")
+    page = (tmp_path / "results.md").read_text()
+    # The steps table: a method and one cell per batch size.
+    (muon,) = [r for r in page_rows(page, "muon") if len(r) == 2]
+    (adamw,) = [r for r in page_rows(page, "adamw") if len(r) == 2]
+    assert muon[1].endswith("\\*") and not adamw[1].endswith("\\*")
+
+
+def test_report_refuses_a_first_edition_study(finished, tmp_path):
+    base, _, _ = finished
+    old = json.loads((base / "out" / "study.json").read_text())
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "study.json").write_text(
+        json.dumps({**old, "format": "eqx-gn study 2"})
+    )
+    with pytest.raises(ConfigError, match="format 'eqx-gn study 2'") as info:
+        write_report([tmp_path / "old"], tmp_path / "results.md")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "results.md").exists()

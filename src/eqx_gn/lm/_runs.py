@@ -267,8 +267,9 @@ def _rank(run: Run) -> tuple[float, float]:
     )
 
 
-#: The roles of the runs a study chooses from (its grid and refinement runs).
-_SEARCH_ROLES = ("grid", "refine")
+#: The roles of the runs a study chooses from (first edition: grid and refinement
+#: runs; second: its tuning runs).
+_SEARCH_ROLES = ("grid", "refine", "tune")
 
 
 def _read_study(path: Path, *, batch_size: int | None, select: str) -> Source:

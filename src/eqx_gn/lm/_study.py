@@ -1,46 +1,52 @@
-r"""``eqx-gn study``: steps, tokens and time to one target validation loss, for every
-method at every batch size, under the same tuning budget.
+r"""``eqx-gn study``: steps, tokens and time to one hard target validation loss,
+for every method at every batch size, every method tuned by the same rule.
 
-**The budget.** ``--runs N`` runs per method per batch size, the same ``N`` for
-every method, spent by one rule (`plan_grid`, then `refine`):
+**The target.** ``--target``, or set from the first-order baselines (AdamW, Muon,
+SOAP, PSGD-Kron among ``--methods``) at the largest batch: each is tuned with no
+target over the full ``--steps`` budget (evaluated every ``--eval-every`` steps);
+the target is the best one's validation loss at the evaluation nearest below
+80% of the budget (`TARGET_AT`), so the best baseline needs most of a long
+budget and its seeds have headroom. study.json records the rule, the value and
+the run and step it came from.
 
-1. *The grid*, ``N - 1`` points of the method's declared search space
-   (`SEARCH_SPACES`). A first-order method (AdamW, Muon, SOAP, PSGD-Kron) searches
-   its learning rate: ``N - 1`` values ``centre * 3**(i - (N - 2) / 2)``. A GN
-   method searches its inner learning rate and ``K``, the micro-batches (inner
-   steps) per outer step: the same ``N - 1`` learning rates, with ``K`` alternating
-   between its two values from the largest down (for ``N = 3``: the two corners
-   ``(lr_low, K_high)`` and ``(lr_high, K_low)`` of a 2 x 2 grid).
-2. *One refinement run*, chosen by the same rule for every method (`refine`): the
-   best run so far (fewest steps to the target, then the lowest validation loss)
-   keeps every setting but its learning rate, which moves one grid step (x3) to the
-   side where no run with those settings is; with runs on both sides, half a step
-   (x3^(1/2)) toward the better neighbour; with runs on neither side, toward the
-   method's declared centre.
-3. *Seeds*: the chosen configuration of every method at the largest batch size is
-   trained again with ``--seeds - 1`` more seeds, against the same target.
+**The budget.** A run at batch ``b`` has ``--steps * largest / b`` steps (the
+same tokens at every batch size), warm-up included; it stops at the target.
 
-**The target** is ``--target``, or AdamW's best validation loss over its ``N``
-runs at the largest batch size (trained first, with no target). Every other run
-stops when it reaches the target; steps, tokens and time to the target are read
-off each run's curve (first evaluation at or below it). Tokens count every token
-the method read: GN's line-search batches included (`reached`).
+**Tuning, one rule for all** (`next_point`): at each batch size, largest first,
+each method's learning rate is tried at its start (the declared centre at the
+largest batch, the rate chosen at the next larger batch below it), x3 and /3;
+while the best run lies at an end of what was tried, one more x3 step beyond;
+once it has worse runs on both sides, half a step toward the better neighbour;
+at most ``--max-runs`` runs. A tuning run gives up at the step where the best run
+so far reached the target. A choice still at an edge is reported as a tuning
+failure. GN's ``K`` is not searched: the micro-batch is fixed at
+``--gn-micro-batch`` sequences and ``K = b / micro-batch``, the paper's rule
+(its inner steps grow with the batch).
+
+**Resolution.** Runs with a target are evaluated on a schedule at most
+``--eval-resolution`` of the step apart, and at every step once the last two
+evaluations extrapolate to the target: steps to the target are exact to one step
+(study.json's ``resolution`` says, run by run).
+
+**Seeds.** Every chosen configuration at every batch size runs with ``--seeds``
+seeds; the page shows medians and ranges. Tokens count every token a method read,
+GN's line-search batches included (`reached`).
 
 **Layouts.** First-order methods run each step as one batch; GN works in ``K``
 micro-batches. With ``--layout-check`` (default on) every first-order method's
 chosen configuration at the largest batch runs once more with gradient
-accumulation over GN's chosen ``K`` micro-batches (the same step, GN's layout), so
-the page can state time per step in both layouts.
+accumulation over GN's ``K`` micro-batches, so the page can state time per step
+in both layouts.
 
-**Files.** ``OUT/study.json`` holds the settings, the search spaces, the target,
-the chosen run per method and batch size, the claims, and every run (its
-``method``, ``batch_size``, ``seed``, ``role``, ``hyperparameters``,
-``steps_to_target``, ``tokens_to_target``, ``time_to_target``, ``final_val_loss``,
-``config``, ``resolved``, ``summary`` and per-step ``curve``); the plots
-``steps_to_target.png`` and ``loss_curves.png`` go next to it. Each run trains
-in its own directory under ``--runs-dir``; a run whose directory has a finished
-``summary.json``, or that ``study.json`` already holds, is not trained again.
-``--report PATH`` writes the results page from ``study.json`` alone
+**Files.** ``OUT/study.json`` holds the settings, the rule, the target and its
+source, each method's tuning runs per batch size, the chosen configurations with
+their seeds, the claims and every run with its per-step ``curve``; the plots
+``steps_to_target.png`` (steps to target against batch size, the critical batch
+size figure) and ``loss_curves.png`` go next to it. Each run trains in its own
+directory under ``--runs-dir``; a run whose directory has a finished
+``summary.json`` that answers for the same target, or that ``study.json``
+already holds, is not trained again, so an interrupted study continues where it
+stopped. ``--report PATH`` writes the results page from ``study.json`` alone
 (`eqx_gn.lm._study_report`).
 """
 
@@ -49,7 +55,7 @@ import json
 from pathlib import Path
 
 from ._config import ConfigError
-from ._study_protocol import DEFAULT_METHODS, plan_grid, search_space
+from ._study_protocol import DEFAULT_METHODS, MAX_RUNS, centre, micro_batches
 from ._study_records import Settings
 from ._study_runs import Study
 
@@ -85,32 +91,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_METHODS),
         help="comma-separated: adamw, muon, soap, psgd, gn[-layerwise][-prox]",
     )
-    a("--batch-sizes", default="8,16,32,128", help="sequences per step")
-    a("--steps", type=int, default=100, help="steps per run, warm-up included")
+    a("--batch-sizes", default="8,16,32,64,128,256", help="sequences per step")
     a(
-        "--runs",
+        "--steps",
         type=int,
-        default=3,
-        help="N, runs per method per batch size: N - 1 grid points and one "
-        "refinement run (default 3)",
+        default=150,
+        help="steps of a run at the largest batch, warm-up included (the same "
+        "tokens at every other batch size)",
+    )
+    a(
+        "--max-runs",
+        type=int,
+        default=MAX_RUNS,
+        help="the cap on the runs that tune one method at one batch size",
     )
     a(
         "--seeds",
         type=int,
         default=3,
-        help="seeds of each method's chosen configuration at the largest batch",
+        help="seeds of each chosen configuration at every batch size",
     )
     a(
         "--target",
         type=float,
         default=None,
-        help="target validation loss (default: AdamW's best at the largest batch)",
+        help="target validation loss (default: set from the tuned first-order "
+        "baselines at the largest batch)",
     )
     a("--warmup-fraction", type=float, default=0.1)
-    a("--eval-every", type=int, default=5)
+    a(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="evaluation spacing of the runs that set the target",
+    )
+    a(
+        "--eval-resolution",
+        type=float,
+        default=0.05,
+        help="runs with a target: evaluations at most this fraction of the step "
+        "apart, and at every step near the target",
+    )
     a("--eval-batches", type=int, default=4)
     a("--eval-batch-size", type=int, default=32)
     a("--ls-batches", type=int, default=2)
+    a(
+        "--gn-micro-batch",
+        type=int,
+        default=4,
+        help="sequences per GN micro-batch: K = batch / this at every batch size",
+    )
     a("--seed", type=int, default=0)
     a(
         "--timing-rounds",
@@ -150,22 +180,26 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if not methods:
         raise ConfigError("--methods lists no method")
     for method in methods:
-        search_space(method)
+        centre(method)
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {args.methods}")
-    if args.runs < 2:
-        raise ConfigError(f"--runs must be >= 2 (a grid point and a refinement), "
-                          f"got {args.runs}")  # fmt: skip
+    if args.max_runs < 3:
+        raise ConfigError(f"--max-runs must be >= 3 (the start, x3 and /3), got "
+                          f"{args.max_runs}")  # fmt: skip
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.gn_micro_batch < 1:
+        raise ConfigError(f"--gn-micro-batch must be >= 1, got {args.gn_micro_batch}")
     batches = tuple(sorted(set(_ints(args.batch_sizes, "--batch-sizes"))))
     for method in methods:
-        for point in plan_grid(method, args.runs):
-            k = point.micro_batches
-            bad = [b for b in batches if k and b % k]
-            if bad:
+        for b in batches:
+            micro_batches(method, b, args.gn_micro_batch)
+        for b in batches:
+            if args.steps * max(batches) % b:
                 raise ConfigError(
-                    f"--batch-sizes {bad[0]} is not divisible by {method}'s K={k}"
+                    f"--batch-sizes {b} does not divide --steps x the largest batch "
+                    f"({args.steps} x {max(batches)}): runs at each batch size "
+                    "read the same tokens"
                 )
     return Settings(
         text=args.text,
@@ -176,14 +210,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         methods=methods,
         batch_sizes=batches,
         steps=args.steps,
-        runs=args.runs,
         seeds=args.seeds,
         target=args.target,
         warmup_fraction=args.warmup_fraction,
         eval_every=args.eval_every,
+        eval_resolution=args.eval_resolution,
         eval_batches=args.eval_batches,
         eval_batch_size=args.eval_batch_size,
         ls_batches=args.ls_batches,
+        gn_micro_batch=args.gn_micro_batch,
+        max_runs=args.max_runs,
         seed=args.seed,
         layout_check=args.layout_check,
         timing_rounds=args.timing_rounds,

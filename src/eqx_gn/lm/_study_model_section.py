@@ -10,19 +10,6 @@ def _fmt(value: Any, spec: str = "{}") -> str:
     return "not reached" if value is None else spec.format(value)
 
 
-def _at_edge(result: dict, method: str, batch: int, lr: float) -> bool:
-    """Whether ``lr`` is the lowest or highest learning rate of ``method``'s
-    search runs at ``batch``."""
-    lrs = [
-        r["hyperparameters"]["lr"]
-        for r in result["runs"]
-        if r["method"] == method
-        and r["batch_size"] == batch
-        and r["role"] in ("grid", "refine")
-    ]
-    return len(set(lrs)) > 1 and lr in (min(lrs), max(lrs))
-
-
 def _rejected(run: dict) -> str:
     """GN: rejected steps of the main phase, of all main steps the run took."""
     rejected = run["summary"].get("rejected_steps")
@@ -40,7 +27,35 @@ def _device(result: dict) -> str:
     return text + f", JAX {d['jax']})" if d.get("jax") else text + ")"
 
 
+def _target_runs(source: dict, runs: dict[str, dict]) -> list[str]:
+    """The runs that set the target: each baseline tuned with no target, by its
+    lowest validation loss over the whole budget."""
+    tuning = source.get("tuning")
+    if not tuning:
+        return []
+    lines = [
+        f"The runs that set it (`target_source.tuning`): each first-order baseline "
+        f"at batch {source['batch_size']} over the whole {source['budget']}-step "
+        "budget with no target, tuned by the same rule on its lowest validation "
+        "loss (learning rate: lowest loss):",
+        "",
+        "| baseline | learning rate: lowest validation loss | bracketed |",
+        "|---|---|---|",
+    ]
+    for method, t in tuning.items():
+        cells = sorted(
+            (runs[n]["hyperparameters"]["lr"], runs[n]["best_val_loss"])
+            for n in t["runs"]
+            if n in runs
+        )
+        text = ", ".join(f"{lr:.3g}: {_fmt(v, '{:.4f}')}" for lr, v in cells)
+        lines.append(f"| {method} | {text} | {'yes' if t['bracketed'] else 'no'} |")
+    return [*lines, ""]
+
+
 def _study_section(result: dict, file: str, assets: str) -> list[str]:
+    from ._study_report import _median_cell
+
     s = result["settings"]
     sizes = s["batch_sizes"]
     largest = str(max(sizes))
@@ -49,39 +64,40 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
     resolved = first["resolved"]
     seq = resolved.get("seq_len") or s["seq_len"]
     params = first["summary"].get("num_params")
+    source = result.get("target_source") or {}
     lines = [
         f"## The {s['model']} model",
         "",
         f"From `{file}`. Corpus: {s['text'] or 'Shakespeare (bundled)'}, "
-        f"{s['tokenizer']} tokenizer; {params:,} parameters"
-        if params
-        else f"From `{file}`.",
-    ]
-    lines[-1] += (
-        f"; sequences of {seq} tokens; {s['steps']} steps per run, the first "
-        f"{result['warmup_steps']} AdamW warm-up (`warmup_steps`); validation "
-        f"every {s['eval_every']} steps on {s['eval_batches']} fixed batches of "
-        f"{s['eval_batch_size']} sequences. Device: {_device(result)} "
-        f"(`device`). Runs per method and batch size: "
-        f"{s['runs']} (`runs_per_method_and_batch`); seeds of each chosen "
-        f"configuration at batch {largest}: {s['seeds']}."
-    )
-    lines += [
+        f"{s['tokenizer']} tokenizer; {_fmt(params, '{:,}')} parameters; sequences "
+        f"of {seq} tokens; {s['steps']} steps per run at batch {largest} and the "
+        f"same tokens at the other batch sizes (`budgets`), the first tenth AdamW "
+        f"warm-up; validation on {s['eval_batches']} fixed batches of "
+        f"{s['eval_batch_size']} sequences. Device: {_device(result)} (`device`).",
         "",
-        f"**Target:** validation loss **{result['target']:.4f}** (`target`): "
-        f"{result['target_rule']}.",
+        f"**Target:** validation loss **{result['target']:.4f}** (`target`), "
+        + (
+            f"{source['method']}'s loss at step {source['step']} of "
+            f"{source['budget']} in run `{source['run']}` (`target_source`)."
+            if source
+            else "given with --target."
+        ),
         "",
+        *_target_runs(source, runs),
         "### Steps to the target",
         "",
-        "Each method's chosen run (the best of its runs by steps to the target, "
-        "then validation loss; `chosen[method][batch].steps_to_target`), steps "
-        "counted from 1, warm-up included:",
+        "Median over seeds [fastest-slowest seed] of each method's chosen "
+        "configuration (`chosen[method][batch].median_steps`, `min_steps`, "
+        "`max_steps`), steps counted from 1, warm-up included; the learning rate "
+        "and GN's K below it. \\* marks a choice not bracketed by worse runs on "
+        "both sides (a tuning failure: `tuning[method][batch].bracketed`).",
         "",
     ]
     header = "| method | " + " | ".join(
         f"{b} seq ({int(b) * seq:,} tok/step)" for b in sizes
     )
     lines += [header + " |", "|---" * (len(sizes) + 1) + "|"]
+    tuning = result.get("tuning", {})
     for method, row in result["chosen"].items():
         cells = []
         for b in sizes:
@@ -92,27 +108,43 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
             hp = f"lr {e['lr']:.3g}" + (
                 f", K {e['micro_batches']}" if e["micro_batches"] else ""
             )
-            edge = _at_edge(result, method, int(b), e["lr"])
-            cells.append(f"{_fmt(e['steps_to_target'])} ({hp}){' *' if edge else ''}")
+            t = tuning.get(method, {}).get(str(b), {})
+            mark = "" if t.get("bracketed") else " \\*"
+            cells.append(f"{_median_cell(e)} ({hp}){mark}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "\\* the chosen learning rate is the lowest or highest of the method's "
-        "runs at that batch size: its optimum may lie outside what the budget "
-        "reached."
-        + (
-            " A GN method's N runs cover fewer learning rates than a first-order "
-            "method's, as its grid also spends runs on K."
-            if any(sp["micro_batches"] for sp in result["search_spaces"].values())
-            else ""
-        ),
+        "The tuning runs (`tuning[method][batch].runs`): each learning rate tried "
+        "with its steps to the target (`gave up` at the step where the best run so "
+        "far had reached it; `missed`: the whole budget without reaching it):",
+        "",
+        "| method | batch | learning rate: steps to target |",
+        "|---|---|---|",
+    ]
+    for method, by_batch in tuning.items():
+        for b in sorted(by_batch, key=int, reverse=True):
+            cells = []
+            for name in by_batch[b]["runs"]:
+                r = runs.get(name)
+                if r is None:
+                    continue
+                if r["steps_to_target"] is not None:
+                    outcome = str(r["steps_to_target"])
+                elif r.get("gave_up_at"):
+                    outcome = f"gave up at {r['gave_up_at']}"
+                else:
+                    outcome = "missed"
+                cells.append((r["hyperparameters"]["lr"], outcome))
+            text = ", ".join(f"{lr:.3g}: {o}" for lr, o in sorted(cells))
+            lines.append(f"| {method} | {b} | {text} |")
+    lines += [
         "",
         f"Tokens read to the target at batch {largest} (training and, for GN, "
-        "line-search tokens; `chosen[method][batch].tokens_to_target`), and on "
-        "each run's own clock (runs at different machine load: see Timing for "
-        "the comparison) training time to the target (no compilation or "
-        "evaluation; `time_to_target`) and time per main-phase step "
-        "(`time_per_step`):",
+        "line-search tokens; `chosen[method][batch].median_tokens`), and on each "
+        "run's own clock (runs at different machine load: see Timing for the "
+        "comparison) the median training time to the target (no compilation or "
+        "evaluation; `median_time_s`) and time per main-phase step of the first "
+        "seed (`time_per_step`):",
         "",
         "| method | tokens to target | time to target (s) | s/step | best val loss "
         "| rejected GN steps |",
@@ -123,31 +155,11 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
         if e is None:
             continue
         lines.append(
-            f"| {method} | {_fmt(e['tokens_to_target'], '{:,}')} | "
-            f"{_fmt(e['time_to_target'], '{:.1f}')} | "
+            f"| {method} | {_fmt(e['median_tokens'], '{:,.0f}')} | "
+            f"{_fmt(e['median_time_s'], '{:.1f}')} | "
             f"{_fmt(e['time_per_step'], '{:.3f}')} | {e['best_val_loss']:.4f} | "
             f"{_rejected(runs[e['run']])} |"
         )
-    seeds = result.get("steps_to_target_by_seed") or {}
-    if s["seeds"] > 1 and seeds:
-        lines += [
-            "",
-            f"Steps to the target by seed at batch {largest} "
-            "(`steps_to_target_by_seed`; the chosen configuration, seeds "
-            f"{', '.join(str(s['seed'] + i) for i in range(s['seeds']))}):",
-            "",
-            "| method | "
-            + " | ".join(f"seed {i}" for i in range(s["seeds"]))
-            + " | median |",
-            "|---" * (s["seeds"] + 2) + "|",
-        ]
-        med = result["claims"]["largest"].get("seeds", {}).get("median_steps", {})
-        for method, values in seeds.items():
-            lines.append(
-                f"| {method} | "
-                + " | ".join(_fmt(v) for v in values)
-                + f" | {_fmt(med.get(method))} |"
-            )
     timing = result.get("timing")
     if timing:
         t = result["claims"]["timed"]

@@ -19,49 +19,84 @@ COLORS = {
 
 
 def draw_plots(result: dict[str, Any], out: Path) -> list[str]:
-    """``steps_to_target.png`` (chosen runs, steps against tokens per step) and
-    ``loss_curves.png`` (chosen runs at the largest batch: validation loss against
-    steps and training time), from ``result`` alone."""
+    """``steps_to_target.png`` (`steps_figure`) and ``loss_curves.png``
+    (`curves_figure`), from ``result`` alone."""
+    import matplotlib.pyplot as plt
+
+    names = []
+    for name, figure in (
+        ("steps_to_target.png", steps_figure(result)),
+        ("loss_curves.png", curves_figure(result)),
+    ):
+        figure.savefig(out / name, dpi=110)
+        plt.close(figure)
+        names.append(name)
+    return names
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return matplotlib, plt
+
+
+def steps_figure(result: dict[str, Any]):
+    """The critical-batch-size figure: each method's median steps to the target
+    over its seeds against the batch size, log-log, with the seeds' range as an
+    error bar; a batch size where the median missed the target is left out."""
+    matplotlib, plt = _pyplot()
     settings, target = result["settings"], result["target"]
-    runs = {r["name"]: r for r in result["runs"]}
-    seq = next(iter(runs.values()))["resolved"].get("seq_len") if runs else None
-    seq = seq or 1
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for method, row in result["chosen"].items():
         pts = sorted(
-            (int(b) * seq, e["steps_to_target"])
+            (int(b), e["median_steps"], e["min_steps"], e["max_steps"])
             for b, e in row.items()
-            if e["steps_to_target"] is not None
+            if e.get("median_steps") is not None
         )
-        if pts:
-            ax.plot(
-                *zip(*pts, strict=False), "o-", label=method, color=COLORS.get(method)
-            )
+        if not pts:
+            continue
+        xs, ys, lows, highs = zip(*pts, strict=True)
+        low = [
+            y - (lo if lo is not None else y) for y, lo in zip(ys, lows, strict=True)
+        ]
+        high = [
+            (hi if hi is not None else y) - y for y, hi in zip(ys, highs, strict=True)
+        ]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=3, label=method,
+                    color=COLORS.get(method))  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_ticks(ax.xaxis, matplotlib)
     _plain_ticks(ax.yaxis, matplotlib)
-    ax.set_xlabel("tokens per step")
-    ax.set_ylabel("steps to target")
+    ax.set_xlabel("batch size (sequences per step)")
+    ax.set_ylabel("steps to target (median over seeds)")
     ax.set_title(f"{settings['model']} model: steps to validation loss {target:.3f}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    fig.savefig(out / "steps_to_target.png", dpi=110)
-    plt.close(fig)
+    return fig
 
+
+def curves_figure(result: dict[str, Any]):
+    """The chosen runs (first seed) at the largest batch: validation loss against
+    steps and training time, the target and the end of the warm-up drawn and
+    labelled, the limits holding every loss from the end of the warm-up on."""
+    _, plt = _pyplot()
+    settings, target = result["settings"], result["target"]
+    runs = {r["name"]: r for r in result["runs"]}
     largest = str(max(settings["batch_sizes"]))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     shown = [target]  # every loss drawn, so that no curve is clipped
-    warmup = result.get("warmup_steps") or 0
+    warmups = set()
     for method, row in result["chosen"].items():
         entry = row.get(largest)
         if entry is None:
             continue
+        warmup = entry.get("warmup_steps") or 0
+        warmups.add(warmup)
         curve = runs[entry["run"]]["curve"]
         idx = [i for i, v in enumerate(curve["val_loss"]) if v is not None]
         losses = [curve["val_loss"][i] for i in idx]
@@ -78,23 +113,15 @@ def draw_plots(result: dict[str, Any], out: Path) -> list[str]:
         a.set_xlabel(xlabel)
         a.set_ylabel("validation loss")
         a.grid(True, alpha=0.3)
-        a.axhline(
-            target,
-            color="grey",
-            linestyle=":",
-            linewidth=1,
-            label=f"target {target:.3f}",
-        )
-        # From the end of the warm-up down: the curves whole, the target inside.
+        a.axhline(target, color="grey", linestyle=":", linewidth=1,
+                  label=f"target {target:.3f}")  # fmt: skip
         a.set_ylim(low - pad, high + pad)
-    if warmup:
+    for warmup in sorted(warmups - {0}):
         a1.axvline(warmup, color="grey", linewidth=0.8, label="end of warm-up")
     a1.set_title(f"chosen runs, batch {largest} sequences")
     a1.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    return ["steps_to_target.png", "loss_curves.png"]
+    return fig
 
 
 def _plain_ticks(axis, matplotlib) -> None:

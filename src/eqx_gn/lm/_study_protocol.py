@@ -1,6 +1,7 @@
-"""The study's declared protocol (`eqx_gn.lm._study`): the methods, each method's
-search space, the grid and the one refinement rule, the order of runs, the target
-and the chosen run. Pure functions of the declarations and of run records.
+"""The study's declared protocol (`eqx_gn.lm._study`): the methods, their
+declared learning-rate centres, GN's micro-batch rule, the bracketing rule that
+tunes every method alike, the order of runs, the target and the chosen run. Pure
+functions of the declarations and of run records.
 """
 
 import math
@@ -13,72 +14,61 @@ from ._config import ConfigError, parse_method
 #: The first-order methods a study compares GN with.
 BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "psgd")
 #: The default methods of a study.
-DEFAULT_METHODS: tuple[str, ...] = (*BASELINES, "gn", "gn-layerwise", "gn-prox")
-#: Grid steps of the learning rate.
+DEFAULT_METHODS: tuple[str, ...] = (*BASELINES, "gn", "gn-layerwise")
+#: Grid step of the learning rate.
 LR_FACTOR = 3.0
+#: The declared cap on the runs that tune one method at one batch size.
+MAX_RUNS = 7
+#: Where on its curve the best baseline sets the target: the evaluation at this
+#: fraction of the budget (the rest of the budget is headroom for its seeds).
+TARGET_AT = 0.8
 
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """What a method's runs may vary: the learning rate around ``centre`` in steps
-    of x3, and for GN the micro-batches ``K`` (``micro_batches``, largest first)."""
-
-    centre: float
-    micro_batches: tuple[int, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "lr_centre": self.centre,
-            "lr_factor": LR_FACTOR,
-            "micro_batches": list(self.micro_batches) or None,
-        }
-
-
-#: Each method's search space, declared before any run. Centres: the runner's
-#: defaults, moved to the middle of what earlier 300-step studies on the same
-#: corpus found best; GN's ``K`` in {8, 4}.
-SEARCH_SPACES: dict[str, SearchSpace] = {
-    "adamw": SearchSpace(3e-3),
-    "muon": SearchSpace(5e-2),
-    "soap": SearchSpace(1e-2),
-    "psgd": SearchSpace(1e-3),
-    "gn": SearchSpace(1.7320508e-2, (8, 4)),
+#: Each method's declared learning-rate centre at the largest batch size: the
+#: runner's defaults (GN's inner learning rate: 0.03). At smaller batch sizes the
+#: centre is the learning rate chosen at the next larger one.
+CENTRES: dict[str, float] = {
+    "adamw": 3e-3,
+    "muon": 5e-2,
+    "soap": 1e-2,
+    "psgd": 1e-3,
+    "gn": 3e-2,
 }
 
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration of a method's search space."""
+    """One configuration of a method: its learning rate, and for GN the
+    micro-batches ``K`` of its outer step."""
 
     lr: float
     micro_batches: int | None = None
 
 
-def search_space(method: str) -> SearchSpace:
-    """The declared search space of ``method`` (a GN method: GN's)."""
-    optimizer = parse_method(method)["optimizer"]
-    space = SEARCH_SPACES.get(method, SEARCH_SPACES.get(optimizer))
-    if space is None:
-        raise ConfigError(f"no search space for method {method!r}")
-    if optimizer == "gn" and parse_method(method)["solver"] == "cg":
+def centre(method: str) -> float:
+    """The declared learning-rate centre of ``method`` (a GN method: GN's)."""
+    parsed = parse_method(method)
+    value = CENTRES.get(method, CENTRES.get(parsed["optimizer"]))
+    if value is None:
+        raise ConfigError(f"no declared learning rate for method {method!r}")
+    if parsed["optimizer"] == "gn" and parsed["solver"] == "cg":
         raise ConfigError(
-            f"method {method!r}: GN with CG has no learning rate to search; the "
+            f"method {method!r}: GN with CG has no learning rate to tune; the "
             "study compares methods with one"
         )
-    return space
+    return value
 
 
-def plan_grid(method: str, runs: int) -> list[Point]:
-    """The first ``runs - 1`` points of ``method`` (see the module docstring)."""
-    space = search_space(method)
-    size = runs - 1
-    lrs = [
-        _round(space.centre * LR_FACTOR ** (i - (size - 1) / 2)) for i in range(size)
-    ]
-    if not space.micro_batches:
-        return [Point(lr) for lr in lrs]
-    ks = space.micro_batches
-    return [Point(lr, ks[i % len(ks)]) for i, lr in enumerate(lrs)]
+def micro_batches(method: str, batch: int, micro_batch: int) -> int | None:
+    """GN's ``K`` at ``batch`` sequences: the paper's rule, a fixed micro-batch of
+    ``micro_batch`` sequences and ``K = batch / micro_batch`` inner steps; None for
+    a first-order method."""
+    if not method.startswith("gn"):
+        return None
+    if batch % micro_batch:
+        raise ConfigError(
+            f"--batch-sizes {batch} is not divisible by --gn-micro-batch {micro_batch}"
+        )
+    return batch // micro_batch
 
 
 def _round(x: float) -> float:
@@ -86,47 +76,84 @@ def _round(x: float) -> float:
 
 
 def rank(outcome: dict[str, Any]) -> tuple[float, float]:
-    """The order of runs: fewest steps to the target, then the lowest best
-    validation loss."""
+    """The order of runs: fewest steps to the target, then the lowest validation
+    loss (at the target step for a run that reached it, the best otherwise)."""
     steps = outcome.get("steps_to_target")
-    best = outcome.get("best_val_loss")
+    loss = outcome.get("loss_at_target", outcome.get("best_val_loss"))
+    if steps is None:
+        loss = outcome.get("best_val_loss")
     return (
         math.inf if steps is None else float(steps),
-        math.inf if best is None else float(best),
+        math.inf if loss is None or loss != loss else float(loss),
     )
 
 
-def refine(method: str, tried: Sequence[tuple[Point, dict[str, Any]]]) -> Point:
-    """The refinement run: the same rule for every method (module docstring).
+def bracketed(tried: Sequence[tuple[Point, dict[str, Any]]]) -> bool:
+    """Whether the best run has a strictly worse run on each side of its learning
+    rate, its nearest neighbours: the choice is then inside what was tried."""
+    if not tried:
+        return False
+    best, best_outcome = min(tried, key=lambda t: rank(t[1]))
+    below = [t for t in tried if t[0].lr < best.lr * (1 - 1e-9)]
+    above = [t for t in tried if t[0].lr > best.lr * (1 + 1e-9)]
+    if not below or not above:
+        return False
+    lower = max(below, key=lambda t: t[0].lr)
+    upper = min(above, key=lambda t: t[0].lr)
+    return rank(lower[1]) > rank(best_outcome) < rank(upper[1])
 
-    ``tried``: the points run so far with their outcomes (`rank` reads them).
+
+def next_point(
+    start: float,
+    tried: Sequence[tuple[Point, dict[str, Any]]],
+    k: int | None = None,
+    max_runs: int = MAX_RUNS,
+) -> Point | None:
+    """The next run of the one tuning rule, the same for every method; None when
+    tuning is done.
+
+    1. The grid: ``start``, ``start * 3``, ``start / 3``.
+    2. Extension: while the best run (`rank`) lies at an end of what was tried,
+       one more x3 step beyond that end.
+    3. Refinement, once the best is bracketed (`bracketed`): half a step
+       (x3^(1/2)) toward the better of its two neighbours, once.
+
+    At most ``max_runs`` runs: a best still at an edge then is a tuning failure
+    that the study reports, not a result.
     """
-    space = search_space(method)
-    best, _ = min(tried, key=lambda t: rank(t[1]))
-    same = [(p, o) for p, o in tried if p.micro_batches == best.micro_batches]
-    below = [(p, o) for p, o in same if p.lr < best.lr * (1 - 1e-9)]
-    above = [(p, o) for p, o in same if p.lr > best.lr * (1 + 1e-9)]
-    if below and above:
-        lower = max(below, key=lambda t: t[0].lr)
-        upper = min(above, key=lambda t: t[0].lr)
-        up = rank(upper[1]) < rank(lower[1])
-        factor = LR_FACTOR**0.5
-    else:
-        factor = LR_FACTOR
-        if below or above:
-            up = not above
-        else:
-            up = best.lr < space.centre
-    lr = _round(best.lr * factor if up else best.lr / factor)
-    taken = {(p.lr, p.micro_batches) for p, _ in tried}
-    while (lr, best.micro_batches) in taken:  # only with hand-made grids
-        lr = _round(lr * factor if up else lr / factor)
-    return Point(lr, best.micro_batches)
+    taken = {_round(p.lr) for p, _ in tried}
+    for lr in (start, start * LR_FACTOR, start / LR_FACTOR):
+        if _round(lr) not in taken:
+            return Point(_round(lr), k) if len(tried) < max_runs else None
+    if len(tried) >= max_runs:
+        return None
+    best, best_outcome = min(tried, key=lambda t: rank(t[1]))
+    lrs = sorted(p.lr for p, _ in tried)
+    if not bracketed(tried):
+        if best.lr <= lrs[0] * (1 + 1e-9):
+            return Point(_round(lrs[0] / LR_FACTOR), k)
+        if best.lr >= lrs[-1] * (1 - 1e-9):
+            return Point(_round(lrs[-1] * LR_FACTOR), k)
+        # Interior but tied with a neighbour: step past the tied side.
+        tied = [
+            p.lr for p, o in tried if rank(o) <= rank(best_outcome) and p.lr != best.lr
+        ]
+        side = lrs[-1] * LR_FACTOR if max(tied) > best.lr else lrs[0] / LR_FACTOR
+        return Point(_round(side), k)
+    lower = max((t for t in tried if t[0].lr < best.lr), key=lambda t: t[0].lr)
+    upper = min((t for t in tried if t[0].lr > best.lr), key=lambda t: t[0].lr)
+    # Refined already: only the half step puts a run x3^(1/2) from a grid point,
+    # and it lies next to the best whether it won or lost.
+    if min(upper[0].lr / best.lr, best.lr / lower[0].lr) < LR_FACTOR * 0.99:
+        return None
+    up = rank(upper[1]) < rank(lower[1])
+    lr = _round(best.lr * LR_FACTOR**0.5 if up else best.lr / LR_FACTOR**0.5)
+    return None if lr in taken else Point(lr, k)
 
 
 def reached(curve: dict[str, list[Any]], target: float | None) -> dict[str, Any]:
-    """Step, tokens read (line-search tokens included) and training time at the
-    first evaluation at or below ``target``; None where it never gets there."""
+    """Step, tokens read (line-search tokens included), training time and loss at
+    the first evaluation at or below ``target``; None where it never gets there."""
     if target is not None:
         for i, loss in enumerate(curve["val_loss"]):
             if loss is not None and loss <= target:
@@ -135,17 +162,38 @@ def reached(curve: dict[str, list[Any]], target: float | None) -> dict[str, Any]
                     "tokens_to_target": curve["tokens"][i]
                     + (curve["ls_tokens"][i] or 0),
                     "time_to_target": curve["time_s"][i],
+                    "loss_at_target": loss,
                 }
-    return {"steps_to_target": None, "tokens_to_target": None, "time_to_target": None}
+    return {
+        "steps_to_target": None,
+        "tokens_to_target": None,
+        "time_to_target": None,
+        "loss_at_target": None,
+    }
 
 
-RULE = (
-    "N runs per method and batch size: N - 1 grid points (learning rates x3 apart "
-    "around the declared centre; GN alternates K between its two values), then one "
-    "refinement run: the best run so far moves its learning rate x3 to the side "
-    "with no run of the same settings (x3^(1/2) toward the better neighbour when "
-    "both sides have one; toward the centre when neither has)"
-)
+def resolution(curve: dict[str, list[Any]], steps_to_target: int | None) -> int | None:
+    """Steps between the evaluation at the target and the one before it: 1 means
+    the steps to the target are exact."""
+    if steps_to_target is None:
+        return None
+    evaluated = [s for s, v in zip(curve["step"], curve["val_loss"], strict=True)
+                 if v is not None and s <= steps_to_target]  # fmt: skip
+    return steps_to_target - evaluated[-2] if len(evaluated) > 1 else steps_to_target
+
+
+def rule(max_runs: int) -> str:
+    """The tuning rule in words, with its cap on runs."""
+    return (
+        "one rule for every method at every batch size: runs at the start learning "
+        "rate, x3 and /3 (the start: the declared centre at the largest batch, the "
+        "learning rate chosen at the next larger batch below it); while the best run "
+        "(fewest steps to the target, then the lowest loss) is at an end of what was "
+        "tried, one more x3 step beyond it; once it has worse runs on both sides, one "
+        f"half step (x3^(1/2)) toward the better neighbour; at most {max_runs} runs. "
+        "A run stops at the target, or gives up at the step where the best run so far "
+        "reached it (it can then at best tie)"
+    )
 
 
 def _point_of(record: dict) -> Point:
@@ -153,17 +201,8 @@ def _point_of(record: dict) -> Point:
     return Point(h["lr"], h["micro_batches"])
 
 
-def target_of(adamw_runs: Sequence[dict]) -> float:
-    """The default target: the best validation loss of AdamW's runs (those at the
-    largest batch)."""
-    losses = [r["best_val_loss"] for r in adamw_runs if r["best_val_loss"] is not None]
-    if not losses:
-        raise ConfigError("AdamW's runs recorded no validation loss")
-    return min(losses)
-
-
 def choose(records: Sequence[dict]) -> dict | None:
     """The chosen run of a method at a batch size: the best by `rank` among its
-    search (grid and refinement) runs."""
-    candidates = [r for r in records if r.get("role") in ("grid", "refine")]
+    tuning runs."""
+    candidates = [r for r in records if r.get("role") in ("grid", "tune", "refine")]
     return min(candidates, key=rank, default=None)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._config import parse_method
-from ._study_protocol import Point, reached
+from ._study_protocol import Point, reached, resolution
 
 #: A run's curve in study.json: one value per step (``val_loss`` None where the
 #: step had no evaluation; ``ls_tokens`` 0 for a first-order run).
@@ -75,6 +75,7 @@ def make_record(
             "grad_accumulation": config.get("grad_accumulation", 1),
         },
         **reached(curve, target),
+        "gave_up_at": summary.get("gave_up_at"),
         "final_val_loss": losses[-1] if losses else None,
         "best_val_loss": min(losses) if losses else None,
         "time_per_step": _time_per_step(curve),
@@ -83,7 +84,7 @@ def make_record(
         "summary": summary,
         "curve": curve,
     }
-    return record
+    return with_target(record, target)
 
 
 def _time_per_step(curve: dict[str, list[Any]]) -> float | None:
@@ -100,8 +101,14 @@ def _time_per_step(curve: dict[str, list[Any]]) -> float | None:
 
 
 def with_target(record: dict[str, Any], target: float | None) -> dict[str, Any]:
-    """``record`` with its outcome measured against ``target``."""
-    return {**record, **reached(record["curve"], target)}
+    """``record`` with its outcome measured against ``target``, and the spacing of
+    its evaluations there (`resolution`)."""
+    outcome = reached(record["curve"], target)
+    return {
+        **record,
+        **outcome,
+        "resolution": resolution(record["curve"], outcome["steps_to_target"]),
+    }
 
 
 def _method_of(config: dict[str, Any]) -> str:
@@ -148,17 +155,24 @@ class Settings:
     methods: tuple[str, ...]
     batch_sizes: tuple[int, ...]
     steps: int
-    runs: int
     seeds: int
     target: float | None
     warmup_fraction: float
     eval_every: int
+    eval_resolution: float
     eval_batches: int
     eval_batch_size: int
     ls_batches: int
+    gn_micro_batch: int
+    max_runs: int
     seed: int
     layout_check: bool
     timing_rounds: int = 0
+
+    def budget(self, batch: int) -> int:
+        """Steps of a run at ``batch`` sequences: ``steps`` at the largest batch,
+        and the same tokens at every other."""
+        return self.steps * max(self.batch_sizes) // batch
 
     def to_dict(self) -> dict[str, Any]:
         values = dict(vars(self))

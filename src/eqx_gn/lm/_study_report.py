@@ -12,6 +12,8 @@ from typing import Any
 
 from ._study_model_section import _fmt, _study_section
 from ._study_plots import copy_plots
+from ._study_protocol import BASELINES
+from ._study_result import FORMAT
 
 #: The paper's figure: GN's steps to the target against the best baseline's.
 PAPER_STEP_RATIO = 5.4
@@ -20,14 +22,14 @@ LAYERWISE_BOUND = 1.4
 
 
 def print_tables(result: dict[str, Any]) -> None:
-    """Steps to the target of each method's chosen run, per batch size, and the
-    claims at the largest."""
+    """Median steps to the target over seeds of each method's chosen
+    configuration, per batch size, and the claims at the largest."""
     sizes = result["settings"]["batch_sizes"]
-    print(f"\ntarget {result['target']:.4f}: steps to target (chosen run)")
-    print(f"{'method':<14}" + "".join(f"{b:>10}" for b in sizes))
+    print(f"\ntarget {result['target']:.4f}: median steps to target [range]")
+    print(f"{'method':<14}" + "".join(f"{b:>16}" for b in sizes))
     for method, row in result["chosen"].items():
-        cells = [row.get(str(b), {}).get("steps_to_target", "-") for b in sizes]
-        print(f"{method:<14}" + "".join(f"{c!s:>10}" for c in cells))
+        cells = [_median_cell(row.get(str(b))) for b in sizes]
+        print(f"{method:<14}" + "".join(f"{c:>16}" for c in cells))
     print(json.dumps(result["claims"]["largest"], indent=1))
 
 
@@ -42,15 +44,78 @@ def _verdict(ok: bool | None) -> str:
     return "not measurable" if ok is None else ("met" if ok else "**missed**")
 
 
+def _median_cell(e: dict | None) -> str:
+    """Median steps over seeds with their range, or why there is none."""
+    if e is None:
+        return "not run"
+    if not e.get("seeds_complete"):
+        return "seeds missing"
+    if e["median_steps"] is None:
+        return f"missed ({e['missed_seeds']} of {len(e['steps_by_seed'])} seeds)"
+    lo, hi = e["min_steps"], e["max_steps"]
+    spread = f" [{lo}-{hi if hi is not None else 'missed'}]" if len(
+        e["steps_by_seed"]) > 1 else ""  # fmt: skip
+    return f"{e['median_steps']:g}{spread}"
+
+
+def _scaling(result: dict, method: str) -> list[tuple[int, float]]:
+    row = result["chosen"].get(method, {})
+    return sorted(
+        (int(b), e["median_steps"])
+        for b, e in row.items()
+        if e.get("median_steps") is not None
+    )
+
+
+def _critical_batch_lines(result: dict) -> list[str]:
+    """Whether GN's steps keep falling where the baselines' flatten: each
+    method's fall in median steps over the last doubling(s) of the batch."""
+    sizes = sorted(result["settings"]["batch_sizes"])
+    if len(sizes) < 2:
+        return []
+    lo, hi = sizes[-2], sizes[-1]
+    lines = []
+    falls = {}
+    for method in result["chosen"]:
+        pts = dict(_scaling(result, method))
+        if lo in pts and hi in pts:
+            falls[method] = pts[lo] / pts[hi]
+    if not falls:
+        return ["- No method reached the target at both of the two largest batch "
+                "sizes: the figure's right end cannot be read."]  # fmt: skip
+    ideal = hi / lo
+    text = ", ".join(f"{m} {f:.2f}x" for m, f in falls.items())
+    lines.append(
+        f"- From batch {lo} to {hi} ({ideal:g}x the tokens per step; perfect "
+        f"scaling would cut steps {ideal:g}x), median steps to the target fell: "
+        f"{text}."
+    )
+    base = [(f, m) for m, f in falls.items() if m in BASELINES]
+    if base and "gn" in falls:
+        best_fall, best = max(base)
+        keeps = falls["gn"] > best_fall
+        lines.append(
+            f"- GN's steps {'kept falling faster than' if keeps else 'did not fall faster than'}"
+            f" the best-scaling baseline's ({best}) over that doubling: "
+            f"{falls['gn']:.2f}x against {best_fall:.2f}x."
+        )  # fmt: skip
+    if "gn-layerwise" in falls and "gn" in falls:
+        lines.append(
+            f"- Layerwise GN's steps fell {falls['gn-layerwise']:.2f}x against full "
+            f"GN's {falls['gn']:.2f}x."
+        )
+    return lines
+
+
 def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
     lines = [
         "## The claims, as measured",
         "",
-        f"At each study's largest batch (`claims.largest`; seed {studies[0][0]['settings']['seed']} "
-        "runs, and the medians over seeds where a study has several, "
-        "`claims.largest.seeds`). Steps after the warm-up subtract the shared "
-        "AdamW warm-up from both counts, as the paper counts steps after its AdamW "
-        "pre-training.",
+        "At each study's largest batch, on the medians over seeds of each method's "
+        "chosen configuration (`claims.largest`; a seed that missed the target "
+        "counts as past every budget). Steps after the warm-up subtract the "
+        "shared AdamW warm-up from both counts, as the paper counts steps after "
+        "its AdamW pre-training.",
         "",
         "| claim | " + " | ".join(
             f"{r['settings']['model']}, batch {max(r['settings']['batch_sizes'])}"
@@ -70,7 +135,7 @@ def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
         c = r["claims"]["largest"]
         cells.append(f"{c['best_baseline'] or 'none'} {_fmt(c['best_baseline_steps'])}"
                      f" / GN {_fmt(c['gn_steps'])}")  # fmt: skip
-    row("best baseline's steps / GN's steps", cells)
+    row("best baseline's median steps / GN's median steps", cells)
     cells = []
     for r, _ in studies:
         v = r["claims"]["largest"]["best_baseline_steps_over_gn_after_warmup"]
@@ -79,22 +144,9 @@ def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
         "warm-up (`best_baseline_steps_over_gn_after_warmup`)", cells)  # fmt: skip
     cells = []
     for r, _ in studies:
-        v = r["claims"]["largest"]["best_baseline_steps_over_gn"]
-        cells.append(_fmt(v, "{:.2f}x"))
-    row("the same, warm-up included (`best_baseline_steps_over_gn`)", cells)
-    if any(r["claims"]["largest"].get("seeds") for r, _ in studies):
-        cells = []
-        for r, _ in studies:
-            sd = r["claims"]["largest"].get("seeds")
-            if not sd or r["settings"]["seeds"] < 2:
-                cells.append("one seed only")
-                continue
-            v = sd["best_baseline_steps_over_gn_after_warmup"]
-            cells.append(
-                f"{_fmt(v, '{:.2f}x')} ({sd['best_baseline'] or 'none'}; "
-                f"{_verdict(None if v is None else v >= PAPER_STEP_RATIO)})"
-            )
-        row("the same over the seeds' medians, after the warm-up", cells)
+        v = r["claims"]["largest"]["best_baseline_steps_over_gn_after_warmup"]
+        cells.append(ratio_cell(v, None if v is None else v > 1.0))
+    row("GN needs fewer steps than the best baseline after the warm-up", cells)
     for key, label, layout in (
         ("gn_over_fastest_baseline", "fastest_baseline", "its own layout"),
         ("gn_over_fastest_baseline_in_gn_layout", "fastest_baseline_in_gn_layout",
@@ -115,25 +167,18 @@ def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
             f"baseline in {layout} (`claims.timed.{key}`)", cells)  # fmt: skip
     cells = []
     for r, _ in studies:
-        c = r["claims"]["largest"]
-        v = c["gn_time_over_fastest_baseline"]
-        cells.append(f"{_fmt(v, '{:.2f}x')} of {c['fastest_baseline'] or 'none'}'s")
-    row("the same from each run's own clock, warm-up included (runs at different "
-        "machine load; `gn_time_over_fastest_baseline`)", cells)  # fmt: skip
-    cells = []
-    for r, _ in studies:
         v = r["claims"]["largest"]["layerwise_steps_over_gn"]
         cells.append(ratio_cell(v, None if v is None else v <= LAYERWISE_BOUND))
     row(f"layerwise GN within {LAYERWISE_BOUND}x of full GN's steps "
         "(`layerwise_steps_over_gn`)", cells)  # fmt: skip
     lines += [
         "",
-        "**With batch size** (`claims.by_batch[batch]`): the best baseline's steps "
-        "over GN's (after the warm-up), GN's time over the fastest baseline's, "
-        "layerwise over full GN's steps:",
+        "**With batch size** (`claims.by_batch[batch]`, medians over seeds): the "
+        "best baseline's steps over GN's (after the warm-up), GN's time over the "
+        "fastest baseline's (runs' own clocks), layerwise over full GN's steps:",
         "",
         "| model | batch | best baseline | baseline / GN steps (after warm-up) | "
-        "GN / fastest baseline time (runs' own clocks) | layerwise / GN steps |",
+        "GN / fastest baseline time | layerwise / GN steps |",
         "|---|---|---|---|---|---|",
     ]
     for r, _ in studies:
@@ -145,44 +190,46 @@ def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
                 f"{_fmt(c['gn_time_over_fastest_baseline'], '{:.2f}')} | "
                 f"{_fmt(c['layerwise_steps_over_gn'], '{:.2f}')} |"
             )
-    return [*lines, ""]
+    lines += ["", "**The critical batch size** (the paper's headline, from "
+              "`chosen[method][batch].median_steps`):", ""]  # fmt: skip
+    for r, _ in studies:
+        lines += [f"*{r['settings']['model']}:*", "", *_critical_batch_lines(r), ""]
+    return lines
 
 
 def _protocol(result: dict) -> list[str]:
     s = result["settings"]
+    largest = max(s["batch_sizes"])
     lines = [
         "## The protocol",
         "",
-        "Declared in code before any run (`eqx_gn.lm._study_protocol.SEARCH_SPACES`, "
-        "recorded in each study.json under `search_spaces` and `grids`):",
+        "Declared in code before any run (`eqx_gn.lm._study_protocol`, recorded in "
+        "each study.json):",
         "",
-        f"| method | searched | learning-rate centre | grid (N = {s['runs']}) |",
-        "|---|---|---|---|",
-    ]
-    for method, space in result["search_spaces"].items():
-        grid = ", ".join(
-            f"lr {p['lr']:.4g}"
-            + (f" K {p['micro_batches']}" if p["micro_batches"] else "")
-            for p in result["grids"][method]
-        )
-        what = "inner learning rate, K" if space["micro_batches"] else "learning rate"
-        lines.append(f"| {method} | {what} | {space['lr_centre']:.4g} | {grid} |")
-    lines += [
-        "",
-        f"**The rule, the same for every method** (`rule`): {result['rule']}.",
-        "",
-        "Every run of a method at a batch size counts against its budget: N runs "
-        "for every method at every batch size (`runs_per_method_and_batch`). The "
-        "chosen configuration at the largest batch is then trained with "
-        f"{s['seeds'] - 1} more seeds (model initialisation and data order). "
-        "Steps, tokens and time to the target are read at the first evaluation at "
-        "or below it; tokens count every token a method read, GN's line-search "
-        "batches included; time is training time, compilation and evaluation "
-        "excluded alike.",
+        f"- **Target** (`target_rule`): {result['target_rule']}.",
+        f"- **Budget** (`budgets`): {s['steps']} steps at batch {largest}, the same "
+        "tokens at every other batch size; a run stops at the target.",
+        f"- **Tuning, one rule for every method** (`rule`): {result['rule']}.",
+        "- **Learning-rate centres at the largest batch** (`centres`): "
+        + ", ".join(f"{m} {v:g}" for m, v in result["centres"].items()) + ".",
+        f"- **GN's K** (`gn_micro_batches`): not searched; a fixed micro-batch of "
+        f"{s['gn_micro_batch']} sequences, so K = batch / {s['gn_micro_batch']} ("
+        + ", ".join(f"{k} at {b}" for b, k in result["gn_micro_batches"].items())
+        + "): the paper's rule, whose inner steps grow with the batch.",
+        f"- **Resolution**: runs with the target are evaluated at most "
+        f"{s['eval_resolution']:g} x the step apart and at every step near the "
+        "target (each run's `resolution`: the steps between its last two "
+        "evaluations at the target; 1 is exact).",
+        f"- **Seeds**: {s['seeds']} of each chosen configuration at every batch "
+        "size (model initialisation and data order).",
+        "- Steps, tokens and time to the target are read at the first evaluation "
+        "at or below it; tokens count every token a method read, GN's "
+        "line-search batches included; time is training time, compilation and "
+        "evaluation excluded alike.",
         "",
         _gn_line_search(result),
         "",
-    ]
+    ]  # fmt: skip
     return lines
 
 
@@ -215,32 +262,21 @@ def command_of(settings: dict, out: str) -> str:
     defaults = {
         "tokenizer": "byte",
         "warmup_fraction": 0.1,
-        "eval_every": 5,
+        "eval_every": 1,
+        "eval_resolution": 0.05,
         "eval_batches": 4,
         "eval_batch_size": 32,
         "ls_batches": 2,
+        "gn_micro_batch": 4,
         "seed": 0,
     }
     parts = ["eqx-gn study"]
     for key in (
-        "text",
-        "tokenizer",
-        "vocab_size",
-        "model",
-        "seq_len",
-        "methods",
-        "batch_sizes",
-        "steps",
-        "runs",
-        "seeds",
-        "target",
-        "warmup_fraction",
-        "eval_every",
-        "eval_batches",
-        "eval_batch_size",
-        "ls_batches",
-        "seed",
-    ):
+        "text", "tokenizer", "vocab_size", "model", "seq_len", "methods",
+        "batch_sizes", "steps", "max_runs", "seeds", "target", "warmup_fraction",
+        "eval_every", "eval_resolution", "eval_batches", "eval_batch_size",
+        "ls_batches", "gn_micro_batch", "seed", "timing_rounds",
+    ):  # fmt: skip
         value = settings.get(key)
         if value is None or defaults.get(key) == value:
             continue
@@ -286,14 +322,24 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
             from ._config import ConfigError
 
             raise ConfigError(f"no study.json in {d}")
-        studies.append((json.loads(file.read_text()), _display(file)))
+        result = json.loads(file.read_text())
+        if result.get("format") != FORMAT:
+            from ._config import ConfigError
+
+            raise ConfigError(
+                f"{file} is a study of format {result.get('format')!r}; this page "
+                f"reports {FORMAT!r} (the second edition's protocol): run the study "
+                "again"
+            )
+        studies.append((result, _display(file)))
     path.parent.mkdir(parents=True, exist_ok=True)
     files = ", ".join(f"`{f}`" for _, f in studies)
     lines = [
         "# Results",
         "",
-        "Steps, tokens and time to one target validation loss, for every method at "
-        "every batch size under the same tuning budget. Every number on this page "
+        "Steps, tokens and time to one hard target validation loss, for every "
+        "method at every batch size, every method tuned by the same rule and "
+        "every chosen learning rate bracketed by worse runs. Every number on this page "
         f"is read from {files} (key names in parentheses); the page is written by "
         "`eqx-gn study --report` from those files alone.",
         "",
@@ -455,7 +501,7 @@ def _limits(studies: list[tuple[dict, str]]) -> list[str]:
         notes = [
             f"{params:,} parameters" if params else "",
             f"at most {largest * seq:,} tokens per step" if seq else "",
-            f"{s['steps']} steps per run",
+            f"{s['steps']} steps per run at the largest batch",
             f"batch sizes {', '.join(map(str, s['batch_sizes']))} "
             f"({max(s['batch_sizes']) // min(s['batch_sizes'])}x)",
         ]

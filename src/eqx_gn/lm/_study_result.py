@@ -10,17 +10,17 @@ from typing import Any
 
 from ._study_protocol import (
     BASELINES,
-    RULE,
-    Point,
+    TARGET_AT,
     _point_of,
+    centre,
     choose,
-    plan_grid,
-    search_space,
+    micro_batches,
+    rule,
 )
 from ._study_records import Settings, run_name, with_target
 
 #: The study.json format written by `build_result`.
-FORMAT = "eqx-gn study 2"
+FORMAT = "eqx-gn study 3"
 
 
 def _ratio(a, b, offset: int = 0):
@@ -29,14 +29,22 @@ def _ratio(a, b, offset: int = 0):
     return (a - offset) / (b - offset)
 
 
-def claims(chosen: dict[str, dict[str, dict]], batch: int, warmup: int,
-           seeds: dict[str, list] | None = None) -> dict[str, Any]:  # fmt: skip
-    """The issue's checks at one batch size from the chosen runs ``chosen[method]
-    [str(batch)]``: the best baseline's steps over GN's (all steps, and after the
-    shared warm-up), GN's time to the target over the fastest baseline's, and
-    layerwise GN's steps over full GN's. ``None`` where a run did not reach the
-    target. With ``seeds`` (steps to target per seed, by method), the same
-    ratios of the median over seeds."""
+def _median(values: list) -> int | float | None:
+    """The median over seeds; a seed that missed the target counts as past every
+    budget (None when half or more missed). Of an odd number of step counts, a
+    step count (an int)."""
+    if not values:
+        return None
+    mid = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(mid) else mid
+
+
+def claims(chosen: dict[str, dict[str, dict]], batch: int) -> dict[str, Any]:
+    """The issue's checks at one batch size from the chosen configurations
+    ``chosen[method][str(batch)]``, on the medians over seeds: the best
+    baseline's steps over GN's (all steps, and after the shared warm-up), GN's
+    time to the target over the fastest baseline's, and layerwise GN's steps over
+    full GN's. ``None`` where the median missed the target."""
 
     def at(method, key):
         entry = chosen.get(method, {}).get(str(batch))
@@ -46,11 +54,14 @@ def claims(chosen: dict[str, dict[str, dict]], batch: int, warmup: int,
         values = [(at(m, key), m) for m in BASELINES if at(m, key) is not None]
         return min(values, default=(None, None))
 
-    steps, best = best_of("steps_to_target")
-    seconds, fastest = best_of("time_to_target")
-    gn = at("gn", "steps_to_target")
-    layerwise = at("gn-layerwise", "steps_to_target")
-    result = {
+    warmups = {e["warmup_steps"] for row in chosen.values()
+               for b, e in row.items() if b == str(batch)} - {None}  # fmt: skip
+    warmup = warmups.pop() if len(warmups) == 1 else 0
+    steps, best = best_of("median_steps")
+    seconds, fastest = best_of("median_time_s")
+    gn = at("gn", "median_steps")
+    layerwise = at("gn-layerwise", "median_steps")
+    return {
         "batch_size": batch,
         "warmup_steps": warmup,
         "best_baseline": best,
@@ -60,32 +71,12 @@ def claims(chosen: dict[str, dict[str, dict]], batch: int, warmup: int,
         "best_baseline_steps_over_gn_after_warmup": _ratio(steps, gn, warmup),
         "fastest_baseline": fastest,
         "fastest_baseline_time_s": seconds,
-        "gn_time_s": at("gn", "time_to_target"),
-        "gn_time_over_fastest_baseline": _ratio(at("gn", "time_to_target"), seconds),
+        "gn_time_s": at("gn", "median_time_s"),
+        "gn_time_over_fastest_baseline": _ratio(at("gn", "median_time_s"), seconds),
         "layerwise_steps": layerwise,
         "layerwise_steps_over_gn": _ratio(layerwise, gn),
         "layerwise_steps_over_gn_after_warmup": _ratio(layerwise, gn, warmup),
     }
-    if seeds:
-        # A seed that misses the target counts as past every step budget.
-        median = {}
-        for m, values in seeds.items():
-            mid = statistics.median(math.inf if v is None else v for v in values)
-            median[m] = None if math.isinf(mid) else mid
-        base = [(median[m], m) for m in BASELINES if median.get(m) is not None]
-        b_steps, b_name = min(base, default=(None, None))
-        result["seeds"] = {
-            "median_steps": median,
-            "best_baseline": b_name,
-            "best_baseline_steps_over_gn": _ratio(b_steps, median.get("gn")),
-            "best_baseline_steps_over_gn_after_warmup": _ratio(
-                b_steps, median.get("gn"), warmup
-            ),
-            "layerwise_steps_over_gn": _ratio(
-                median.get("gn-layerwise"), median.get("gn")
-            ),
-        }
-    return result
 
 
 def timed_claims(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
@@ -95,13 +86,13 @@ def timed_claims(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, An
     out); GN's over the fastest baseline's, with the baselines in their own
     layout (one batch) and in GN's (gradient accumulation over K)."""
     largest = str(timing["batch_size"])
-    warmup = result["warmup_steps"] or 0
     median = timing["median_seconds_per_step"]
     times: dict[str, float | None] = {}
     for label, seconds in median.items():
         method = label.split(" ")[0]
         entry = result["chosen"].get(method, {}).get(largest)
-        steps = None if entry is None else entry["steps_to_target"]
+        steps = None if entry is None else entry["median_steps"]
+        warmup = 0 if entry is None else entry["warmup_steps"] or 0
         times[label] = None if steps is None else (steps - warmup) * seconds
 
     def fastest(accumulated: bool):
@@ -129,30 +120,26 @@ def timed_claims(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, An
     }
 
 
-def build_result(settings: Settings, target, searched, known) -> dict[str, Any]:
-    """study.json's content: settings, search spaces, rule, target, the chosen run
-    per method and batch size, budgets, seeds, layouts, claims and every run."""
+def build_result(settings: Settings, target, target_source, searched, tuning,
+                 known) -> dict[str, Any]:  # fmt: skip
+    """study.json's content: settings, the rule, the target and its source, each
+    method's tuning runs per batch size, the chosen configuration with its seeds,
+    layouts, claims and every run."""
     largest = max(settings.batch_sizes)
-    chosen: dict[str, dict[str, dict]] = {}
-    budget: dict[str, dict[str, int]] = {}
-    for method, by_batch in searched.items():
-        for batch, records in sorted(by_batch.items()):
-            budget.setdefault(method, {})[str(batch)] = len(records)
-            best = choose(records)
-            if best is not None:
-                chosen.setdefault(method, {})[str(batch)] = _summary_entry(best)
     runs = [with_target(known[n], target) for n in sorted(known)]
     by_name = {r["name"]: r for r in runs}
-    seeds: dict[str, list] = {}
-    for method in settings.methods:
-        entry = chosen.get(method, {}).get(str(largest))
-        if entry is None:
-            continue
-        point = Point(entry["lr"], entry["micro_batches"])
-        names = [run_name(method, largest, point, s) for s in range(settings.seeds)]
-        values = [by_name[n]["steps_to_target"] for n in names if n in by_name]
-        if len(values) == settings.seeds:
-            seeds[method] = values
+    chosen: dict[str, dict[str, dict]] = {}
+    for method, by_batch in searched.items():
+        for batch, records in sorted(by_batch.items()):
+            best = choose(records)
+            if best is None:
+                continue
+            point = _point_of(best)
+            seeds = [by_name.get(run_name(method, batch, point, s))
+                     for s in range(settings.seeds)]  # fmt: skip
+            chosen.setdefault(method, {})[str(batch)] = _chosen_entry(
+                best, [r for r in seeds if r is not None], settings.seeds
+            )
     layouts = {}
     for r in runs:
         if r["role"] == "layout":
@@ -165,52 +152,65 @@ def build_result(settings: Settings, target, searched, known) -> dict[str, Any]:
                 "run_one_batch": None if base is None else base["name"],
                 "run_accumulated": r["name"],
             }  # fmt: skip
-    warmups = {r["resolved"].get("warmup_steps") for r in runs} - {None}
-    warmup = warmups.pop() if len(warmups) == 1 else None
     sizes = sorted(settings.batch_sizes)
     return {
         "format": FORMAT,
         "settings": settings.to_dict(),
-        "search_spaces": {m: search_space(m).to_dict() for m in settings.methods},
-        "grids": {
-            m: [vars(p) for p in plan_grid(m, settings.runs)] for m in settings.methods
+        "centres": {m: centre(m) for m in settings.methods},
+        "gn_micro_batches": {
+            str(b): micro_batches("gn", b, settings.gn_micro_batch) for b in sizes
         },
-        "rule": RULE,
+        "budgets": {str(b): settings.budget(b) for b in sizes},
+        "rule": rule(settings.max_runs),
         "target": target,
         "target_rule": (
             "given with --target"
             if settings.target is not None
-            else f"AdamW's best validation loss over its runs at batch {largest}"
+            else f"the validation loss of the best tuned first-order baseline (the "
+            f"lowest best loss over its runs with no target) at the evaluation "
+            f"nearest below {TARGET_AT:g} of its {settings.budget(largest)}-step "
+            f"budget at batch {largest}"
         ),
-        "warmup_steps": warmup,
-        "runs_per_method_and_batch": budget,
+        "target_source": target_source,
+        "tuning": tuning,
         "chosen": chosen,
-        "steps_to_target_by_seed": seeds,
         "layouts": layouts,
         "claims": {
-            "by_batch": {str(b): claims(chosen, b, warmup or 0) for b in sizes},
-            "largest": claims(chosen, largest, warmup or 0, seeds),
+            "by_batch": {str(b): claims(chosen, b) for b in sizes},
+            "largest": claims(chosen, largest),
         },
         "runs": runs,
     }
 
 
-def _summary_entry(record: dict) -> dict[str, Any]:
-    keys = (
-        "steps_to_target",
-        "tokens_to_target",
-        "time_to_target",
-        "final_val_loss",
-        "best_val_loss",
-        "time_per_step",
-    )
+def _chosen_entry(record: dict, seeds: list[dict], wanted: int) -> dict[str, Any]:
+    """A chosen configuration: its tuning run's outcome, and the steps, tokens and
+    time to the target of each seed with their medians and ranges."""
     h = record["hyperparameters"]
+    steps = [r["steps_to_target"] for r in seeds]
+    reached = [v for v in steps if v is not None]
     return {
         "run": record["name"],
         "lr": h["lr"],
         "micro_batches": h["micro_batches"],
-        **{k: record[k] for k in keys},
-    }
+        "warmup_steps": record["resolved"].get("warmup_steps"),
+        **{k: record[k] for k in (
+            "steps_to_target", "tokens_to_target", "time_to_target",
+            "final_val_loss", "best_val_loss", "time_per_step", "resolution",
+        )},
+        "seed_runs": [r["name"] for r in seeds],
+        "seeds_complete": len(seeds) == wanted,
+        "steps_by_seed": steps,
+        "tokens_by_seed": [r["tokens_to_target"] for r in seeds],
+        "median_steps": _median(steps) if len(seeds) == wanted else None,
+        "min_steps": min(reached, default=None),
+        "max_steps": None if len(reached) < len(steps) else max(reached, default=None),
+        "median_tokens": _median([r["tokens_to_target"] for r in seeds])
+        if len(seeds) == wanted else None,
+        "median_time_s": _median([r["time_to_target"] for r in seeds])
+        if len(seeds) == wanted else None,
+        "missed_seeds": len(steps) - len(reached),
+    }  # fmt: skip
 
 
 def dumps(result: dict[str, Any]) -> str:

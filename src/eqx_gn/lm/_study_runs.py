@@ -13,7 +13,18 @@ from typing import Any
 from ._config import ConfigError, parse_method
 from ._errors import Diverged
 from ._study_plots import draw_plots
-from ._study_protocol import Point, _point_of, choose, plan_grid, refine, target_of
+from ._study_protocol import (
+    BASELINES,
+    TARGET_AT,
+    Point,
+    _point_of,
+    bracketed,
+    centre,
+    choose,
+    micro_batches,
+    next_point,
+    rank,
+)
 from ._study_records import (
     Settings,
     _time_per_step,
@@ -22,22 +33,31 @@ from ._study_records import (
     run_name,
     with_target,
 )
-from ._study_result import build_result, dumps, timed_claims
+from ._study_result import FORMAT, build_result, dumps, timed_claims
 
 #: Main-phase steps of each timing run.
 TIMING_STEPS = 10
 
 
-def _usable(record: dict | None, target: float | None, steps: int) -> bool:
-    """Whether a finished run answers for ``target``: it ran its whole budget, or
-    stopped at a target no higher than this one."""
+def _usable(
+    record: dict | None, target: float | None, give_up: int | None, steps: int
+) -> bool:
+    """Whether a finished run answers for ``target`` when asked to give up at
+    ``give_up``: it ran its whole budget of ``steps``, or stopped at a target no
+    higher than this one, or gave up on this target no earlier than asked."""
     if record is None:
         return False
     summary = record["summary"]
     stopped_at = summary.get("target_loss")
-    if summary.get("steps") == steps and not summary.get("target_reached"):
-        return True
-    return target is not None and stopped_at is not None and stopped_at <= target
+    if summary.get("gave_up_at") is not None:
+        return (
+            stopped_at == target
+            and give_up is not None
+            and give_up <= summary["gave_up_at"]
+        )
+    if summary.get("target_reached"):
+        return target is not None and stopped_at <= target
+    return summary.get("steps") == steps
 
 
 class Study:
@@ -58,30 +78,38 @@ class Study:
         self.log = log
         previous = out / "study.json"
         self.previous = json.loads(previous.read_text()) if previous.exists() else {}
+        if self.previous.get("format") != FORMAT:
+            self.previous = {}  # another edition's runs answer other questions
         self.known: dict[str, dict] = {
             r["name"]: r for r in self.previous.get("runs", [])
         }
         self.target: float | None = settings.target
-        self.chosen: dict[str, dict[str, str]] = {}
+        self.target_source: dict[str, Any] | None = None
+        self.tuning: dict[str, dict[str, dict]] = {}
+        self.target_tuning: dict[str, dict] = {}
         self.missing: list[str] = []
 
     # -- one run
     def run(self, method: str, batch: int, point: Point, role: str, seed: int = 0,
-            accum: int = 1, target: float | None = None) -> dict | None:  # fmt: skip
+            accum: int = 1, target: float | None = None,
+            give_up: int | None = None) -> dict | None:  # fmt: skip
         name = run_name(method, batch, point, seed, accum)
+        steps = self.settings.budget(batch)
         record = self.known.get(name)
-        if not _usable(record, target, self.settings.steps):
+        if not _usable(record, target, give_up, steps):
             record = read_run_dir(self.runs_dir / name, role, target)
-        if not _usable(record, target, self.settings.steps):
+        if not _usable(record, target, give_up, steps):
             if self.train is None:
                 self.missing.append(name)
                 return None
-            record = self._train(name, method, batch, point, role, seed, accum, target)
+            record = self._train(
+                name, method, batch, point, role, seed, accum, target, give_up
+            )
         record = {**with_target(record, target), "role": role}
         self.known[name] = record
         return record
 
-    def _train(self, name, method, batch, point, role, seed, accum, target):
+    def _train(self, name, method, batch, point, role, seed, accum, target, give_up):
         from ._config import TrainConfig
 
         s = self.settings
@@ -91,11 +119,15 @@ class Study:
             vocab_size=s.vocab_size,
             model=s.model,
             seq_len=s.seq_len,
-            steps=s.steps,
+            steps=s.budget(batch),
             batch_size=batch,
             lr=point.lr,
             warmup_fraction=s.warmup_fraction,
-            eval_every=s.eval_every,
+            # Without a target (the runs that set it): every eval_every steps;
+            # with one: the eval_resolution schedule.
+            eval_every=s.eval_every if target is None else 0,
+            eval_resolution=0.0 if target is None else s.eval_resolution,
+            give_up_after=give_up,
             eval_batches=s.eval_batches,
             eval_batch_size=s.eval_batch_size,
             ls_batches=s.ls_batches,
@@ -120,59 +152,109 @@ class Study:
         if record is None:
             raise ConfigError(f"run {name} ended without a summary.json")
         self.log(
-            f"{name:<34} final {record['final_val_loss']:.4f} "
+            f"{name:<34} best {record['best_val_loss']:.4f} "
             f"target@{record['steps_to_target']} "
             f"({time.perf_counter() - start:.0f} s)"
         )
         return record
 
-    # -- N runs of a method at a batch size
-    def search(self, method: str, batch: int, target: float | None) -> list[dict]:
+    # -- one method at one batch size, tuned by the one rule
+    def tune(self, method: str, batch: int, start: float, target: float | None,
+             role: str = "tune") -> list[dict]:  # fmt: skip
+        s = self.settings
+        k = micro_batches(method, batch, s.gn_micro_batch)
         tried: list[tuple[Point, dict]] = []
-        for point in plan_grid(method, self.settings.runs):
-            record = self.run(method, batch, point, "grid", target=target)
+        while (point := next_point(start, tried, k, s.max_runs)) is not None:
+            reached = [o["steps_to_target"] for _, o in tried
+                       if o["steps_to_target"] is not None]  # fmt: skip
+            give_up = min(reached, default=None) if target is not None else None
+            record = self.run(method, batch, point, role, target=target,
+                              give_up=give_up)  # fmt: skip
             if record is None:
-                return [r for _, r in tried]
+                break
             tried.append((point, record))
-        point = refine(method, tried)
-        record = self.run(method, batch, point, "refine", target=target)
-        if record is not None:
-            tried.append((point, record))
+        record = {
+            "start_lr": start,
+            "runs": [r["name"] for _, r in tried],
+            "bracketed": bracketed(tried),
+            "complete": point is None,
+        }
+        if target is None:  # the runs that set the target, ranked by their loss
+            self.target_tuning[method] = record
+        else:
+            self.tuning.setdefault(method, {})[str(batch)] = record
         return [r for _, r in tried]
+
+    def _set_target(self, largest: int) -> None:
+        """The target: the best tuned first-order baseline's validation loss at
+        `TARGET_AT` of the budget, at the largest batch (runs with no target)."""
+        s = self.settings
+        baselines = [m for m in s.methods if m in BASELINES]
+        if not baselines:
+            raise ConfigError(
+                "--methods must include a first-order baseline to set the target, "
+                "or give --target"
+            )
+        chosen = []
+        for method in baselines:
+            missing = len(self.missing)
+            runs = self.tune(method, largest, centre(method), None, "target-tune")
+            if not runs or len(self.missing) > missing:
+                raise ConfigError(
+                    f"{method}'s runs at batch {largest} are not all finished (in "
+                    f"{self.out / 'study.json'} or under {self.runs_dir}); cannot "
+                    "set the target"
+                )
+            best = min(runs, key=rank)
+            chosen.append(best)
+        best = min(chosen, key=rank)
+        at = round(TARGET_AT * s.budget(largest))
+        curve = best["curve"]
+        points = [(st, v) for st, v in zip(curve["step"], curve["val_loss"],
+                                           strict=True) if v is not None and st <= at]  # fmt: skip
+        if not points:
+            raise ConfigError(f"run {best['name']} has no evaluation by step {at}")
+        step, loss = points[-1]
+        self.target = loss
+        self.target_source = {
+            "run": best["name"],
+            "method": best["method"],
+            "step": step,
+            "budget": s.budget(largest),
+            "batch_size": largest,
+            # Each baseline tuned with no target, by its lowest validation loss.
+            "tuning": self.target_tuning,
+        }
+        self.log(f"target: {best['method']}'s validation loss at step {step} of "
+                 f"{s.budget(largest)} at batch {largest}: {loss:.4f}")  # fmt: skip
 
     def execute(self) -> dict[str, Any]:
         s = self.settings
         largest = max(s.batch_sizes)
         searched: dict[str, dict[int, list[dict]]] = {m: {} for m in s.methods}
-        # 1. The target: AdamW at the largest batch, with no target to stop at.
+        # 1. The target, from the first-order baselines at the largest batch.
         if self.target is None:
-            if "adamw" not in s.methods:
-                raise ConfigError(
-                    "--methods must include adamw to set the target, or give --target"
-                )
-            adamw = self.search("adamw", largest, None)
-            if len(adamw) < s.runs:
-                raise ConfigError(
-                    f"AdamW's {s.runs} runs at batch {largest} are not all finished "
-                    f"(in {self.out / 'study.json'} or under {self.runs_dir}); "
-                    "cannot set the target"
-                )
-            self.target = target_of(adamw)
-            self.log(f"target: AdamW's best validation loss at batch {largest}: "
-                     f"{self.target:.4f}")  # fmt: skip
-        # 2. Every method at every batch size, largest first.
+            self._set_target(largest)
+        # 2. Every method at every batch size, largest first, each started from
+        # its learning rate at the next larger batch.
+        starts = {m: centre(m) for m in s.methods}
         for batch in sorted(s.batch_sizes, reverse=True):
             for method in s.methods:
-                searched[method][batch] = self.search(method, batch, self.target)
+                runs = self.tune(method, batch, starts[method], self.target)
+                searched[method][batch] = runs
+                best = choose(runs)
+                if best is not None:
+                    starts[method] = best["hyperparameters"]["lr"]
                 self._save(searched)
-        # 3. Seeds of each method's chosen configuration at the largest batch.
-        for method in s.methods:
-            best = choose(searched[method].get(largest, []))
-            if best is None:
-                continue
-            point = _point_of(best)
-            for seed in range(1, s.seeds):
-                self.run(method, largest, point, "seed", seed, target=self.target)
+        # 3. Seeds of every chosen configuration at every batch size.
+        for batch in sorted(s.batch_sizes, reverse=True):
+            for method in s.methods:
+                best = choose(searched[method].get(batch, []))
+                if best is None:
+                    continue
+                for seed in range(1, s.seeds):
+                    self.run(method, batch, _point_of(best), "seed", seed,
+                             target=self.target)  # fmt: skip
             self._save(searched)
         # 4. The layout check: first-order methods with GN's micro-batches.
         if s.layout_check and "gn" in s.methods:
@@ -240,7 +322,14 @@ class Study:
         }
 
     def _save(self, searched, plots: bool = False) -> dict[str, Any]:
-        result = build_result(self.settings, self.target, searched, self.known)
+        result = build_result(
+            self.settings,
+            self.target,
+            self.target_source,
+            searched,
+            self.tuning,
+            self.known,
+        )
         timing = getattr(self, "timing", None) or self.previous.get("timing")
         if timing is not None:
             result["timing"] = timing

@@ -8,6 +8,7 @@ A fake runner writes each run as `eqx_gn.lm.train` does, from a loss curve whose
 best learning rate is known in closed form: the tests' independent oracle."""
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -28,7 +29,12 @@ from eqx_gn.lm._study_protocol import (
     rank,
 )
 from eqx_gn.lm._study_records import run_name
-from eqx_gn.lm._study_report import write_report
+from eqx_gn.lm._study_report import (
+    _claims_section,
+    _critical_batch_lines,
+    write_report,
+)
+from eqx_gn.lm._study_result import claims
 from eqx_gn.lm._study_runs import Study
 
 SEQ = 8
@@ -817,3 +823,41 @@ def test_report_refuses_a_first_edition_study(finished, tmp_path):
         write_report([tmp_path / "old"], tmp_path / "results.md")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "results.md").exists()
+
+
+def test_baselines_that_all_miss_at_the_largest_batch_bound_the_ratio(finished):
+    _, _, result = finished
+    assert result["claims"]["largest"]["best_baseline_steps_over_gn_at_least"] is None
+    r = copy.deepcopy(result)
+    for m in METHODS:
+        if m in BASELINES:  # every seed missed within the budget
+            r["chosen"][m][str(LARGEST)].update(
+                steps_by_seed=[None] * SEEDS, median_steps=None, missed_seeds=SEEDS
+            )
+    c = claims(r["chosen"], LARGEST, budget(LARGEST))
+    gn = r["chosen"]["gn"][str(LARGEST)]["median_steps"]
+    warmup = c["warmup_steps"]
+    assert c["best_baseline"] is None and c["best_baseline_steps_over_gn"] is None
+    # Each baseline's median lies past the budget: the ratio is above budget / GN.
+    assert c["best_baseline_steps_over_gn_at_least"] == budget(LARGEST) / gn
+    assert c["best_baseline_steps_over_gn_after_warmup_at_least"] == (
+        (budget(LARGEST) - warmup) / (gn - warmup)
+    )
+    r["claims"]["largest"] = c
+    low = (budget(LARGEST) - warmup) / (gn - warmup)
+    page = "\n".join(_claims_section([(r, "study.json")]))
+    assert f"> {low:.2f}x: every baseline missed the target" in page
+    # The critical-batch line: a baseline's fall is below its steps at the batch
+    # before over the budget; GN's is its own ratio.
+    lo = BATCHES[-2]
+    text = "\n".join(_critical_batch_lines(r))
+    for m in BASELINES:
+        if m in METHODS:
+            fall = r["chosen"][m][str(lo)]["median_steps"] / budget(LARGEST)
+            assert f"{m} < {fall:.2f}x (missed at {LARGEST}" in text
+    gn_fall = r["chosen"]["gn"][str(lo)]["median_steps"] / gn
+    assert "GN's steps kept falling faster than" in text or gn_fall <= max(
+        r["chosen"][m][str(lo)]["median_steps"] / budget(LARGEST)
+        for m in BASELINES if m in METHODS
+    )  # fmt: skip
+    assert f"{gn_fall:.2f}x against at most" in text

@@ -843,10 +843,15 @@ def test_baselines_that_all_miss_at_the_largest_batch_bound_the_ratio(finished):
     assert c["best_baseline_steps_over_gn_after_warmup_at_least"] == (
         (budget(LARGEST) - warmup) / (gn - warmup)
     )
-    r["claims"]["largest"] = c
+    r["claims"]["largest"] = r["claims"]["by_batch"][str(LARGEST)] = c
     low = (budget(LARGEST) - warmup) / (gn - warmup)
     page = "\n".join(_claims_section([(r, "study.json")]))
     assert f"> {low:.2f}x: every baseline missed the target" in page
+    assert (
+        f"every baseline > {budget(LARGEST)} (missed within the budget) / GN {gn}"
+        in page
+    )
+    assert f"> {budget(LARGEST) / gn:.2f} (> {low:.2f}): every baseline missed" in page
     # The critical-batch line: a baseline's fall is below its steps at the batch
     # before over the budget; GN's is its own ratio.
     lo = BATCHES[-2]

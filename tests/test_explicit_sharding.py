@@ -228,6 +228,7 @@ LINE_SEARCHES = {
     "grid": eqx_gn.GridLineSearch,
     "grid_walk": lambda: eqx_gn.GridLineSearch(stop_on_increase=True),
     "armijo": eqx_gn.BacktrackingArmijo,
+    "unit": eqx_gn.UnitStep,
 }
 
 

@@ -547,3 +547,34 @@ def test_modules_are_abstract_or_final():
                     continue
                 assert vars(cls).get(name, member) is member, (cls, base, name)
     assert typing.final  # the marker used
+
+
+def test_unit_step_takes_the_solvers_direction_whole(getkey):
+    # Exact CG with no search lands on the least-squares solution (lstsq oracle).
+    model = f64(eqx.nn.Linear(6, 3, key=getkey()))
+    x = jax.random.normal(getkey(), (64, 6))
+    y = jax.random.normal(getkey(), (64, 3))
+    gn = eqx_gn.GaussNewton(
+        apply, eqx_gn.MeanSquaredError(), solver=exact_cg(),
+        line_search=eqx_gn.UnitStep(), trust=eqx_gn.FixedTrust(),
+    )  # fmt: skip
+    new, _, stats = eqx.filter_jit(gn.step)(
+        model, gn.init(model), stacked(x, y, 4), stacked(x, y, 2)
+    )
+    design = np.concatenate([np.asarray(x), np.ones((64, 1))], axis=1)
+    solution = np.linalg.lstsq(design, np.asarray(y), rcond=None)[0]
+    np.testing.assert_allclose(new.weight, solution[:6].T, atol=1e-10)
+    assert int(stats.line_search_evaluations) == 1 and stats.step_size == 1.0
+    # An inner loop that overshoots: the loss rises, and the step is still taken
+    # whole (the grid search would have shortened it).
+    gn = eqx_gn.GaussNewton(
+        apply, eqx_gn.MeanSquaredError(),
+        solver=eqx_gn.InnerOptimizer(optax.sgd(1.0), learning_rate=3.0),
+        line_search=eqx_gn.UnitStep(), trust=eqx_gn.FixedTrust(),
+    )  # fmt: skip
+    state = gn.init(model)
+    direction, _, _ = gn.solve(model, state, stacked(x, y, 4))
+    new, _, stats = gn.step(model, state, stacked(x, y, 4), stacked(x, y, 2))
+    assert float(stats.loss_after) > float(stats.loss_before)
+    assert not stats.rejected
+    np.testing.assert_allclose(new.weight, model.weight + direction.weight, rtol=1e-12)

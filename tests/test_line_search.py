@@ -294,3 +294,32 @@ def test_armijo_needs_slope():
 def test_misconfigured_line_searches_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@settings(max_examples=25, deadline=None)
+@given(FLOATS, FLOATS)
+def test_unit_step_takes_any_finite_step_whole(phi0, at_one):
+    calls = []
+
+    def phi(s):
+        calls.append(float(s))
+        return jnp.asarray(at_one) + 0.0 * s
+
+    step, stats = eqx_gn.UnitStep().search(phi, jnp.asarray(phi0))
+    # One evaluation, at s = 1; accepted even where the loss rose.
+    assert calls == [1.0] and int(stats.num_evaluations) == 1
+    assert float(step) == 1.0
+    assert (
+        float(stats.loss_after) == float(stats.loss_at_unit_step) == np.float32(at_one)
+    )
+
+
+@pytest.mark.parametrize(
+    "at_one, phi0", [(jnp.nan, 1.0), (jnp.inf, 1.0), (0.5, jnp.nan)]
+)
+def test_unit_step_rejects_a_nonfinite_loss(at_one, phi0):
+    step, stats = eqx_gn.UnitStep().search(
+        lambda s: jnp.asarray(at_one) + 0.0 * s, jnp.asarray(phi0)
+    )
+    assert float(step) == 0.0
+    assert float(stats.loss_after) == float(stats.loss_before) or np.isnan(phi0)

@@ -110,7 +110,8 @@ def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache
     assert TrainConfig(solver="cg").line_search_rule == "grid"
     assert TrainConfig(optimizer="adamw").line_search_rule is None
     evaluations = {}
-    for rule in ("grid", "warm"):
+    step_sizes = {}
+    for rule in ("grid", "warm", "none"):
         # The paper's fixed rule: no shortening past the grid, so the grid's count
         # of evaluations is exact.
         config = small(
@@ -122,9 +123,16 @@ def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache
             for r in records(tmp_path / rule)
             if r["phase"] == "main"
         ]
+        step_sizes[rule] = [
+            r["step_size"] for r in records(tmp_path / rule) if r["phase"] == "main"
+        ]
     # The grid evaluates all its step sizes at every step; the walk fewer, in all.
     assert evaluations["grid"] == [config.ls_grid] * len(evaluations["grid"])
     assert sum(evaluations["warm"]) < sum(evaluations["grid"])
+    # No search: the step at step size 1 after one evaluation, every step.
+    assert evaluations["none"] == [1] * len(evaluations["grid"])
+    assert step_sizes["none"] == [1.0] * len(evaluations["grid"])
+    assert step_sizes["grid"] != step_sizes["none"]
 
 
 def test_gn_trust_rule_defaults_to_adaptive_and_is_recorded(tmp_path, cache_dir):

@@ -18,6 +18,7 @@ from ._line_search import (
     BacktrackingArmijo as BacktrackingArmijo,
     GridLineSearch as GridLineSearch,
     LineSearchStats as LineSearchStats,
+    UnitStep as UnitStep,
 )
 from ._losses import (
     AbstractLoss as AbstractLoss,

@@ -335,3 +335,37 @@ class BacktrackingArmijo(AbstractLineSearch):
             num_evaluations=count,
         )
         return jnp.where(done, s, 0.0), stats
+
+
+@final
+class UnitStep(AbstractLineSearch):
+    r"""No search: the solver's direction is taken whole, $s = 1$.
+
+    For solvers whose direction is already a step (an inner optimizer on the
+    quadratic model at a tuned learning rate), as NVIDIA NeMo's GN proposal makes
+    the line search optional. $\varphi(1)$ is evaluated once, so that a
+    non-finite loss at the new point is still rejected ($s = 0$) and the step's
+    loss is known; a finite loss is accepted even when it is higher than
+    $\varphi(0)$ (that is what taking the step without a search means).
+    """
+
+    needs_slope = False
+
+    @typecheck
+    def search(
+        self,
+        phi: Callable[[Float[Array, ""]], Float[Array, ""]],
+        phi0: Float[Array, ""],
+        slope: Float[Array, ""] | None = None,
+        previous: Float[Array, ""] | None = None,
+    ) -> tuple[Float[Array, ""], LineSearchStats]:
+        one = jnp.ones((), phi0.dtype)
+        value = scalar_loss(phi(one), "UnitStep")
+        ok = jnp.isfinite(value) & jnp.isfinite(phi0)
+        stats = LineSearchStats(
+            loss_before=phi0,
+            loss_after=jnp.where(ok, value, phi0),
+            loss_at_unit_step=value,
+            num_evaluations=jnp.asarray(1),
+        )
+        return jnp.where(ok, one, 0.0), stats

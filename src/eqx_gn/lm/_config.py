@@ -175,7 +175,9 @@ class TrainConfig:
         "GN: 'grid' evaluates the loss at every step size of the grid and takes "
         "the best (the paper's); 'warm' walks the grid from the last step's "
         "choice while the loss falls (the same choice when the loss is unimodal "
-        "along the grid, in about 3 evaluations instead of ls_grid); None: warm, "
+        "along the grid, in about 3 evaluations instead of ls_grid); 'none' takes "
+        "the solver's step whole (step size 1; one loss evaluation, and a "
+        "non-finite loss is still rejected); None: warm, "
         "or grid with solver cg (its Levenberg-Marquardt damping reads the loss at "
         "step size 1, which the grid always evaluates)",
         group="optimization",

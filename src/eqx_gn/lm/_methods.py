@@ -20,7 +20,7 @@ BLOCKS: tuple[str, ...] = ("full", "layerwise")
 SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
 #: GN's line searches: the exhaustive grid (the paper's) and the walk from the
 #: last step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``).
-LINE_SEARCHES: tuple[str, ...] = ("grid", "warm")
+LINE_SEARCHES: tuple[str, ...] = ("grid", "warm", "none")
 #: GN's trust rules: ``adaptive`` (`eqx_gn.AdaptiveTrust`), ``levenberg-marquardt``
 #: (`eqx_gn.LevenbergMarquardt`), each with a line search that halves the step past
 #: its grid before it rejects, and ``fixed`` (the paper's: `eqx_gn.FixedTrust` and

@@ -21,7 +21,8 @@ sweep compiles each step once.
   ``lr`` on one global cosine over all inner steps, warm start; or `eqx_gn.CG` with
   ``cg_iterations`` iterations from damping ``cg_damping``; then
   `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
-  ``"grid"``) or walked from the last step's choice (``"warm"``); with ``trust``
+  ``"grid"``) or walked from the last step's choice (``"warm"``), or no search
+  (``"none"``: `eqx_gn.UnitStep`, the step taken whole); with ``trust``
   ``"adaptive"`` (`eqx_gn.AdaptiveTrust`) or ``"levenberg-marquardt"``
   (`eqx_gn.LevenbergMarquardt`) the rule scales each subproblem from the last
   step and the search halves the step past its grid down to ``MIN_STEP_SIZE``
@@ -37,7 +38,7 @@ import equinox as eqx
 import optax
 
 from .._gauss_newton import GaussNewton
-from .._line_search import GridLineSearch
+from .._line_search import GridLineSearch, UnitStep
 from .._losses import SoftmaxCrossEntropy
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
@@ -159,7 +160,9 @@ class GaussNewtonRecipe:
             apply_fn(model),
             LM_LOSS,
             solver=solver,
-            line_search=GridLineSearch(
+            line_search=UnitStep()
+            if self.line_search == "none"
+            else GridLineSearch(
                 grid_size=self.ls_grid,
                 stop_on_increase=self.line_search == "warm",
                 warm_start=self.line_search == "warm",

@@ -284,6 +284,7 @@ def _gn_line_search(result: dict) -> str:
     names = {
         "grid": "the exhaustive grid (every step size evaluated, the paper's)",
         "warm": "the warm walk (from the last step's choice)",
+        "none": "none (the solver's step taken whole)",
     }
     return (
         "GN's line search (each run's resolved `line_search`): "

@@ -296,10 +296,12 @@ def test_getting_started_script_trains():
         "getting_started_batchnorm.py",
         "getting_started_dropout.py",
         "getting_started_frozen.py",
+        "optax_loop.py",
     ],
 )
 def test_getting_started_patterns_train(name):
-    """The stateful, dropout and frozen-parameter patterns run as written and train."""
+    """The stateful, dropout, frozen-parameter and optax-loop patterns run as
+    written and train."""
     before, after, out = _run_script(name)
     assert after < 0.8 * before, out
 

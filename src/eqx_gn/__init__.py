@@ -26,6 +26,7 @@ from ._losses import (
     MeanSquaredError as MeanSquaredError,
     SoftmaxCrossEntropy as SoftmaxCrossEntropy,
 )
+from ._optax import GNOptaxState as GNOptaxState, as_optax as as_optax
 from ._optimizers import muon_adamw as muon_adamw
 from ._schedules import cosine_decay as cosine_decay
 from ._sharding import (

@@ -5,6 +5,7 @@ Everything here is independent of eqx_gn's maths: reference losses are plain
 flattened outputs and ``jax.hessian`` of the reference loss value.
 """
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -507,3 +508,13 @@ def raises_invalid(match: str, *, annotated: bool = False):
     if annotated and jaxtyping_hook_active():
         return pytest.raises(TypeError)
     return pytest.raises(ValueError, match=match)
+
+
+def psgdax_config():
+    """The default JAX configuration: psgdax 0.1.1 broadcasts implicitly (the test
+    suite's config raises) and mixes float64 and float32 in a ``lax.cond`` under
+    ``jax_enable_x64`` (the suite enables it); users run with neither."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.numpy_rank_promotion("allow"))
+    stack.enter_context(jax.enable_x64(False))
+    return stack

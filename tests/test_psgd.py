@@ -5,7 +5,6 @@ same tuning; it is deterministic; and a run's state survives a checkpoint and
 resume bit for bit. (Its step cost against AdamW's is measured by the study, not
 here: `eqx-gn study`, ``time_per_step`` in study.json.)"""
 
-import contextlib
 import os
 
 import jax
@@ -18,6 +17,7 @@ from eqx_gn.lm import TrainConfig, train
 from eqx_gn.lm._checkpoint import Checkpointer
 from eqx_gn.lm._model import CONFIGS, Transformer
 from eqx_gn.lm._recipes import FirstOrderRecipe
+from helpers import psgdax_config
 
 D = 16
 STEPS = 300
@@ -36,16 +36,6 @@ def least_squares():
     x = rng.normal(size=(256, D)) @ np.diag(scales) @ basis.T
     w_star = rng.normal(size=(D, D))
     return jnp.asarray(x, jnp.float32), jnp.asarray(w_star, jnp.float32)
-
-
-def psgdax_config():
-    """The default JAX configuration: psgdax 0.1.1 broadcasts implicitly (the test
-    suite's config raises) and mixes float64 and float32 in a ``lax.cond`` under
-    ``jax_enable_x64`` (the suite enables it); users run with neither."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.numpy_rank_promotion("allow"))
-    stack.enter_context(jax.enable_x64(False))
-    return stack
 
 
 def recipe(optimizer):

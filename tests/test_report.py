@@ -64,6 +64,12 @@ GN = _summary(
         ({"optimizer": "gn-prox"}, "gn prox"),
         ({"method": "muon"}, "muon"),
         ({"method": "gn-layerwise-cg"}, "gn layerwise cg"),
+        (
+            {"optimizer": "gn", "blocks": "full", "solver": "inner", "inner": "soap"},
+            "gn soap",
+        ),
+        ({"method": "gn-layerwise-psgd"}, "gn layerwise psgd"),
+        ({"method": "gn-prox-adamw", "solver": "prox"}, "gn prox adamw"),
         ({"optimizer": "gn", "label": "my gn"}, "my gn"),
     ],
 )

@@ -1,6 +1,7 @@
 """The training runner: configuration, resuming bit for bit, data parallelism over a
 mesh and over processes, the target loss."""
 
+import contextlib
 import itertools
 import json
 import math
@@ -16,6 +17,7 @@ import pytest
 
 from eqx_gn.lm import ConfigError, TrainConfig, parse_method, train
 from eqx_gn.lm._checkpoint import Checkpointer
+from helpers import psgdax_config
 
 # Cut-down budget on the tiny model: a few seconds of compute per run; most of a
 # run's time is compilation.
@@ -201,7 +203,27 @@ def test_gn_settings_are_orthogonal_and_named_by_method():
         "optimizer": "gn",
         "blocks": "layerwise",
         "solver": "cg",
+        "inner": "muon",
     }
+    # The inner optimizer: named last, in any order, once; never with CG.
+    config = TrainConfig(blocks="layerwise", solver="prox", inner="soap")
+    assert (config.method, config.label) == (
+        "gn-layerwise-prox-soap",
+        "gn layerwise prox soap",
+    )
+    assert parse_method("gn-soap-prox-layerwise") == parse_method(config.method)
+    for method in ("gn-adamw", "gn-layerwise-psgd", "gn-prox-soap"):
+        assert TrainConfig().with_method(method).method == method
+    for bad in ("gn-soap-adamw", "gn-cg-soap", "soap-adamw"):
+        with pytest.raises(ConfigError, match="unknown method"):
+            parse_method(bad)
+    for bad, message in (
+        (dict(optimizer="adamw", inner="soap"), "inner applies to optimizer 'gn'"),
+        (dict(solver="cg", inner="adamw"), "not 'cg'"),
+        (dict(inner="sgd"), "unknown inner 'sgd'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**bad)
     for bad in ("gn-layerwise-full", "adamw-layerwise", "gn-newton", "sgd"):
         with pytest.raises(ConfigError, match="unknown method"):
             parse_method(bad)
@@ -749,3 +771,38 @@ def test_a_short_run_of_each_method_lowers_the_validation_loss(
         after_warmup["val_loss"],
         summary["final_val_loss"],
     )
+
+
+@pytest.fixture(scope="module")
+def unseen_text(tmp_path_factory):
+    """A text no other test trains on: Python's own help topics (English prose
+    and code), shipped with every Python."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("unseen") / "help_topics.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:400_000])
+    return str(path)
+
+
+def test_every_inner_optimizer_trains_full_and_layerwise(
+    tmp_path, cache_dir, unseen_text
+):
+    # AdamW on the same tokens (8 steps of the same batches, no warm-up) is the bar.
+    base = small(
+        tmp_path, cache_dir, "adamw", text=unseen_text, steps=8, eval_every=0,
+        warmup_fraction=0.0,
+    )  # fmt: skip
+    adamw = train(base.replace(optimizer="adamw"))["final_val_loss"]
+    for inner in ("muon", "adamw", "soap", "psgd"):
+        for blocks in ("full", "layerwise"):
+            name = f"gn-{blocks}-{inner}"
+            config = base.replace(out=str(tmp_path / name), blocks=blocks, inner=inner)
+            # psgdax 0.1.1 needs JAX's default configuration (tests/test_psgd.py).
+            with psgdax_config() if inner == "psgd" else contextlib.nullcontext():
+                summary = train(config)
+            saved = json.loads((tmp_path / name / "config.json").read_text())
+            assert saved["config"]["inner"] == summary["inner"] == inner, name
+            assert summary["label"] == config.label and (
+                inner == "muon" or inner in summary["label"]
+            )
+            assert summary["final_val_loss"] < adamw, (name, summary, adamw)

@@ -194,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         help="learning rate for every method, or per method as METHOD=LR,... "
         "(default: each optimizer's)",
     )
-    _add_settings(compare, skip=("optimizer", "blocks", "solver", "lr"))
+    _add_settings(compare, skip=("optimizer", "blocks", "solver", "inner", "lr"))
     from ._study import add_arguments as add_study_arguments
 
     study = commands.add_parser(

@@ -18,6 +18,8 @@ from ._errors import ConfigError
 from ._methods import (
     BLOCKS,
     DEFAULT_LEARNING_RATES,
+    GN_INNER_LEARNING_RATES,
+    INNERS,
     LINE_SEARCHES,
     OPTIMIZERS,
     SOLVERS,
@@ -136,6 +138,15 @@ class TrainConfig:
         "gradient with Levenberg-Marquardt damping",
         group="optimization",
         choices=SOLVERS,
+    )
+    inner: str = _setting(
+        "muon",
+        "GN with the inner or prox solver: the optimizer its inner steps run on "
+        "the quadratic model: Muon for hidden matrices with AdamW for the rest (the "
+        "paper's), AdamW, SOAP or PSGD-Kron, each built as its first-order method "
+        "is",
+        group="optimization",
+        choices=INNERS,
     )
     steps: int = _setting(
         200, "optimizer steps, warm-up included", group="optimization"
@@ -365,6 +376,8 @@ class TrainConfig:
                 parts.append(self.blocks)
             if self.solver != "inner":
                 parts.append(self.solver)
+            if self.inner != "muon":
+                parts.append(self.inner)
         return "-".join(parts)
 
     @property
@@ -399,7 +412,11 @@ class TrainConfig:
         rate)."""
         if self.is_gn and self.solver == "cg":
             return None
-        return DEFAULT_LEARNING_RATES[self.optimizer] if self.lr is None else self.lr
+        if self.lr is not None:
+            return self.lr
+        if self.is_gn:
+            return GN_INNER_LEARNING_RATES[self.inner]
+        return DEFAULT_LEARNING_RATES[self.optimizer]
 
     @property
     def warmup_steps(self) -> int:
@@ -521,6 +538,7 @@ def _validate(config: TrainConfig) -> None:
         "optimizer",
         "blocks",
         "solver",
+        "inner",
         "line_search",
         "trust",
     ):
@@ -543,6 +561,7 @@ def _validate(config: TrainConfig) -> None:
         for name in (
             "blocks",
             "solver",
+            "inner",
             "cg_damping",
             "cg_iterations",
             "line_search",
@@ -553,6 +572,11 @@ def _validate(config: TrainConfig) -> None:
                     f"{name} applies to optimizer 'gn' only, not {config.optimizer!r}"
                 )
     elif config.solver == "cg":
+        if config.inner != _DEFAULTS["inner"]:
+            raise ConfigError(
+                "inner applies to GN's inner and prox solvers, not 'cg' (CG has no "
+                "inner optimizer)"
+            )
         if config.lr is not None:
             raise ConfigError(
                 "lr does not apply to solver 'cg' (CG has no learning rate; its "

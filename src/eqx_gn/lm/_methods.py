@@ -3,10 +3,12 @@ settings, named in one word.
 
 ``optimizer="gn"`` chooses Gauss-Newton; ``blocks`` (``"full"`` or ``"layerwise"``)
 chooses the partition of the parameters and ``solver`` (``"inner"``, ``"prox"`` or
-``"cg"``) the subproblem solver. Every combination trains. A *method* names a
-combination in one word for comparisons and studies: ``gn``, ``gn-layerwise``,
-``gn-prox``, ``gn-layerwise-cg``, ... (the non-default settings after ``gn``,
-joined by ``-``); its *label* is the same with spaces (``"gn layerwise cg"``).
+``"cg"``) the subproblem solver, and ``inner`` (``"muon"``, ``"adamw"``, ``"soap"``
+or ``"psgd"``) the optax optimizer the inner and prox solvers run on the quadratic
+model. Every combination trains. A *method* names a combination in one word for
+comparisons and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-cg``,
+``gn-layerwise-soap``, ... (the non-default settings after ``gn``, joined by
+``-``); its *label* is the same with spaces (``"gn layerwise soap"``).
 """
 
 from ._errors import ConfigError
@@ -18,6 +20,10 @@ BLOCKS: tuple[str, ...] = ("full", "layerwise")
 #: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
 #: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
 SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
+#: The optimizers GN's inner and prox solvers run on the quadratic model: the
+#: paper's Muon for hidden matrices with AdamW for the rest (the default), AdamW,
+#: SOAP or PSGD-Kron, each as its first-order recipe builds it.
+INNERS: tuple[str, ...] = ("muon", "adamw", "soap", "psgd")
 #: GN's line searches: the exhaustive grid (the paper's) and the walk from the
 #: last step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``).
 LINE_SEARCHES: tuple[str, ...] = ("grid", "warm", "none")
@@ -37,13 +43,26 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "psgd": 1e-3,
     "gn": 3e-2,
 }
+#: GN's inner learning rate when ``lr`` is ``None``, by inner optimizer: Muon's
+#: the one above; the others' the best of 3e-3, 1e-2, ..., 1 (x3 apart) in GN runs
+#: with the other defaults (tiny model, bundled Shakespeare, 60 steps of 32
+#: sequences, K = 4; ``benchmarks/inner_lr_sweep.py``, results in
+#: ``benchmarks/results/inner_lr_sweep_tiny.json``): over that 300x range the
+#: final validation losses spread by 0.12 (AdamW), 0.08 (SOAP) and 0.05 (PSGD).
+GN_INNER_LEARNING_RATES: dict[str, float] = {
+    "muon": DEFAULT_LEARNING_RATES["gn"],
+    "adamw": 3e-3,
+    "soap": 3e-2,
+    "psgd": 3e-1,
+}
 
 
 def parse_method(method: str) -> dict[str, str]:
-    """``optimizer``, ``blocks`` and ``solver`` of a method name.
+    """``optimizer``, ``blocks``, ``solver`` and ``inner`` of a method name.
 
-    ``"adamw"``, ``"muon"``, ``"soap"``, or ``"gn"`` followed by any of
-    ``-layerwise``/``-full`` and ``-inner``/``-prox``/``-cg`` (``"gn-layerwise-cg"``).
+    ``"adamw"``, ``"muon"``, ``"soap"``, ``"psgd"``, or ``"gn"`` followed by any of
+    ``-layerwise``/``-full``, ``-inner``/``-prox``/``-cg`` and
+    ``-muon``/``-adamw``/``-soap``/``-psgd`` (``"gn-layerwise-soap"``).
     """
     optimizer, *rest = method.strip().split("-")
     if optimizer not in OPTIMIZERS:
@@ -51,21 +70,36 @@ def parse_method(method: str) -> dict[str, str]:
             f"unknown method {method!r}: it must start with one of "
             f"{', '.join(OPTIMIZERS)}"
         )
-    values = {"optimizer": optimizer, "blocks": "full", "solver": "inner"}
+    values = {
+        "optimizer": optimizer,
+        "blocks": "full",
+        "solver": "inner",
+        "inner": "muon",
+    }
     if rest and optimizer != "gn":
         raise ConfigError(
             f"unknown method {method!r}: only gn takes settings (gn-layerwise, "
-            "gn-prox, gn-cg, ...)"
+            "gn-prox, gn-cg, gn-soap, ...)"
         )
     seen = set()
     for part in rest:
-        field = "blocks" if part in BLOCKS else "solver" if part in SOLVERS else None
+        field = (
+            "blocks" if part in BLOCKS
+            else "solver" if part in SOLVERS
+            else "inner" if part in INNERS
+            else None
+        )  # fmt: skip
         if field is None or field in seen:
             raise ConfigError(
                 f"unknown method {method!r}: after gn- come a block partition "
-                f"({'/'.join(BLOCKS)}) and a solver ({'/'.join(SOLVERS)}), each at "
-                "most once"
+                f"({'/'.join(BLOCKS)}), a solver ({'/'.join(SOLVERS)}) and an inner "
+                f"optimizer ({'/'.join(INNERS)}), each at most once"
             )
         seen.add(field)
         values[field] = part
+    if values["solver"] == "cg" and values["inner"] != "muon":
+        raise ConfigError(
+            f"unknown method {method!r}: CG has no inner optimizer (the inner "
+            "optimizer is for the inner and prox solvers)"
+        )
     return values

@@ -17,7 +17,8 @@ sweep compiles each step once.
   by PSGD, momentum 0.9), cosine decay of ``lr``;
 - ``gn``: `eqx_gn.GaussNewton` with the chosen blocks (`eqx_gn.Blocks.full`, or
   `eqx_gn.lm.layerwise_blocks`) and solver: `eqx_gn.InnerOptimizer` or
-  `eqx_gn.ProxLinear` with the Muon/AdamW inner optimizer at inner learning rate
+  `eqx_gn.ProxLinear` with the ``inner`` optimizer (Muon/AdamW by default, or
+  AdamW, SOAP or PSGD-Kron, each as its first-order recipe) at inner learning rate
   ``lr`` on one global cosine over all inner steps, warm start; or `eqx_gn.CG` with
   ``cg_iterations`` iterations from damping ``cg_damping``; then
   `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
@@ -88,28 +89,45 @@ class FirstOrderRecipe:
     max_grad_norm: float
 
     def build(self, model: Transformer) -> optax.GradientTransformation:
-        schedule = _cosine(1.0, self.steps)
-        if self.optimizer == "muon":
-            return muon_adamw(
-                schedule,
-                adam_filter=embedding_and_head(model),
-                adam_b2=self.b2,
-                weight_decay=self.weight_decay,
-                max_grad_norm=self.max_grad_norm,
-            )
-        if self.optimizer == "adamw":
-            inner = optax.adamw(
-                schedule, b1=0.9, b2=self.b2, weight_decay=self.weight_decay
-            )
-        elif self.optimizer == "soap":
-            inner = soap(schedule, weight_decay=self.weight_decay)
-        elif self.optimizer == "psgd":
-            import psgdax
+        return first_order(
+            self.optimizer,
+            _cosine(1.0, self.steps),
+            model,
+            self.b2,
+            self.weight_decay,
+            self.max_grad_norm,
+        )
 
-            inner = psgdax.kron(schedule, b1=0.9, weight_decay=self.weight_decay)
-        else:  # pragma: no cover - guarded by TrainConfig
-            raise AssertionError(self.optimizer)
-        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), inner)
+
+def first_order(
+    optimizer: str,
+    learning_rate: float | optax.Schedule,
+    model: Transformer,
+    b2: float,
+    weight_decay: float,
+    max_grad_norm: float,
+) -> optax.GradientTransformation:
+    """AdamW, Muon, SOAP or PSGD-Kron as the study trains them, each update
+    clipped to global norm ``max_grad_norm`` first (Muon: `eqx_gn.muon_adamw`)."""
+    if optimizer == "muon":
+        return muon_adamw(
+            learning_rate,
+            adam_filter=embedding_and_head(model),
+            adam_b2=b2,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+        )
+    if optimizer == "adamw":
+        inner = optax.adamw(learning_rate, b1=0.9, b2=b2, weight_decay=weight_decay)
+    elif optimizer == "soap":
+        inner = soap(learning_rate, weight_decay=weight_decay)
+    elif optimizer == "psgd":
+        import psgdax
+
+        inner = psgdax.kron(learning_rate, b1=0.9, weight_decay=weight_decay)
+    else:  # pragma: no cover - guarded by TrainConfig
+        raise AssertionError(optimizer)
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +137,7 @@ class GaussNewtonRecipe:
 
     blocks: str
     solver: str
+    inner: str
     lr: float | None
     steps: int
     ls_grid: int
@@ -130,6 +149,13 @@ class GaussNewtonRecipe:
     weight_decay: float
     max_grad_norm: float
 
+    def _inner(self, model: Transformer) -> optax.GradientTransformation:
+        """The inner optimizer at unit learning rate, built as its first-order
+        method is (the solver's learning rate and schedule scale its updates)."""
+        return first_order(
+            self.inner, 1.0, model, self.b2, self.weight_decay, self.max_grad_norm
+        )
+
     def build(self, model: Transformer) -> GaussNewton:
         shortens = self.trust != "fixed"
         trust = {
@@ -140,13 +166,7 @@ class GaussNewtonRecipe:
         if self.solver == "cg":
             solver = CG(max_iterations=self.cg_iterations, damping=self.cg_damping)
         else:
-            inner = muon_adamw(
-                1.0,
-                adam_filter=embedding_and_head(model),
-                adam_b2=self.b2,
-                weight_decay=self.weight_decay,
-                max_grad_norm=self.max_grad_norm,
-            )
+            inner = self._inner(model)
             solver_cls = ProxLinear if self.solver == "prox" else InnerOptimizer
             # The step sets the learning rate (`with_learning_rate`).
             solver = solver_cls(
@@ -201,6 +221,7 @@ def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
         return GaussNewtonRecipe(
             blocks=config.blocks,
             solver=config.solver,
+            inner=config.inner,
             lr=config.learning_rate,
             steps=config.main_steps,
             ls_grid=config.ls_grid,

@@ -14,9 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._errors import ConfigError
+from ._methods import parse_method
+
 #: Default GN settings, left out of a label ("gn" rather than "gn full inner").
 _DEFAULT_BLOCKS = "full"
 _DEFAULT_SOLVER = "inner"
+_DEFAULT_INNER = "muon"
 
 
 def gn_settings(settings: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -24,14 +28,25 @@ def gn_settings(settings: Mapping[str, Any]) -> tuple[str | None, str | None]:
     the method names ``"gn-layerwise"``, ``"gn-prox"``, ``"gn-layerwise-cg"``
     (old optimizer names, and the study's method names) too; ``(None, None)`` for
     a first-order run."""
-    optimizer = str(settings.get("optimizer") or settings.get("method") or "")
-    name, *parts = optimizer.split("-")
-    if name != "gn":
+    parsed = _parsed(settings)
+    if parsed is None:
         return None, None
-    blocks = "layerwise" if "layerwise" in parts else _DEFAULT_BLOCKS
-    solvers = [p for p in parts if p != "layerwise"]
-    solver = solvers[0] if solvers else _DEFAULT_SOLVER
-    return settings.get("blocks") or blocks, settings.get("solver") or solver
+    return settings.get("blocks") or parsed["blocks"], (
+        settings.get("solver") or parsed["solver"]
+    )
+
+
+def _parsed(settings: Mapping[str, Any]) -> dict[str, str] | None:
+    """`parse_method` of the settings' optimizer or method name; None for a
+    first-order run (or a name no runner wrote)."""
+    optimizer = str(settings.get("optimizer") or settings.get("method") or "")
+    if optimizer.split("-")[0] != "gn":
+        return None
+    try:
+        return parse_method(optimizer)
+    except ConfigError:
+        return {"optimizer": "gn", "blocks": _DEFAULT_BLOCKS,
+                "solver": _DEFAULT_SOLVER, "inner": _DEFAULT_INNER}  # fmt: skip
 
 
 def corpus_name(text: str | None) -> str:
@@ -58,11 +73,14 @@ def run_label(settings: Mapping[str, Any]) -> str:
     blocks, solver = gn_settings(settings)
     if blocks is None:
         return str(optimizer)
+    inner = settings.get("inner") or _parsed(settings)["inner"]
     parts = ["gn"]
     if blocks != _DEFAULT_BLOCKS:
         parts.append(str(blocks))
     if solver != _DEFAULT_SOLVER:
         parts.append(str(solver))
+    if inner != _DEFAULT_INNER:
+        parts.append(str(inner))
     return " ".join(parts)
 
 

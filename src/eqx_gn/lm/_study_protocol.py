@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import ConfigError, parse_method
+from ._methods import GN_INNER_LEARNING_RATES
 
 #: The first-order methods a study compares GN with.
 BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "psgd")
@@ -45,9 +46,12 @@ class Point:
 
 
 def centre(method: str) -> float:
-    """The declared learning-rate centre of ``method`` (a GN method: GN's)."""
+    """The declared learning-rate centre of ``method`` (a GN method: GN's, or
+    with another inner optimizer its default inner learning rate)."""
     parsed = parse_method(method)
     value = CENTRES.get(method, CENTRES.get(parsed["optimizer"]))
+    if parsed["optimizer"] == "gn" and parsed["inner"] != "muon":
+        value = CENTRES.get(method, GN_INNER_LEARNING_RATES[parsed["inner"]])
     if value is None:
         raise ConfigError(f"no declared learning rate for method {method!r}")
     if parsed["optimizer"] == "gn" and parsed["solver"] == "cg":

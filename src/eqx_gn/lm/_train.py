@@ -607,6 +607,7 @@ class _Training:
             "optimizer": config.optimizer,
             "blocks": config.blocks if config.is_gn else None,
             "solver": config.solver if config.is_gn else None,
+            "inner": config.inner if config.is_gn and config.solver != "cg" else None,
             "line_search": config.line_search_rule,
             "trust": config.trust_rule,
             "method": config.method,

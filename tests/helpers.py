@@ -8,6 +8,7 @@ flattened outputs and ``jax.hessian`` of the reference loss value.
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -518,3 +519,14 @@ def psgdax_config():
     stack.enter_context(jax.numpy_rank_promotion("allow"))
     stack.enter_context(jax.enable_x64(False))
     return stack
+
+
+def final_arrays(run_dir):
+    """The newest checkpoint's step and arrays of a run directory."""
+    from eqx_gn.lm._checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        return checkpointer.latest_step(), checkpointer.restore_arrays()
+    finally:
+        checkpointer.close()

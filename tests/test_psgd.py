@@ -5,8 +5,6 @@ same tuning; it is deterministic; and a run's state survives a checkpoint and
 resume bit for bit. (Its step cost against AdamW's is measured by the study, not
 here: `eqx-gn study`, ``time_per_step`` in study.json.)"""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +12,9 @@ import optax
 import pytest
 
 from eqx_gn.lm import TrainConfig, train
-from eqx_gn.lm._checkpoint import Checkpointer
 from eqx_gn.lm._model import CONFIGS, Transformer
 from eqx_gn.lm._recipes import FirstOrderRecipe
-from helpers import psgdax_config
+from helpers import final_arrays, psgdax_config
 
 D = 16
 STEPS = 300
@@ -99,14 +96,6 @@ def test_psgd_is_deterministic():
     first = relative_errors(recipe("psgd"))
     second = relative_errors(recipe("psgd"))
     assert first.tobytes() == second.tobytes()
-
-
-def final_arrays(run_dir):
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        return checkpointer.latest_step(), checkpointer.restore_arrays()
-    finally:
-        checkpointer.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from eqx_gn.lm import ConfigError, TrainConfig, parse_method, train
-from eqx_gn.lm._checkpoint import Checkpointer
-from helpers import psgdax_config
+from helpers import final_arrays, psgdax_config
 
 # Cut-down budget on the tiny model: a few seconds of compute per run; most of a
 # run's time is compilation.
@@ -51,14 +50,6 @@ def records(run_dir, drop=("time_s",)):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
     return [{k: v for k, v in r.items() if k not in drop} for r in lines]
-
-
-def final_arrays(run_dir):
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        return checkpointer.latest_step(), checkpointer.restore_arrays()
-    finally:
-        checkpointer.close()
 
 
 @pytest.mark.parametrize(
@@ -563,9 +554,10 @@ def test_missing_text_is_a_config_error(tmp_path, cache_dir):
 @pytest.mark.parametrize(
     "optimizer, mesh, model",
     [("gn", dict(data_parallel=8), {}), ("gn", dict(data_parallel=2, fsdp=4), {}),
-     ("muon", dict(fsdp=8), {}),
+     ("muon", dict(fsdp=8), {}), ("shampoo", dict(data_parallel=2, fsdp=4), {}),
      ("gn", dict(data_parallel=2, fsdp=4), dict(scan_layers=True, blocks="layerwise"))],
-    ids=["gn-data", "gn-data-fsdp", "muon-fsdp", "gn-layerwise-scanned-data-fsdp"],
+    ids=["gn-data", "gn-data-fsdp", "muon-fsdp", "shampoo-data-fsdp",
+         "gn-layerwise-scanned-data-fsdp"],
 )  # fmt: skip
 def test_a_mesh_matches_one_device(tmp_path, cache_dir, optimizer, mesh, model):
     # 8 simulated CPU devices (tests/conftest.py): every micro-batch, line-search
@@ -588,10 +580,13 @@ def test_a_mesh_matches_one_device(tmp_path, cache_dir, optimizer, mesh, model):
             if name in a:
                 np.testing.assert_allclose(b[name], a[name], rtol=1e-5, err_msg=name)
     # Sharding the state along fsdp divides what the fullest device holds (but for
-    # the few arrays no fsdp size divides, kept whole).
+    # the few arrays no fsdp size divides, kept whole). Shampoo's (d, d) factors
+    # of the tiny model's small axes are such arrays, and many: not checked.
     share = summary["param_bytes_per_device"] / single["param_bytes_per_device"]
     fsdp = mesh.get("fsdp", 1)
-    assert 1 / fsdp <= share < (1.0 if fsdp == 1 else 1.3 / fsdp) + 1e-9
+    assert share >= 1 / fsdp
+    if optimizer != "shampoo":
+        assert share < (1.0 if fsdp == 1 else 1.3 / fsdp) + 1e-9
 
 
 @pytest.mark.multidevice
@@ -793,7 +788,7 @@ def test_every_inner_optimizer_trains_full_and_layerwise(
         warmup_fraction=0.0,
     )  # fmt: skip
     adamw = train(base.replace(optimizer="adamw"))["final_val_loss"]
-    for inner in ("muon", "adamw", "soap", "psgd"):
+    for inner in ("muon", "adamw", "soap", "shampoo", "psgd"):
         for blocks in ("full", "layerwise"):
             name = f"gn-{blocks}-{inner}"
             config = base.replace(out=str(tmp_path / name), blocks=blocks, inner=inner)

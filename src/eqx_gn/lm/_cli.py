@@ -61,8 +61,9 @@ variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) and the
 same --out on a shared file system."""
 
 _METHODS_HELP = (
-    "comma-separated methods: adamw, muon, soap, or gn followed by its non-default "
-    "settings (gn-layerwise, gn-prox, gn-cg, gn-layerwise-prox, ...)"
+    "comma-separated methods: adamw, muon, soap, shampoo, psgd, or gn followed by "
+    "its non-default settings (gn-layerwise, gn-prox, gn-cg, gn-layerwise-prox, "
+    "gn-soap, ...)"
 )
 
 

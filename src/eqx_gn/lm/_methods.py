@@ -3,8 +3,8 @@ settings, named in one word.
 
 ``optimizer="gn"`` chooses Gauss-Newton; ``blocks`` (``"full"`` or ``"layerwise"``)
 chooses the partition of the parameters and ``solver`` (``"inner"``, ``"prox"`` or
-``"cg"``) the subproblem solver, and ``inner`` (``"muon"``, ``"adamw"``, ``"soap"``
-or ``"psgd"``) the optax optimizer the inner and prox solvers run on the quadratic
+``"cg"``) the subproblem solver, and ``inner`` (``"muon"``, ``"adamw"``, ``"soap"``,
+``"shampoo"`` or ``"psgd"``) the optax optimizer the inner and prox solvers run on the quadratic
 model. Every combination trains. A *method* names a combination in one word for
 comparisons and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-cg``,
 ``gn-layerwise-soap``, ... (the non-default settings after ``gn``, joined by
@@ -14,7 +14,7 @@ comparisons and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-c
 from ._errors import ConfigError
 
 #: The optimizers of the main phase, in the order the CLI lists them.
-OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "psgd", "gn")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "psgd", "gn")
 #: The block partitions of GN: one block, or one block per layer.
 BLOCKS: tuple[str, ...] = ("full", "layerwise")
 #: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
@@ -22,8 +22,8 @@ BLOCKS: tuple[str, ...] = ("full", "layerwise")
 SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
 #: The optimizers GN's inner and prox solvers run on the quadratic model: the
 #: paper's Muon for hidden matrices with AdamW for the rest (the default), AdamW,
-#: SOAP or PSGD-Kron, each as its first-order recipe builds it.
-INNERS: tuple[str, ...] = ("muon", "adamw", "soap", "psgd")
+#: SOAP, Shampoo or PSGD-Kron, each as its first-order recipe builds it.
+INNERS: tuple[str, ...] = ("muon", "adamw", "soap", "shampoo", "psgd")
 #: GN's line searches: the exhaustive grid (the paper's) and the walk from the
 #: last step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``).
 LINE_SEARCHES: tuple[str, ...] = ("grid", "warm", "none")
@@ -40,6 +40,8 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "adamw": 3e-3,
     "muon": 5e-2,
     "soap": 1e-2,
+    # Shampoo grafted onto Adam's step size: AdamW's rate (not searched).
+    "shampoo": 3e-3,
     "psgd": 1e-3,
     "gn": 3e-2,
 }
@@ -54,15 +56,18 @@ GN_INNER_LEARNING_RATES: dict[str, float] = {
     "adamw": 3e-3,
     "soap": 3e-2,
     "psgd": 3e-1,
+    # Not in the sweep: AdamW's, whose step size Shampoo's grafting takes.
+    "shampoo": 3e-3,
 }
 
 
 def parse_method(method: str) -> dict[str, str]:
     """``optimizer``, ``blocks``, ``solver`` and ``inner`` of a method name.
 
-    ``"adamw"``, ``"muon"``, ``"soap"``, ``"psgd"``, or ``"gn"`` followed by any of
-    ``-layerwise``/``-full``, ``-inner``/``-prox``/``-cg`` and
-    ``-muon``/``-adamw``/``-soap``/``-psgd`` (``"gn-layerwise-soap"``).
+    ``"adamw"``, ``"muon"``, ``"soap"``, ``"shampoo"``, ``"psgd"``, or ``"gn"``
+    followed by any of ``-layerwise``/``-full``, ``-inner``/``-prox``/``-cg`` and
+    an inner optimizer ``-muon``/``-adamw``/``-soap``/``-shampoo``/``-psgd``
+    (``"gn-layerwise-soap"``).
     """
     optimizer, *rest = method.strip().split("-")
     if optimizer not in OPTIMIZERS:

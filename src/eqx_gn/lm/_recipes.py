@@ -13,13 +13,16 @@ sweep compiles each step once.
 - ``muon``: Muon on hidden matrices, AdamW on the embedding, the head and the 1-D
   parameters (`eqx_gn.muon_adamw`), cosine decay of ``lr``;
 - ``soap``: SOAP (`eqx_gn.baselines.soap`), cosine decay of ``lr``;
+- ``shampoo``: Shampoo with Adam grafting and momentum 0.9
+  (`eqx_gn.baselines.shampoo`, $\beta_2$ = ``b2``), cosine decay of ``lr``;
 - ``psgd``: PSGD-Kron (``psgdax.kron``, Kronecker-factored preconditioners fitted
   by PSGD, momentum 0.9), cosine decay of ``lr``;
 - ``gn``: `eqx_gn.GaussNewton` with the chosen blocks (`eqx_gn.Blocks.full`, or
   `eqx_gn.lm.layerwise_blocks`) and solver: `eqx_gn.InnerOptimizer` or
   `eqx_gn.ProxLinear` with the ``inner`` optimizer (Muon/AdamW by default, or
-  AdamW, SOAP or PSGD-Kron, each as its first-order recipe) at inner learning rate
-  ``lr`` on one global cosine over all inner steps, warm start; or `eqx_gn.CG` with
+  AdamW, SOAP, Shampoo or PSGD-Kron, each as its first-order recipe) at inner
+  learning rate ``lr`` on one global cosine over all inner steps, warm start; or
+  `eqx_gn.CG` with
   ``cg_iterations`` iterations from damping ``cg_damping``; then
   `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
   ``"grid"``) or walked from the last step's choice (``"warm"``), or no search
@@ -45,7 +48,7 @@ from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
 from .._solvers import CG, InnerOptimizer, ProxLinear
 from .._trust import AdaptiveTrust, FixedTrust, LevenbergMarquardt
-from ..baselines import soap
+from ..baselines import shampoo, soap
 from ._config import TrainConfig
 from ._model import Transformer, apply_fn, embedding_and_head, layerwise_blocks
 
@@ -121,6 +124,8 @@ def first_order(
         inner = optax.adamw(learning_rate, b1=0.9, b2=b2, weight_decay=weight_decay)
     elif optimizer == "soap":
         inner = soap(learning_rate, weight_decay=weight_decay)
+    elif optimizer == "shampoo":
+        inner = shampoo(learning_rate, b1=0.9, b2=b2, weight_decay=weight_decay)
     elif optimizer == "psgd":
         import psgdax
 

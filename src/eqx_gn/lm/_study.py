@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma-separated: adamw, muon, soap, psgd, gn[-layerwise][-prox]",
+        help="comma-separated: adamw, muon, soap, shampoo, psgd, "
+        "gn[-layerwise][-prox][-INNER]",
     )
     a("--batch-sizes", default="8,16,32,64,128,256", help="sequences per step")
     a(

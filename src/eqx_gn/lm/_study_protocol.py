@@ -13,7 +13,7 @@ from ._config import ConfigError, parse_method
 from ._methods import GN_INNER_LEARNING_RATES
 
 #: The first-order methods a study compares GN with.
-BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "psgd")
+BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "psgd")
 #: The default methods of a study.
 DEFAULT_METHODS: tuple[str, ...] = (*BASELINES, "gn", "gn-layerwise")
 #: Grid step of the learning rate.
@@ -31,6 +31,7 @@ CENTRES: dict[str, float] = {
     "adamw": 3e-3,
     "muon": 5e-2,
     "soap": 1e-2,
+    "shampoo": 3e-3,
     "psgd": 1e-3,
     "gn": 3e-2,
 }

@@ -34,7 +34,7 @@ from eqx_gn.lm._study_report import (
     _critical_batch_lines,
     write_report,
 )
-from eqx_gn.lm._study_result import claims
+from eqx_gn.lm._study_result import claims, timed_claims
 from eqx_gn.lm._study_runs import Study
 
 SEQ = 8
@@ -866,3 +866,27 @@ def test_baselines_that_all_miss_at_the_largest_batch_bound_the_ratio(finished):
         for m in BASELINES if m in METHODS
     )  # fmt: skip
     assert f"{gn_fall:.2f}x against at most" in text
+
+
+def test_timed_claims_bound_gn_by_the_budget_when_every_baseline_missed(finished):
+    _, _, result = finished
+    r = copy.deepcopy(result)
+    for m in METHODS:
+        if m in BASELINES:
+            r["chosen"][m][str(LARGEST)].update(median_steps=None, missed_seeds=SEEDS)
+    seconds = {"adamw": 0.3, "adamw A4": 0.2, "muon": 0.5, "muon A4": 0.25, "gn": 0.6}
+    timing = {"batch_size": LARGEST, "median_seconds_per_step": seconds}
+    t = timed_claims(r, timing)
+    gn = r["chosen"]["gn"][str(LARGEST)]
+    warmup = gn["warmup_steps"]
+    gn_time = (gn["median_steps"] - warmup) * 0.6
+    # The fastest baseline needs more than its main steps in the budget.
+    floor = (budget(LARGEST) - warmup) * 0.3
+    assert t["gn_over_fastest_baseline"] is None
+    assert t["gn_over_fastest_baseline_at_most"] == pytest.approx(gn_time / floor)
+    floor = (budget(LARGEST) - warmup) * 0.2
+    assert t["gn_over_fastest_baseline_in_gn_layout_at_most"] == pytest.approx(
+        gn_time / floor
+    )
+    # With a baseline that reached it, there is no bound: the ratio is measured.
+    assert timed_claims(result, timing)["gn_over_fastest_baseline_at_most"] is None

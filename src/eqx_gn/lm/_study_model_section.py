@@ -179,10 +179,13 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
             "|---|---|---|---|",
         ]
         for label, values in timing["seconds_per_step"].items():
+            time = _fmt(t["main_time_to_target_s"].get(label), "{:.1f}")
+            floor = t.get("main_time_at_least_s", {}).get(label)
+            if t["main_time_to_target_s"].get(label) is None and floor is not None:
+                time = f"> {floor:.1f} (missed: more than the budget's main phase)"
             lines.append(
                 f"| {label} | {', '.join(f'{v:.3f}' for v in values)} | "
-                f"{timing['median_seconds_per_step'][label]:.3f} | "
-                f"{_fmt(t['main_time_to_target_s'].get(label), '{:.1f}')} |"
+                f"{timing['median_seconds_per_step'][label]:.3f} | {time} |"
             )
     layouts = result.get("layouts") or {}
     if layouts:

@@ -198,6 +198,14 @@ def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
                 cells.append("not timed")
                 continue
             v = t[key]
+            bound = t.get(f"{key}_at_most")
+            if v is None and bound is not None:
+                cells.append(
+                    f"< {bound:.2f}x of every baseline's: each missed the target, "
+                    f"so needs more than its budget's main phase (`{key}_at_most`; "
+                    f"{_verdict(bound <= 1.0) if bound <= 1.0 else 'not measurable'})"
+                )
+                continue
             cells.append(
                 f"{_fmt(v, '{:.2f}x')} of {t[label] or 'none'}'s "
                 f"({_verdict(None if v is None else v <= 1.0)})"

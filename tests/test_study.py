@@ -185,9 +185,11 @@ def test_bracketed():
 #: method's centre: AdamW's inside the first grid, Muon's past its upper edge,
 #: GN's past its lower edge, layerwise GN's inside. At a smaller batch ``b`` it is
 #: ``(b / largest)^(1/2)`` of that.
-OPTIMUM = {"adamw": 0.3, "muon": 1.6, "gn": -1.35, "gn-layerwise": -0.4}
+OPTIMUM = {"adamw": 0.3, "muon": 1.6, "gn": -1.35, "gn-layerwise": -0.4,
+           "gn-soap": 0.5, "gn-layerwise-psgd": -0.5}  # fmt: skip
 #: The fake's loss-drop rate at the best learning rate (Muon the best baseline).
-SPEED = {"adamw": 1.0, "muon": 1.1, "gn": 1.5, "gn-layerwise": 1.3}
+SPEED = {"adamw": 1.0, "muon": 1.1, "gn": 1.5, "gn-layerwise": 1.3,
+         "gn-soap": 1.4, "gn-layerwise-psgd": 1.2}  # fmt: skip
 #: The fake's critical batch size: the rate per step grows as b / (b + 16).
 CRITICAL = 16
 L0, L_INF = 5.0, 1.0
@@ -810,6 +812,27 @@ def test_report_marks_an_unbracketed_choice(tmp_path):
     (muon,) = [r for r in page_rows(page, "muon") if len(r) == 2]
     (adamw,) = [r for r in page_rows(page, "adamw") if len(r) == 2]
     assert muon[1].endswith("\\*") and not adamw[1].endswith("\\*")
+
+
+def test_a_study_of_inner_optimizers_records_and_reports_them(finished, tmp_path):
+    """GN with other inner optimizers against a given target: every run's record
+    names its method as the runner's config does (`TrainConfig.method`, the
+    oracle), and the page reports the study in its own section with no claims
+    column (it holds no baseline to compare with)."""
+    base, _, main = finished
+    trainer = FakeTrainer()
+    result = run_study(tmp_path, trainer, "--methods", "gn-soap,gn-layerwise-psgd",
+                       "--batch-sizes", str(LARGEST), "--seeds", "1",
+                       "--target", str(main["target"]))  # fmt: skip
+    assert {r["method"] for r in result["runs"]} == {"gn-soap", "gn-layerwise-psgd"}
+    for r in result["runs"]:
+        config = next(c for c in trainer.calls if Path(c.out).name == r["name"])
+        assert r["method"] == config.method
+    write_report([base / "out", tmp_path / "out"], tmp_path / "results.md")
+    page = (tmp_path / "results.md").read_text()
+    (header,) = [line for line in page.splitlines() if line.startswith("| claim |")]
+    assert header.count("|") == 3  # the claim and the main study's column only
+    assert f"## The tiny model: gn-soap, gn-layerwise-psgd at batch {LARGEST}" in page
 
 
 def test_report_refuses_a_first_edition_study(finished, tmp_path):

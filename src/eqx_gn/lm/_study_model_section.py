@@ -66,7 +66,12 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
     params = first["summary"].get("num_params")
     source = result.get("target_source") or {}
     lines = [
-        f"## The {s['model']} model",
+        f"## The {s['model']} model"
+        + (
+            ""
+            if source
+            else f": {', '.join(s['methods'])} at batch {', '.join(map(str, sizes))}"
+        ),
         "",
         f"From `{file}`. Corpus: {s['text'] or 'Shakespeare (bundled)'}, "
         f"{s['tokenizer']} tokenizer; {_fmt(params, '{:,}')} parameters; sequences "

@@ -123,6 +123,8 @@ def _method_of(config: dict[str, Any]) -> str:
         parts.append(config["blocks"])
     if config.get("solver", "inner") != "inner":
         parts.append(config["solver"])
+    if config.get("inner", "muon") != "muon":
+        parts.append(config["inner"])
     return "-".join(parts)
 
 

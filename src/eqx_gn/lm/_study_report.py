@@ -359,6 +359,14 @@ def _commands(studies, study_dirs, path: Path) -> list[str]:
     return lines
 
 
+def _makes_claims(result: dict) -> bool:
+    """Whether a study holds GN and a first-order baseline, the pair every claim
+    compares (a study of GN's variants alone, against a given target, makes
+    none: its section reports its steps)."""
+    methods = result["settings"]["methods"]
+    return "gn" in methods and any(m in BASELINES for m in methods)
+
+
 def write_report(study_dirs: list[Path], path: Path) -> None:
     """The results page at ``path`` from the studies' ``study.json``; their plots
     are copied to ``assets/<study directory name>/`` beside it."""
@@ -391,7 +399,9 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
         "`eqx-gn study --report` from those files alone.",
         "",
     ]
-    lines += _claims_section(studies)
+    claimed = [study for study in studies if _makes_claims(study[0])]
+    if claimed:
+        lines += _claims_section(claimed)
     lines += _protocol(studies[0][0])
     lines += _commands(studies, study_dirs, path)
     for (result, file), d in zip(studies, study_dirs, strict=True):

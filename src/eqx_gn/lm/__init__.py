@@ -39,7 +39,10 @@ from ._checkpoint import (  # noqa: E402
 )
 from ._config import TrainConfig as TrainConfig  # noqa: E402
 from ._corpus import (  # noqa: E402
+    SHARD_SUFFIXES as SHARD_SUFFIXES,
+    corpus_files as corpus_files,
     corpus_hash as corpus_hash,
+    iter_documents as iter_documents,
     load_corpus as load_corpus,
     load_shakespeare as load_shakespeare,
     load_text as load_text,
@@ -84,9 +87,11 @@ from ._pipeline import (  # noqa: E402
 from ._plot import plot_runs as plot_runs  # noqa: E402
 from ._runs import load_metrics as load_metrics  # noqa: E402
 from ._tokenizers import (  # noqa: E402
+    EOS_TOKENS as EOS_TOKENS,
     AbstractTokenizer as AbstractTokenizer,
     BPETokenizer as BPETokenizer,
     ByteTokenizer as ByteTokenizer,
+    FileTokenizer as FileTokenizer,
 )
 from ._tokens import (  # noqa: E402
     TokenSplits as TokenSplits,

@@ -12,6 +12,7 @@ combination in one word (`eqx_gn.lm._methods`).
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
@@ -77,16 +78,25 @@ class TrainConfig:
     # -- data
     text: str | None = _setting(
         None,
-        "a UTF-8 text file (documents separated by form feeds) or a directory of "
-        ".txt files; None: Shakespeare's plays, bundled",
+        "the corpus: a UTF-8 text file (documents separated by form feeds), or a "
+        "directory or glob of shards (.txt, .jsonl, .jsonl.gz/.json.gz, .parquet); "
+        "None: Shakespeare's plays, bundled",
         group="data",
         metavar="PATH",
     )
+    text_field: str = _setting(
+        "text",
+        "the field (JSON Lines) or column (Parquet) holding each document's text",
+        group="data",
+        metavar="NAME",
+    )
     tokenizer: str = _setting(
         "byte",
-        "byte-level (vocabulary 257) or BPE trained on the training split",
+        "byte (byte-level, vocabulary 257), bpe (trained on the training split) or "
+        "the path of a Hugging Face tokenizer.json (vocabulary and end-of-document "
+        "token from the file)",
         group="data",
-        choices=("byte", "bpe"),
+        metavar="byte|bpe|PATH",
     )
     vocab_size: int | None = _setting(
         None, "BPE vocabulary size, end-of-document token included", group="data"
@@ -532,8 +542,20 @@ def _validate(config: TrainConfig) -> None:
     integer("stop_after", allow_none=True)
     integer("give_up_after", allow_none=True)
     integer("process_id", low=0, allow_none=True)
+    if config.tokenizer not in ("byte", "bpe"):
+        if not Path(config.tokenizer).expanduser().is_file():
+            raise ConfigError(
+                f"tokenizer {config.tokenizer!r} is neither byte, bpe nor a "
+                "tokenizer.json file"
+            )
+        if config.vocab_size is not None:
+            raise ConfigError(
+                "vocab_size does not apply to a tokenizer file (its vocabulary "
+                "comes from the file)"
+            )
+    if not config.text_field:
+        raise ConfigError("text_field must name a field, got ''")
     for name in (
-        "tokenizer",
         "model",
         "optimizer",
         "blocks",

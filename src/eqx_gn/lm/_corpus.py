@@ -13,11 +13,14 @@ Data flow of the data layer::
 `eqx_gn.lm.prepare_splits` runs the first four steps with on-disk caching.
 """
 
+import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,43 +99,162 @@ def _read_utf8(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def load_text(path: PathLike) -> list[str]:
-    """Documents from a UTF-8 text file or a directory of ``.txt`` files.
+#: The file types a corpus may hold: plain UTF-8 text, JSON Lines (one object a
+#: line, gzipped or not: C4's layout) and Parquet (FineWeb's).
+SHARD_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")
+_GLOB_CHARS = frozenset("*?[")
 
-    A directory gives one document per ``.txt`` file found recursively, in
-    sorted-path order. A file is split into documents at form feeds
-    (``\\f``); without one it is a single document (which `split_documents`
-    then splits by position). Windows line ends become ``\\n``; a leading
-    byte-order mark is dropped.
 
-    **Raises:** `FileNotFoundError` for a missing path; `ValueError` for a
-    directory without ``.txt`` files, a file without text, or a file that is not
-    valid UTF-8 (naming the file and the byte offset).
+def _is_shard(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(SHARD_SUFFIXES)
+
+
+def corpus_files(path: PathLike) -> list[Path]:
+    """The files of a corpus: ``path`` itself, the shards found recursively in a
+    directory, or the shards a glob pattern matches (``"c4/en/c4-train.*.json.gz"``),
+    in sorted-path order. A shard is a file named ``*.txt``, ``*.jsonl``,
+    ``*.jsonl.gz``, ``*.json.gz`` or ``*.parquet``; a single file of another name
+    is read as UTF-8 text.
+
+    **Raises:** `FileNotFoundError` for a missing path or a pattern that matches
+    nothing; `ValueError` for a directory without shards.
     """
-    path = Path(path).expanduser()
+    text = os.fspath(path)
+    path = Path(text).expanduser()
+    if not path.exists() and _GLOB_CHARS & set(text):
+        anchor = Path(path.anchor or ".")
+        pattern = str(path.relative_to(anchor)) if path.anchor else str(path)
+        files = sorted(p for p in anchor.glob(pattern) if _is_shard(p))
+        if not files:
+            raise FileNotFoundError(f"No corpus shards match {text}")
+        return files
     if not path.exists():
         raise FileNotFoundError(f"Text path does not exist: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if _is_shard(p))
         if not files:
-            raise ValueError(f"Directory {path} contains no .txt files")
+            raise ValueError(
+                f"Directory {path} contains no corpus shards "
+                f"({', '.join(SHARD_SUFFIXES)})"
+            )
+        return files
+    return [path]
+
+
+def _json_lines(file: Path, text_field: str) -> Iterator[str]:
+    gzipped = file.name.endswith(".gz")
+    opener = gzip.open if gzipped else open
+    line_number = 0
+    try:
+        with opener(file, "rb") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file}, line {line_number}"
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError:
+                    raise ValueError(f"{where} is not valid UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where} is not JSON ({e.msg})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    keys = (
+                        ", ".join(map(str, record)) if isinstance(record, dict) else ""
+                    )
+                    raise ValueError(
+                        f"{where} has no {text_field!r} field"
+                        + (f" (its fields: {keys}); set --text-field" if keys else "")
+                    )
+                value = record[text_field]
+                if not isinstance(value, str):
+                    raise ValueError(
+                        f"{where}: field {text_field!r} is a "
+                        f"{type(value).__name__}, not text"
+                    )
+                yield value
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        after = f" after line {line_number}" if line_number else ""
+        raise ValueError(f"{file} is not a valid gzip file{after} ({e})") from None
+
+
+def _parquet_rows(file: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{file} is not a readable Parquet file ({e})") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise ValueError(
+            f"{file} has no column {text_field!r} (its columns: "
+            f"{', '.join(columns)}); set --text-field"
+        )
+    kind = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{file}: column {text_field!r} is {kind}, not text")
+    for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield value
+
+
+def _file_documents(file: Path, text_field: str, split_pages: bool) -> Iterator[str]:
+    """The non-blank documents of one file, in order."""
+    name = file.name
+    if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
+        documents = _json_lines(file, text_field)
+    elif name.endswith(".parquet"):
+        documents = _parquet_rows(file, text_field)
     else:
-        files = [path]
-    documents = []
-    for file in files:
         text = _read_utf8(file).replace("\r\n", "\n")
-        chunks = [text] if path.is_dir() else text.split("\f")
-        chunks = [chunk for chunk in chunks if chunk.strip()]
-        if not chunks:
-            raise ValueError(f"Text file {file} is empty (no non-whitespace text)")
-        documents.extend(chunks)
-    return documents
+        documents = iter(text.split("\f") if split_pages else [text])
+    empty = True
+    for document in documents:
+        if document.strip():
+            empty = False
+            yield document.replace("\r\n", "\n")
+    if empty:
+        raise ValueError(f"{file} is empty (no document with non-whitespace text)")
 
 
-def load_corpus(text: PathLike | None = None) -> list[str]:
+def iter_documents(path: PathLike, text_field: str = "text") -> Iterator[str]:
+    """The documents of a corpus (`corpus_files`), streamed file by file.
+
+    - ``.txt``: a file given alone is split into documents at form feeds
+      (``\\f``; without one it is one document, which `split_documents` then
+      splits by position); in a directory or a glob each file is one document.
+    - ``.jsonl``, ``.jsonl.gz``, ``.json.gz``: one JSON object a line, the
+      document under ``text_field``.
+    - ``.parquet``: the column ``text_field``, row by row (nulls skipped).
+
+    Windows line ends become ``\\n``; documents of only whitespace are skipped.
+
+    **Raises:** `ValueError` naming the file (and the line) for text that is not
+    valid UTF-8, a JSON line that is not an object with the field, a corrupt
+    gzip, a Parquet file without the column, or a file without documents.
+    """
+    files = corpus_files(path)
+    single = len(files) == 1 and Path(os.fspath(path)).expanduser().is_file()
+    for file in files:
+        yield from _file_documents(file, text_field, split_pages=single)
+
+
+def load_text(path: PathLike, text_field: str = "text") -> list[str]:
+    """The documents of a corpus of text files, JSON Lines or Parquet shards, in
+    memory: ``list(iter_documents(path, text_field))``.
+
+    **Raises:** `FileNotFoundError` for a missing path; `ValueError` as
+    `iter_documents`.
+    """
+    return list(iter_documents(path, text_field))
+
+
+def load_corpus(text: PathLike | None = None, text_field: str = "text") -> list[str]:
     """Documents of the corpus: Shakespeare's plays when ``text`` is None, else
-    `load_text(text)` (a UTF-8 file or a directory of ``.txt`` files)."""
-    return load_shakespeare() if text is None else load_text(text)
+    `load_text(text, text_field)` (a file, a directory or a glob of shards)."""
+    return load_shakespeare() if text is None else load_text(text, text_field)
 
 
 def corpus_hash(documents: Sequence[str]) -> str:

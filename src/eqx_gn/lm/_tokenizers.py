@@ -7,10 +7,16 @@ tokenizer of ``vocab_size = V`` has ``V - 1`` learned tokens and EOS = ``V - 1``
 So EOS cannot collide with any text, not even a NUL byte or a literal
 ``<|endoftext|>``. Documents are packed as ``doc_0 EOS doc_1 EOS ... doc_n EOS``;
 `decode` drops EOS ids.
+
+A tokenizer file (`FileTokenizer`, a Hugging Face ``tokenizer.json`` such as T5's
+or GPT-2's) brings its own vocabulary and its own end-of-document token instead.
 """
 
 import abc
+import hashlib
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, final
 
 import numpy as np
@@ -139,6 +145,73 @@ class BPETokenizer(AbstractTokenizer):
             part
             for encoding in self.tokenizer.encode_batch_fast(list(documents))
             for part in (np.asarray(encoding.ids, dtype=np.int32), eos)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+    def decode(self, ids: Integer[np.ndarray, " n"] | Sequence[int]) -> str:
+        ids = self._check_ids(ids)
+        return self.tokenizer.decode(ids[ids != self.eos_id].tolist())
+
+
+#: End-of-document tokens a tokenizer file may hold, in the order they are looked
+#: for: GPT-2's and most byte-level BPEs', T5's and Llama's (SentencePiece), others.
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
+
+
+@final
+class FileTokenizer(AbstractTokenizer):
+    """A Hugging Face ``tokenizer.json`` file: its vocabulary (added tokens
+    included) and its end-of-document token, the first of `EOS_TOKENS` it holds.
+
+    ``encode`` adds no special tokens and reads special tokens' text as plain
+    text, so it never produces ``eos_id``. ``name`` is ``file-`` and the first 16
+    hex digits of the file's SHA-256 (``digest``, whole).
+
+    **Raises:** `ValueError` naming the file if it does not load or holds none of
+    `EOS_TOKENS`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path).expanduser()
+        try:
+            data = path.read_bytes()
+            tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            raise ValueError(f"tokenizer file {path} does not load: {reason}") from None
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        eos = next((t for t in EOS_TOKENS if t in vocab), None)
+        if eos is None:
+            raise ValueError(
+                f"tokenizer file {path} has no end-of-document token (none of "
+                f"{', '.join(EOS_TOKENS)})"
+            )
+        if hasattr(tokenizer, "encode_special_tokens"):
+            tokenizer.encode_special_tokens = True
+        self.tokenizer = tokenizer
+        self.path = path
+        self.digest = hashlib.sha256(data).hexdigest()
+        self.name = f"file-{self.digest[:16]}"
+        self.vocab_size = max(vocab.values()) + 1
+        self.eos_token = eos
+        self._eos_id = vocab[eos]
+
+    @property
+    def eos_id(self) -> int:
+        """The id of the file's end-of-document token."""
+        return self._eos_id
+
+    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def encode_documents(self, documents: Iterable[str]) -> Int32[np.ndarray, " n"]:
+        eos = np.array([self.eos_id], dtype=np.int32)
+        parts = [
+            part for ids in self.encode_batch(list(documents)) for part in (ids, eos)
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 

@@ -24,7 +24,7 @@ import tokenizers
 from jaxtyping import Integer
 
 from ._corpus import PathLike, corpus_hash, load_corpus, split_documents
-from ._tokenizers import AbstractTokenizer, BPETokenizer, ByteTokenizer
+from ._tokenizers import AbstractTokenizer, BPETokenizer, ByteTokenizer, FileTokenizer
 
 #: Environment variable naming the cache directory.
 CACHE_ENV_VAR = "EQX_GN_CACHE"
@@ -45,12 +45,14 @@ def _atomic_path(path: Path) -> Path:
 
 
 def make_tokenizer(
-    kind: Literal["byte", "bpe"] = "byte",
+    kind: Literal["byte", "bpe"] | PathLike = "byte",
     documents: Sequence[str] | None = None,
     vocab_size: int | None = None,
     cache_dir: PathLike | None = None,
 ) -> AbstractTokenizer:
-    """A tokenizer: ``"byte"`` (vocab 257) or ``"bpe"`` trained on ``documents``.
+    """A tokenizer: ``"byte"`` (vocab 257), ``"bpe"`` trained on ``documents``, or
+    the path of a Hugging Face ``tokenizer.json`` (`FileTokenizer`: its vocabulary
+    and end-of-document token come from the file).
 
     A BPE tokenizer is cached at ``<cache>/tokenizers/bpe<V>-<hash16>.json``,
     keyed by ``vocab_size`` and the `corpus_hash` of ``documents``; later calls
@@ -61,7 +63,11 @@ def make_tokenizer(
             raise ValueError(f"The byte tokenizer has vocab_size 257, got {vocab_size}")
         return ByteTokenizer()
     if kind != "bpe":
-        raise ValueError(f"Unknown tokenizer kind {kind!r}; expected 'byte' or 'bpe'")
+        if vocab_size is not None:
+            raise ValueError(
+                f"A tokenizer file has its own vocabulary; got vocab_size={vocab_size}"
+            )
+        return FileTokenizer(kind)
     if vocab_size is None or not documents:
         raise ValueError("A BPE tokenizer needs training documents and a vocab_size")
     name = f"bpe{vocab_size}-{corpus_hash(documents)[:16]}"
@@ -106,7 +112,8 @@ class TokenSplits:
 def prepare_splits(
     text: PathLike | None = None,
     *,
-    tokenizer: Literal["byte", "bpe"] | AbstractTokenizer = "byte",
+    text_field: str = "text",
+    tokenizer: Literal["byte", "bpe"] | PathLike | AbstractTokenizer = "byte",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -114,11 +121,12 @@ def prepare_splits(
 ) -> TokenSplits:
     """Load the corpus, split it by document, tokenize and cache both splits.
 
-    ``text`` is as in `load_corpus`. A ``"bpe"`` tokenizer is trained on the
+    ``text`` and ``text_field`` are as in `load_corpus`; ``tokenizer`` as in
+    `make_tokenizer`, or a tokenizer. A ``"bpe"`` tokenizer is trained on the
     train split only (no validation leakage). Token files are cached under
     ``<cache>/tokens/<hash16>/<tokenizer.name>/``.
     """
-    documents = load_corpus(text)
+    documents = load_corpus(text, text_field)
     train_docs, val_docs = split_documents(documents, val_fraction, seed)
     if not isinstance(tokenizer, AbstractTokenizer):
         tokenizer = make_tokenizer(tokenizer, train_docs, vocab_size, cache_dir)
@@ -151,7 +159,8 @@ def _bundled_splits(
 def cached_splits(
     text: PathLike | None,
     *,
-    tokenizer: Literal["byte", "bpe"] = "byte",
+    text_field: str = "text",
+    tokenizer: Literal["byte", "bpe"] | PathLike = "byte",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     cache_dir: PathLike | None = None,
@@ -164,6 +173,7 @@ def cached_splits(
         return _bundled_splits(tokenizer, vocab_size, val_fraction, cache)
     return prepare_splits(
         text,
+        text_field=text_field,
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         val_fraction=val_fraction,

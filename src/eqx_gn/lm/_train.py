@@ -201,6 +201,7 @@ class _Training:
         try:
             self.splits = cached_splits(
                 config.text,
+                text_field=config.text_field,
                 tokenizer=config.tokenizer,
                 vocab_size=config.vocab_size,
                 val_fraction=config.val_fraction,
@@ -591,6 +592,7 @@ class _Training:
             },
             "num_params": count_params(self.model),
             "tokenizer": self.splits.tokenizer.name,
+            "tokenizer_sha256": getattr(self.splits.tokenizer, "digest", None),
             "corpus_hash": self.splits.corpus_hash,
             "train_tokens": len(self.splits.train),
             "validation_tokens": len(self.splits.validation),

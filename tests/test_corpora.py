@@ -259,3 +259,82 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path, documents, case):
     assert not (tmp_path / "cache" / "tokens").exists() or not any(
         (tmp_path / "cache" / "tokens").rglob("*.npy")
     )
+
+
+# -- the token cache: streamed, bounded, found again, never half-trusted ------------
+
+
+def test_the_cache_is_found_again_by_its_files_and_rebuilt_when_one_changes(
+    tmp_path, documents, monkeypatch
+):
+    from eqx_gn.lm import _corpus
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", documents[:100])
+    write_parquet(folder / "b.parquet", documents[100:200])
+    first = prepare_splits(folder, cache_dir=tmp_path / "cache")
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the corpus was read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(_corpus, "_file_documents", unread)
+        again = prepare_splits(folder, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.train, first.train)
+    assert again.corpus_hash == first.corpus_hash == corpus_hash(documents[:200])
+    # A changed shard is a new corpus.
+    write_jsonl(folder / "a.jsonl", documents[:99])
+    changed = prepare_splits(folder, cache_dir=tmp_path / "cache")
+    assert changed.corpus_hash == corpus_hash(documents[:99] + documents[100:200])
+
+
+def test_tokenizing_holds_a_chunk_not_the_corpus(tmp_path, documents, monkeypatch):
+    import tracemalloc
+
+    from eqx_gn.lm import _tokens
+
+    # About 24 MB of text in gzipped JSON Lines, tokenized in 1 MB chunks.
+    monkeypatch.setattr(_tokens, "CHUNK_BYTES", 2**20)
+    text = sum(map(len, documents))
+    copies = 24_000_000 // text + 1
+    write_jsonl(tmp_path / "big.jsonl.gz", documents * copies, opener=gzip.open)
+    tracemalloc.start()
+    try:
+        splits = prepare_splits(tmp_path / "big.jsonl.gz", cache_dir=tmp_path / "c")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tokens = len(splits.train) + len(splits.validation)
+    assert tokens > 24_000_000
+    # The corpus in memory would be >= 24 MB of text and 48 MB of uint16 tokens.
+    assert peak < 12_000_000, peak
+
+
+def test_an_interrupted_tokenization_leaves_nothing_trusted(
+    tmp_path, documents, monkeypatch
+):
+    from eqx_gn.lm import _tokens
+    from eqx_gn.lm._tokenizers import ByteTokenizer
+
+    monkeypatch.setattr(_tokens, "CHUNK_BYTES", 10_000)
+    write_jsonl(tmp_path / "a.jsonl", documents)
+    calls = []
+    original = ByteTokenizer.encode_batch
+
+    def interrupted(self, texts):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, texts)
+
+    with monkeypatch.context() as m:
+        m.setattr(ByteTokenizer, "encode_batch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_splits(tmp_path / "a.jsonl", cache_dir=tmp_path / "cache")
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    splits = prepare_splits(tmp_path / "a.jsonl", cache_dir=tmp_path / "cache")
+    train_docs, _ = split_documents(documents, 0.1, 0)
+    np.testing.assert_array_equal(
+        splits.train, splits.tokenizer.encode_documents(train_docs)
+    )

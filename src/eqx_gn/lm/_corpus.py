@@ -268,6 +268,16 @@ def corpus_hash(documents: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def validation_mask(n: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Which of ``n >= 2`` documents are validation: ``max(1, round(val_fraction *
+    n))`` of them (at most ``n - 1``), drawn by a permutation seeded with
+    ``seed``; a bool array of ``n``."""
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    is_val = np.zeros(n, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    return is_val
+
+
 def split_documents(
     documents: Sequence[str], val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[list[str], list[str]]:
@@ -301,9 +311,7 @@ def split_documents(
                 f"train and validation parts with val_fraction={val_fraction}"
             )
         return [train], [val]
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    is_val = validation_mask(n, val_fraction, seed)
     train = [d for d, v in zip(documents, is_val, strict=True) if not v]
     val = [d for d, v in zip(documents, is_val, strict=True) if v]
     return train, val

@@ -50,6 +50,10 @@ class AbstractTokenizer(abc.ABC):
     def decode(self, ids: Integer[np.ndarray, " n"] | Sequence[int]) -> str:
         """Text of ``ids`` (EOS dropped; undecodable bytes become U+FFFD)."""
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each of ``texts``."""
+        return [self.encode(text) for text in texts]
+
     def encode_documents(self, documents: Iterable[str]) -> Int32[np.ndarray, " n"]:
         """``doc_0 EOS doc_1 EOS ... doc_n EOS`` as one int32 array."""
         eos = np.array([self.eos_id], dtype=np.int32)
@@ -116,8 +120,11 @@ class BPETokenizer(AbstractTokenizer):
         self.name = name
 
     @classmethod
-    def train(cls, documents: Sequence[str], vocab_size: int) -> "BPETokenizer":
-        """Train on ``documents`` with ``vocab_size - 1`` learned tokens (not cached)."""
+    def train(
+        cls, documents: Iterable[str], vocab_size: int, name: str | None = None
+    ) -> "BPETokenizer":
+        """Train on ``documents`` with ``vocab_size - 1`` learned tokens (not
+        cached); ``name`` defaults to ``bpe<V>-`` and their `corpus_hash`."""
         # 256 byte symbols + at least one merge + EOS.
         if vocab_size < 258:
             raise ValueError(f"BPE vocab_size must be at least 258, got {vocab_size}")
@@ -131,13 +138,20 @@ class BPETokenizer(AbstractTokenizer):
             special_tokens=[],
             show_progress=False,
         )
+        if name is None:
+            documents = list(documents)
+            name = f"bpe{vocab_size}-{corpus_hash(documents)[:16]}"
         tok.train_from_iterator(documents, trainer=trainer)
-        return cls(tok, vocab_size, f"bpe{vocab_size}-{corpus_hash(documents)[:16]}")
+        return cls(tok, vocab_size, name)
 
     def encode(self, text: str) -> Int32[np.ndarray, " n"]:
         return np.asarray(
             self.tokenizer.encode_batch_fast([text])[0].ids, dtype=np.int32
         )
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self.tokenizer.encode_batch_fast(texts)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def encode_documents(self, documents: Iterable[str]) -> Int32[np.ndarray, " n"]:
         eos = np.array([self.eos_id], dtype=np.int32)

@@ -9,12 +9,20 @@ processes sharing the directory never see a partial file::
     <cache>/tokens/<hash16>/<tokenizer.name>/<split>-val<fraction>-seed<seed>.npy
         packed tokens of one split (uint16 when vocab_size <= 65536, else int32);
         hash16 = corpus_hash of the whole corpus
+    <cache>/tokens/by-files/<key16>-<tokenizer>-val<fraction>-seed<seed>.json
+        the index of a streamed corpus: its corpus_hash and tokenizer name, keyed
+        by its files (paths, sizes, modification times) and text field; written
+        last, so a corpus is read again only when a file changes
 """
 
 import functools
+import hashlib
+import json
 import os
+import sys
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +31,15 @@ import numpy as np
 import tokenizers
 from jaxtyping import Integer
 
-from ._corpus import PathLike, corpus_hash, load_corpus, split_documents
+from ._corpus import (
+    PathLike,
+    corpus_files,
+    corpus_hash,
+    iter_documents,
+    load_corpus,
+    split_documents,
+    validation_mask,
+)
 from ._tokenizers import AbstractTokenizer, BPETokenizer, ByteTokenizer, FileTokenizer
 
 #: Environment variable naming the cache directory.
@@ -71,10 +87,18 @@ def make_tokenizer(
     if vocab_size is None or not documents:
         raise ValueError("A BPE tokenizer needs training documents and a vocab_size")
     name = f"bpe{vocab_size}-{corpus_hash(documents)[:16]}"
+    return _cached_bpe(name, vocab_size, documents, cache_dir)
+
+
+def _cached_bpe(
+    name: str, vocab_size: int, documents: Iterable[str], cache_dir: PathLike | None
+) -> BPETokenizer:
+    """The BPE tokenizer ``name`` from the cache, or trained on ``documents`` and
+    cached."""
     path = _cache_root(cache_dir) / "tokenizers" / f"{name}.json"
     if path.exists():
         return BPETokenizer(tokenizers.Tokenizer.from_file(str(path)), vocab_size, name)
-    tokenizer = BPETokenizer.train(documents, vocab_size)
+    tokenizer = BPETokenizer.train(documents, vocab_size, name)
     tmp = _atomic_path(path)
     tokenizer.tokenizer.save(str(tmp))
     os.replace(tmp, path)
@@ -118,6 +142,7 @@ def prepare_splits(
     val_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: PathLike | None = None,
+    progress: bool = False,
 ) -> TokenSplits:
     """Load the corpus, split it by document, tokenize and cache both splits.
 
@@ -125,7 +150,23 @@ def prepare_splits(
     `make_tokenizer`, or a tokenizer. A ``"bpe"`` tokenizer is trained on the
     train split only (no validation leakage). Token files are cached under
     ``<cache>/tokens/<hash16>/<tokenizer.name>/``.
+
+    A corpus of files (``text`` not None, two or more documents) is **streamed**:
+    one pass counts its documents, a second tokenizes them in chunks straight
+    into the token files, so memory stays bounded whatever the corpus's size
+    (``progress`` shows the second pass and reports its throughput). An index
+    keyed by the corpus files (paths, sizes, modification times), the text field,
+    the tokenizer and the split finds the cache again without reading the corpus.
+    An interrupted pass leaves only its temporary files' names behind it, which no
+    later run reads.
     """
+    if text is not None:
+        streamed = _streamed_splits(
+            text, text_field, tokenizer, vocab_size, val_fraction, seed, cache_dir,
+            progress,
+        )  # fmt: skip
+        if streamed is not None:
+            return streamed
     documents = load_corpus(text, text_field)
     train_docs, val_docs = split_documents(documents, val_fraction, seed)
     if not isinstance(tokenizer, AbstractTokenizer):
@@ -140,6 +181,208 @@ def prepare_splits(
             val_docs, tokenizer, folder / f"validation-{suffix}"
         ),
         corpus_hash=digest,
+    )
+
+
+#: Text per tokenization chunk of the streamed pass (bytes of UTF-8).
+CHUNK_BYTES = 8 * 2**20
+
+
+class _TokenFileWriter:
+    """Token ids appended chunk by chunk to a ``.npy`` file under a temporary name;
+    `close` writes the header with the final length (numpy pads a 1-D header for
+    any length, so it keeps its size) and renames the file into place."""
+
+    def __init__(self, folder: Path, dtype: "type[np.integer]"):
+        self.dtype = np.dtype(dtype)
+        self.tmp = _atomic_path(folder / "stream.npy")
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed by close/discard
+        self.count = 0
+        self.header = self._write_header()
+
+    def _write_header(self) -> int:
+        self.file.seek(0)
+        np.lib.format.write_array_header_1_0(
+            self.file,
+            {
+                "descr": np.lib.format.dtype_to_descr(self.dtype),
+                "fortran_order": False,
+                "shape": (self.count,),
+            },
+        )
+        return self.file.tell()
+
+    def append(self, ids: np.ndarray) -> None:
+        self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.count += len(ids)
+
+    def close(self, path: Path) -> None:
+        if self._write_header() != self.header:  # pragma: no cover - numpy's format
+            raise RuntimeError(f"the .npy header of {path} changed size")
+        self.file.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, path)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _files_key(files: list[Path], text_field: str, single: bool) -> str:
+    h = hashlib.sha256(json.dumps([text_field, single]).encode())
+    for file in files:
+        stat = file.stat()
+        h.update(
+            json.dumps([str(file.resolve()), stat.st_size, stat.st_mtime_ns]).encode()
+        )
+    return h.hexdigest()
+
+
+def _streamed_splits(
+    text: PathLike,
+    text_field: str,
+    tokenizer: str | PathLike | AbstractTokenizer,
+    vocab_size: int | None,
+    val_fraction: float,
+    seed: int,
+    cache_dir: PathLike | None,
+    progress: bool,
+) -> TokenSplits | None:
+    """`prepare_splits` of a corpus of files in two streamed passes; None for a
+    single document (split by position, in memory)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    files = corpus_files(text)
+    single = len(files) == 1 and Path(os.fspath(text)).expanduser().is_file()
+    root = _cache_root(cache_dir)
+    if isinstance(tokenizer, AbstractTokenizer) or tokenizer != "bpe":
+        if not isinstance(tokenizer, AbstractTokenizer):
+            tokenizer = make_tokenizer(tokenizer, None, vocab_size, cache_dir)
+        spec = tokenizer.name
+    else:
+        if vocab_size is None:
+            raise ValueError(
+                "A BPE tokenizer needs training documents and a vocab_size"
+            )
+        spec = f"bpe{vocab_size}"
+    key = _files_key(files, text_field, single)
+    index = (
+        root
+        / "tokens"
+        / "by-files"
+        / (f"{key[:16]}-{spec}-val{val_fraction!r}-seed{seed}.json")
+    )
+    suffix = f"val{val_fraction!r}-seed{seed}.npy"
+    if index.exists():
+        meta = json.loads(index.read_text())
+        folder = root / "tokens" / meta["corpus_hash"][:16] / meta["tokenizer"]
+        paths = [folder / f"{split}-{suffix}" for split in ("train", "validation")]
+        if all(p.exists() for p in paths):
+            if isinstance(tokenizer, str):  # BPE, cached under the index's name
+                tokenizer = _cached_bpe(meta["tokenizer"], vocab_size, [], cache_dir)
+            return TokenSplits(
+                tokenizer, *(np.load(p, mmap_mode="r") for p in paths),
+                corpus_hash=meta["corpus_hash"],
+            )  # fmt: skip
+
+    n = sum(1 for _ in iter_documents(text, text_field))
+    if n < 2:
+        return None
+    is_val = validation_mask(n, val_fraction, seed)
+
+    def documents(validation: bool | None = None) -> Iterator[str]:
+        for i, document in enumerate(iter_documents(text, text_field)):
+            if validation is None or is_val[i] == validation:
+                yield document
+
+    if isinstance(tokenizer, str):  # BPE on the train split: its name is its hash
+        h = hashlib.sha256(int(n - is_val.sum()).to_bytes(8, "little"))
+        for document in documents(validation=False):
+            data = document.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+        name = f"bpe{vocab_size}-{h.hexdigest()[:16]}"
+        tokenizer = _cached_bpe(name, vocab_size, documents(False), cache_dir)
+    return _tokenize_streamed(
+        documents(), is_val, tokenizer, root, suffix, index, progress
+    )
+
+
+def _tokenize_streamed(
+    documents: Iterator[str],
+    is_val: np.ndarray,
+    tokenizer: AbstractTokenizer,
+    root: Path,
+    suffix: str,
+    index: Path,
+    progress: bool,
+) -> TokenSplits:
+    """The second pass: hash, tokenize and write both splits, chunk by chunk."""
+    n = len(is_val)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    staging = root / "tokens"
+    writers = [_TokenFileWriter(staging, dtype), _TokenFileWriter(staging, dtype)]
+    h = hashlib.sha256(n.to_bytes(8, "little"))
+    eos = np.array([tokenizer.eos_id])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="doc", desc="tokenizing", dynamic_ncols=True)
+    start, text_bytes = time.perf_counter(), 0
+    chunk: list[str] = []
+    splits: list[bool] = []
+    size = 0
+
+    def flush():
+        for validation, ids in zip(splits, tokenizer.encode_batch(chunk), strict=True):
+            writers[validation].append(ids)
+            writers[validation].append(eos)
+        if bar is not None:
+            bar.update(len(chunk))
+        chunk.clear()
+        splits.clear()
+
+    try:
+        for i, document in enumerate(documents):
+            data = document.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+            chunk.append(document)
+            splits.append(bool(is_val[i]))
+            size += len(data)
+            text_bytes += len(data)
+            if size >= CHUNK_BYTES:
+                flush()
+                size = 0
+        flush()
+        digest = h.hexdigest()
+        folder = root / "tokens" / digest[:16] / tokenizer.name
+        paths = [folder / f"{split}-{suffix}" for split in ("train", "validation")]
+        for writer, path in zip(writers, paths, strict=True):
+            writer.close(path)
+    except BaseException:
+        for writer in writers:
+            writer.discard()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    tmp = _atomic_path(index)
+    tmp.write_text(json.dumps({"corpus_hash": digest, "tokenizer": tokenizer.name}))
+    os.replace(tmp, index)
+    if progress:
+        seconds = time.perf_counter() - start
+        tokens = writers[0].count + writers[1].count
+        print(
+            f"tokenized {n:,} documents ({text_bytes / 1e6:,.1f} MB of text) into "
+            f"{tokens:,} tokens in {seconds:.1f} s ({text_bytes / 1e6 / seconds:,.1f} "
+            "MB/s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return TokenSplits(
+        tokenizer, *(np.load(p, mmap_mode="r") for p in paths), corpus_hash=digest
     )
 
 
@@ -160,6 +403,7 @@ def cached_splits(
     text: PathLike | None,
     *,
     text_field: str = "text",
+    progress: bool = False,
     tokenizer: Literal["byte", "bpe"] | PathLike = "byte",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
@@ -174,6 +418,7 @@ def cached_splits(
     return prepare_splits(
         text,
         text_field=text_field,
+        progress=progress,
         tokenizer=tokenizer,
         vocab_size=vocab_size,
         val_fraction=val_fraction,

@@ -202,6 +202,7 @@ class _Training:
             self.splits = cached_splits(
                 config.text,
                 text_field=config.text_field,
+                progress=config.progress and self.primary,
                 tokenizer=config.tokenizer,
                 vocab_size=config.vocab_size,
                 val_fraction=config.val_fraction,

@@ -220,8 +220,14 @@ def shampoo(
 
     Args:
         learning_rate: $\eta$, a float or an optax schedule of the call count.
-        b1, b2, eps, precondition_frequency, max_precond_dim, matrix_eps: as in
+        b1: as in [`scale_by_shampoo`][eqx_gn.baselines.scale_by_shampoo].
+        b2: as in [`scale_by_shampoo`][eqx_gn.baselines.scale_by_shampoo].
+        eps: as in [`scale_by_shampoo`][eqx_gn.baselines.scale_by_shampoo].
+        precondition_frequency: as in
             [`scale_by_shampoo`][eqx_gn.baselines.scale_by_shampoo].
+        max_precond_dim: as in
+            [`scale_by_shampoo`][eqx_gn.baselines.scale_by_shampoo].
+        matrix_eps: as in [`scale_by_shampoo`][eqx_gn.baselines.scale_by_shampoo].
         weight_decay: $\lambda$, decoupled weight decay (needs ``params``).
     """
     return optax.chain(

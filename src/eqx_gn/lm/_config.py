@@ -27,7 +27,7 @@ from ._methods import (
     TRUST_RULES,
     parse_method,
 )
-from ._model import CONFIGS
+from ._model import COMPUTE_DTYPES, CONFIGS
 
 #: A field defines the run: a resumed run must keep it.
 DEFINES = "defines"
@@ -126,6 +126,14 @@ class TrainConfig:
         "the transformer blocks as one stacked module applied with jax.lax.scan "
         "(the same function and weights; compile time flat in depth)",
         group="model",
+    )
+    compute_dtype: str = _setting(
+        "float32",
+        "the dtype of the model's matrix products (bfloat16: inputs rounded to it, "
+        "float32 accumulation); parameters, optimizer state, logits and the loss "
+        "stay float32",
+        group="model",
+        choices=COMPUTE_DTYPES,
     )
     # -- optimization
     optimizer: str = _setting(
@@ -557,6 +565,7 @@ def _validate(config: TrainConfig) -> None:
         raise ConfigError("text_field must name a field, got ''")
     for name in (
         "model",
+        "compute_dtype",
         "optimizer",
         "blocks",
         "solver",

@@ -22,6 +22,7 @@ gives the same partition for both.
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -35,6 +36,27 @@ from .._layer_scan import LayerScan
 
 #: The standard deviation of the normal initialisation of every matrix.
 INIT_STD = 0.02
+
+#: The dtypes a model's matrix products may be computed in (``compute_dtype``).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _product(spec: str, a: Array, b: Array, compute_dtype: str | None) -> Array:
+    r"""``jnp.einsum(spec, a, b)`` with ``a`` and ``b`` rounded to ``compute_dtype``
+    and the products accumulated, and returned, in their own dtype.
+
+    In bfloat16 (8 significant bits, unit roundoff $u = 2^{-8}$) each input is
+    rounded once, so each term $a_i b_i$ is within about $2u$ of the exact one while
+    the sum stays float32. ``None`` leaves the product as it is.
+    """
+    if compute_dtype is None:
+        return jnp.einsum(spec, a, b)
+    return jnp.einsum(
+        spec,
+        a.astype(compute_dtype),
+        b.astype(compute_dtype),
+        preferred_element_type=jnp.result_type(a, b),
+    )
 
 
 class LMConfig(eqx.Module):
@@ -139,7 +161,9 @@ class Linear(eqx.Module):
     """A bias-free linear map ``x @ weight.T``.
 
     The weight is stored ``(fan_out, fan_in)``, as in ``eqx.nn.Linear``, which is the
-    layout [`eqx_gn.muon_adamw`][] orthogonalises for.
+    layout [`eqx_gn.muon_adamw`][] orthogonalises for. With ``compute_dtype``
+    (``"bfloat16"``) the product rounds ``x`` and the weight to it and accumulates
+    in their own dtype, which is also the output's.
     """
 
     weight: Float[Array, "fan_out fan_in"]
@@ -148,9 +172,11 @@ class Linear(eqx.Module):
         self.weight = _normal(key, (fan_out, fan_in), dtype)
 
     def __call__(
-        self, x: Float[Array, "*batch fan_in"]
+        self, x: Float[Array, "*batch fan_in"], *, compute_dtype: str | None = None
     ) -> Float[Array, "*batch fan_out"]:
-        return x @ self.weight.T
+        if compute_dtype is None:
+            return x @ self.weight.T
+        return _product("...i,oi->...o", x, self.weight, compute_dtype)
 
 
 class Embedding(eqx.Module):
@@ -228,20 +254,25 @@ class Attention(eqx.Module):
         self.heads = config.heads
         self.rope_base = config.rope_base
 
-    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
+    def __call__(
+        self, x: Float[Array, "seq width"], *, compute_dtype: str | None = None
+    ) -> Float[Array, "seq width"]:
         seq, width = x.shape
         head_dim = width // self.heads
         shape = (seq, self.heads, head_dim)
         positions = jnp.arange(seq)
-        q = apply_rope(self.wq(x).reshape(shape), positions, self.rope_base)
-        k = apply_rope(self.wk(x).reshape(shape), positions, self.rope_base)
-        v = self.wv(x).reshape(shape)
-        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(head_dim)
+        cd = compute_dtype
+        q = self.wq(x, compute_dtype=cd).reshape(shape)
+        k = self.wk(x, compute_dtype=cd).reshape(shape)
+        v = self.wv(x, compute_dtype=cd).reshape(shape)
+        q = apply_rope(q, positions, self.rope_base)
+        k = apply_rope(k, positions, self.rope_base)
+        scores = _product("qhd,khd->hqk", q, k, cd) / math.sqrt(head_dim)
         causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
         scores = jnp.where(causal[None, :, :], scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(seq, width)
-        return self.wo(out)
+        out = _product("hqk,khd->qhd", weights, v, cd).reshape(seq, width)
+        return self.wo(out, compute_dtype=cd)
 
 
 class MLP(eqx.Module):
@@ -255,8 +286,11 @@ class MLP(eqx.Module):
         self.w1 = Linear(config.width, config.ffn, key=k1, dtype=dtype)
         self.w2 = Linear(config.ffn, config.width, key=k2, dtype=dtype)
 
-    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
-        return self.w2(jax.nn.gelu(self.w1(x)))
+    def __call__(
+        self, x: Float[Array, "seq width"], *, compute_dtype: str | None = None
+    ) -> Float[Array, "seq width"]:
+        hidden = jax.nn.gelu(self.w1(x, compute_dtype=compute_dtype))
+        return self.w2(hidden, compute_dtype=compute_dtype)
 
 
 class TransformerBlock(eqx.Module):
@@ -274,9 +308,12 @@ class TransformerBlock(eqx.Module):
         self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=dtype)
         self.mlp = MLP(config, key=km, dtype=dtype)
 
-    def __call__(self, x: Float[Array, "seq width"]) -> Float[Array, "seq width"]:
-        x = x + self.attention(self.attention_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(
+        self, x: Float[Array, "seq width"], *, compute_dtype: str | None = None
+    ) -> Float[Array, "seq width"]:
+        cd = compute_dtype
+        x = x + self.attention(self.attention_norm(x), compute_dtype=cd)
+        return x + self.mlp(self.mlp_norm(x), compute_dtype=cd)
 
 
 class Transformer(eqx.Module):
@@ -286,6 +323,13 @@ class Transformer(eqx.Module):
     $\\mathcal N(0, 0.02^2)$ and every RMSNorm scale to one, in ``dtype`` (float32
     by default). Calling it on one sequence of token ids gives next-token logits;
     [`apply_lm`][eqx_gn.lm.apply_lm] applies it to a batch.
+
+    ``compute_dtype`` (``None``, ``"float32"`` or ``"bfloat16"``: mixed precision)
+    is the dtype of the matrix products: every linear map and both attention
+    products round their inputs to it and accumulate in the parameters' dtype.
+    Norms, softmax, the residual stream and the logits keep the parameters' dtype,
+    so with float32 parameters the loss and, in a GN product, its Hessian are
+    float32. ``None``: the parameters' dtype throughout.
 
     ``blocks`` is a tuple of ``depth`` blocks, or with ``config.scan_layers`` one
     block whose arrays are the same blocks' arrays stacked along a leading axis
@@ -318,8 +362,12 @@ class Transformer(eqx.Module):
         self.config = config
 
     def __call__(
-        self, tokens: Integer[Array | np.ndarray, " seq"]
+        self,
+        tokens: Integer[Array | np.ndarray, " seq"],
+        *,
+        compute_dtype: str | None = None,
     ) -> Float[Array, "seq vocab"]:
+        _check_compute_dtype(compute_dtype)
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 1:
             raise ValueError(
@@ -336,25 +384,38 @@ class Transformer(eqx.Module):
             arrays, static = eqx.partition(self.blocks, eqx.is_array)
 
             def layer(x, arrays_i):
-                return eqx.combine(arrays_i, static)(x), None
+                block = eqx.combine(arrays_i, static)
+                return block(x, compute_dtype=compute_dtype), None
 
             x, _ = jax.lax.scan(layer, x, arrays)
         else:
             for block in self.blocks:
-                x = block(x)
-        return self.head(self.final_norm(x))
+                x = block(x, compute_dtype=compute_dtype)
+        return self.head(self.final_norm(x), compute_dtype=compute_dtype)
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"compute_dtype must be None or one of {', '.join(COMPUTE_DTYPES)}; "
+            f"got {compute_dtype!r}."
+        )
 
 
 def apply_lm(
-    model: Transformer, tokens: Integer[Array | np.ndarray, "batch seq"]
+    model: Transformer,
+    tokens: Integer[Array | np.ndarray, "batch seq"],
+    *,
+    compute_dtype: str | None = None,
 ) -> Float[Array, "batch seq vocab"]:
-    """Logits for a batch of sequences: the ``fn(model, inputs)`` of eqx_gn."""
+    """Logits for a batch of sequences: the ``fn(model, inputs)`` of eqx_gn
+    (``compute_dtype``: see [`Transformer`][eqx_gn.lm.Transformer])."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(
             f"apply_lm takes tokens of shape (batch, seq), got {tokens.shape}."
         )
-    return jax.vmap(model)(tokens)
+    return jax.vmap(lambda t: model(t, compute_dtype=compute_dtype))(tokens)
 
 
 def _embed(model: Transformer, tokens) -> Float[Array, "batch seq width"]:
@@ -371,12 +432,25 @@ def _embed(model: Transformer, tokens) -> Float[Array, "batch seq width"]:
     return jax.vmap(model.embedding)(tokens)
 
 
-def _block(block: TransformerBlock, x: Float[Array, "batch seq width"]):
-    return jax.vmap(block)(x)
+def _block(
+    block: TransformerBlock,
+    x: Float[Array, "batch seq width"],
+    *,
+    compute_dtype: str | None = None,
+):
+    return jax.vmap(lambda h: block(h, compute_dtype=compute_dtype))(x)
 
 
-def _final(model: Transformer, x: Float[Array, "batch seq width"]):
-    return jax.vmap(lambda h: model.head(model.final_norm(h)))(x)
+def _final(
+    model: Transformer,
+    x: Float[Array, "batch seq width"],
+    *,
+    compute_dtype: str | None = None,
+):
+    def final(h):
+        return model.head(model.final_norm(h), compute_dtype=compute_dtype)
+
+    return jax.vmap(final)(x)
 
 
 def _stack(model: Transformer) -> TransformerBlock:
@@ -390,12 +464,48 @@ APPLY_SCANNED: LayerScan = LayerScan(
 )
 
 
-def apply_fn(model: Transformer) -> ApplyFn:
+class _InComputeDtype(eqx.Module):
+    """``fn(*args, compute_dtype=compute_dtype)``: a hashable apply function, equal
+    to another of the same ``fn`` and dtype (so ``jit`` compiles it once)."""
+
+    fn: Callable = eqx.field(static=True)
+    compute_dtype: str = eqx.field(static=True)
+
+    def __call__(self, *args):
+        return self.fn(*args, compute_dtype=self.compute_dtype)
+
+
+def apply_lm_in(compute_dtype: str | None) -> ApplyFn:
+    """[`apply_lm`][eqx_gn.lm.apply_lm] with ``compute_dtype`` (``apply_lm`` itself
+    for ``None``), as a hashable function of ``(model, tokens)``."""
+    _check_compute_dtype(compute_dtype)
+    return (
+        apply_lm if compute_dtype is None else _InComputeDtype(apply_lm, compute_dtype)
+    )
+
+
+def apply_fn(model: Transformer, compute_dtype: str | None = None) -> ApplyFn:
     """The ``fn(model, inputs)`` to give eqx_gn for ``model``:
     [`apply_lm`][eqx_gn.lm.apply_lm], or with ``scan_layers`` the same function as an
     [`eqx_gn.LayerScan`][] (``APPLY_SCANNED``), whose layerwise products start each
-    layer's tangent pass at its layer."""
-    return APPLY_SCANNED if model.config.scan_layers else apply_lm
+    layer's tangent pass at its layer.
+
+    With ``compute_dtype`` (``"bfloat16"``) the same function computes its matrix
+    products in that dtype (see [`Transformer`][eqx_gn.lm.Transformer]); the
+    model, its parameters and their tree structure are unchanged, so one model
+    can be applied in either precision.
+    """
+    _check_compute_dtype(compute_dtype)
+    if compute_dtype is None:
+        return APPLY_SCANNED if model.config.scan_layers else apply_lm
+    if model.config.scan_layers:
+        return LayerScan(
+            before=_embed,
+            layer=_InComputeDtype(_block, compute_dtype),
+            after=_InComputeDtype(_final, compute_dtype),
+            stack=_stack,
+        )
+    return apply_lm_in(compute_dtype)
 
 
 def layerwise_blocks(model: Transformer) -> Blocks:

@@ -153,6 +153,7 @@ class GaussNewtonRecipe:
     b2: float
     weight_decay: float
     max_grad_norm: float
+    compute_dtype: str | None = None
 
     def _inner(self, model: Transformer) -> optax.GradientTransformation:
         """The inner optimizer at unit learning rate, built as its first-order
@@ -182,7 +183,7 @@ class GaussNewtonRecipe:
                 warm_start=True,
             )
         return GaussNewton(
-            apply_fn(model),
+            apply_fn(model, self.compute_dtype),
             LM_LOSS,
             solver=solver,
             line_search=UnitStep()
@@ -216,6 +217,12 @@ def with_learning_rate(gn: GaussNewton, lr) -> GaussNewton:
     return eqx.tree_at(lambda g: g.solver.learning_rate, gn, lr)
 
 
+def compute_dtype_of(config: TrainConfig) -> str | None:
+    """The ``compute_dtype`` of `eqx_gn.lm.apply_fn` for the run ``config``: ``None``
+    for float32 (the parameters' dtype: the products exactly as without one)."""
+    return None if config.compute_dtype == "float32" else config.compute_dtype
+
+
 def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
     """The recipe of ``phase`` (``"warmup"`` or ``"main"``) of the run ``config``."""
     if phase == "warmup":
@@ -237,6 +244,7 @@ def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
             b2=config.b2,
             weight_decay=config.weight_decay,
             max_grad_norm=config.max_grad_norm,
+            compute_dtype=compute_dtype_of(config),
         )
     return FirstOrderRecipe(
         config.optimizer,

@@ -21,7 +21,6 @@ import numpy as np
 
 from .._batches import mean_loss
 from .._gauss_newton import GaussNewton, GNStats
-from ._model import apply_lm
 from ._pipeline import inputs_and_targets
 from ._recipes import LM_LOSS, with_learning_rate
 
@@ -31,15 +30,16 @@ def _next_key(key_data):
 
 
 @eqx.filter_jit
-def first_order_step(optimizer, lr, model, opt_state, key_data, batch, layout):
+def first_order_step(apply, optimizer, lr, model, opt_state, key_data, batch, layout):
     """One optax step at learning rate ``lr`` (the optimizer is built at unit
     peak) on ``batch``: ``(batch_size, seq_len + 1)``, or ``(A, batch_size / A,
     seq_len + 1)`` micro-batches whose gradients are averaged (gradient
-    accumulation: the same mean loss and gradient, in ``A`` smaller passes)."""
+    accumulation: the same mean loss and gradient, in ``A`` smaller passes).
+    ``apply`` is the model's ``fn(model, inputs)`` (`eqx_gn.lm.apply_fn`)."""
 
     def loss_fn(model, batch):
         inputs, targets = inputs_and_targets(batch)
-        return LM_LOSS.value(apply_lm(model, inputs), targets)
+        return LM_LOSS.value(apply(model, inputs), targets)
 
     value_and_grad = eqx.filter_value_and_grad(loss_fn)
     if batch.ndim == 2:
@@ -103,9 +103,9 @@ def init_opt_state(optimizer, model, layout):
 
 
 @eqx.filter_jit
-def eval_loss(model, batches, layout):
+def eval_loss(apply, model, batches, layout):
     """The mean loss over stacked validation batches."""
-    loss = mean_loss(apply_lm, LM_LOSS, model, inputs_and_targets(batches))
+    loss = mean_loss(apply, LM_LOSS, model, inputs_and_targets(batches))
     return layout.constrain(loss)
 
 

@@ -76,7 +76,7 @@ import jax.numpy as jnp
 from ._checkpoint import Checkpointer
 from ._config import TrainConfig
 from ._errors import ConfigError, Diverged
-from ._model import LMConfig, Transformer, count_params, get_config
+from ._model import LMConfig, Transformer, apply_lm_in, count_params, get_config
 from ._parallel import (
     BATCH_AXES,
     StateLayout,
@@ -85,7 +85,7 @@ from ._parallel import (
     sync,
 )
 from ._pipeline import GlobalBatches, batch_iterator
-from ._recipes import compile_key, learning_rate_at, phase_recipe
+from ._recipes import compile_key, compute_dtype_of, learning_rate_at, phase_recipe
 from ._report import corpus_name, eval_line, start_line
 from ._run_dir import RunDirectory, read_run_config
 from ._steps import (
@@ -261,10 +261,14 @@ class _Training:
         init = _initializer(self.model_config, self.layout)
         params, self.key_data = init(jnp.asarray(self.config.seed, jnp.int32))
         self.model = eqx.combine(params, self.static)
+        # The first-order steps' and the evaluation's function (GN's recipe builds
+        # its own, a LayerScan on a scanned model).
+        self.apply = apply_lm_in(compute_dtype_of(self.config))
 
     def _compiled(self, name: str, fn: Callable, key: Any, args: tuple) -> Callable:
         if name not in self.compiled:
-            compiled, seconds = COMPILED.get(fn, (key, self.model_config), args)
+            full_key = (key, self.model_config, self.apply)
+            compiled, seconds = COMPILED.get(fn, full_key, args)
             self.compiled[name] = compiled
             self.compile_s += seconds
         return self.compiled[name]
@@ -351,14 +355,14 @@ class _Training:
                 batch = self.batches.stacked(batch, accumulation)
             else:
                 batch = self.batches.flat(batch)
-            args, fn = (*state, batch, self.layout), first_order_step
+            args, fn = (self.apply, *state, batch, self.layout), first_order_step
         compiled = self._compiled(self.phase, fn, self.key, args)
         self.model, self.opt_state, self.key_data, metrics = compiled(*args)
         return json_ready(metrics)
 
     def _evaluate(self) -> float:
         start = time.perf_counter()
-        args = (self.model, self.eval_batches, self.layout)
+        args = (self.apply, self.model, self.eval_batches, self.layout)
         compiled = self._compiled("eval", eval_loss, "eval", args)
         loss = float(compiled(*args))
         self.eval_s += time.perf_counter() - start

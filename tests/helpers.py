@@ -523,7 +523,7 @@ def psgdax_config():
 
 def final_arrays(run_dir):
     """The newest checkpoint's step and arrays of a run directory."""
-    from eqx_gn.lm._checkpoint import Checkpointer
+    from eqx_gn.lm import Checkpointer
 
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:

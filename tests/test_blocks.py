@@ -113,6 +113,19 @@ def test_from_filters_with_names_and_bool_prefixes():
     assert "in: 2 leaves" in repr(blocks) and "hidden: 4 leaves" in repr(blocks)
 
 
+def test_reordered_is_the_same_partition_with_its_blocks_in_a_new_order():
+    model = _mlp(depth=3)
+    blocks = eqx_gn.Blocks.from_layers(model, lambda m: m.layers)
+    order = ["layer2", "layer0", "layer3", "layer1"]
+    moved = blocks.reordered(order)
+    assert moved.names == tuple(order)
+    for name in order:
+        assert moved.paths(name) == blocks.paths(name)
+        assert moved.members(name) == blocks.members(name)
+    with pytest.raises(ValueError, match="cannot reorder blocks"):
+        blocks.reordered(["layer0", "layer1", "layer2"])
+
+
 def test_from_layers_mlp():
     model = _mlp(depth=3)
     blocks = eqx_gn.Blocks.from_layers(model, lambda m: m.layers)

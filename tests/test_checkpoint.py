@@ -12,8 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqx_gn.lm import batch_iterator
-from eqx_gn.lm._checkpoint import Checkpointer, CheckpointError, CheckpointWarning
+from eqx_gn.lm import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointWarning,
+    batch_iterator,
+)
 
 _TOKENS = np.arange(5000, dtype=np.int32) % 251
 

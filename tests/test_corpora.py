@@ -20,6 +20,7 @@ import pytest
 import tokenizers
 
 from eqx_gn.lm import (
+    FileTokenizer,
     TrainConfig,
     corpus_hash,
     load_text,
@@ -27,7 +28,6 @@ from eqx_gn.lm import (
     split_documents,
     train,
 )
-from eqx_gn.lm._tokenizers import FileTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +314,7 @@ def test_tokenizing_holds_a_chunk_not_the_corpus(tmp_path, documents, monkeypatc
 def test_an_interrupted_tokenization_leaves_nothing_trusted(
     tmp_path, documents, monkeypatch
 ):
-    from eqx_gn.lm import _tokens
-    from eqx_gn.lm._tokenizers import ByteTokenizer
+    from eqx_gn.lm import ByteTokenizer, _tokens
 
     monkeypatch.setattr(_tokens, "CHUNK_BYTES", 10_000)
     write_jsonl(tmp_path / "a.jsonl", documents)

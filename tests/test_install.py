@@ -75,3 +75,34 @@ def test_the_command_without_the_lm_extra_is_one_line():
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("eqx-gn: error: eqx_gn.lm needs the lm extra")
     assert 'pip install "eqx_gn[lm]"' in result.stderr
+
+
+def test_the_lm_package_imports_only_public_names_of_the_core():
+    """eqx_gn.lm is a user of eqx_gn like any other: no import of a private module
+    or a private name of eqx_gn or eqx_gn.baselines (a user's runner could not
+    do what ours does otherwise)."""
+    import ast
+    import pathlib
+
+    import eqx_gn.lm
+
+    lm = pathlib.Path(eqx_gn.lm.__file__).parent
+    private = []
+    for path in sorted(lm.glob("**/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:  # eqx_gn.lm's own modules
+                    continue
+                module = ("eqx_gn." if node.level == 2 else "") + (node.module or "")
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                module, names = "", [alias.name for alias in node.names]
+            else:
+                continue
+            dotted = [f"{module}.{n}" if module else n for n in names]
+            for name in dotted:
+                parts = name.split(".")
+                core = parts[0] == "eqx_gn" and parts[1:2] != ["lm"]
+                if core and any(part.startswith("_") for part in parts):
+                    private.append(f"{path.name}:{node.lineno} {name}")
+    assert not private, "eqx_gn.lm imports private core names: " + ", ".join(private)

@@ -11,8 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from eqx_gn.lm import TrainConfig, train
-from eqx_gn.lm._model import CONFIGS, Transformer
+from eqx_gn.lm import CONFIGS, TrainConfig, Transformer, train
 from eqx_gn.lm._recipes import FirstOrderRecipe
 from helpers import final_arrays, psgdax_config
 

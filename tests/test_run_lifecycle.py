@@ -13,8 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from eqx_gn.lm import ConfigError, Diverged, TrainConfig, train
-from eqx_gn.lm._checkpoint import Checkpointer
+from eqx_gn.lm import Checkpointer, ConfigError, Diverged, TrainConfig, train
 from eqx_gn.lm._cli import main as cli
 from eqx_gn.lm._run_dir import LOCK_FILE
 

@@ -319,8 +319,12 @@ class Blocks(eqx.Module):
             tuple(names), leaf_block, tuple(paths), treedef, (None,) * len(paths)
         )
 
-    def _reordered(self, names: Sequence[str]) -> "Blocks":
-        """The same partition with its blocks in the order of ``names``."""
+    def reordered(self, names: Sequence[str]) -> "Blocks":
+        """The same partition with its blocks in the order of ``names`` (the same
+        names, each once): for example a stacked-layers partition whose remainder
+        blocks go before and after the layers.
+
+        **Raises:** ``ValueError`` if ``names`` are not this partition's names."""
         if sorted(names) != sorted(self.names):
             raise ValueError(f"cannot reorder blocks {self.names} as {tuple(names)}.")
         new = {self.names.index(n): k for k, n in enumerate(names)}

@@ -23,6 +23,7 @@ gives the same partition for both.
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -30,9 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Integer, PRNGKeyArray, PyTree
 
-from .._blocks import Blocks
-from .._custom_types import ApplyFn, Model
-from .._layer_scan import LayerScan
+from .. import Blocks, LayerScan
+
+#: ``fn(model, inputs) -> outputs``, as eqx_gn takes it.
+ApplyFn = Callable[[Any, Any], Any]
 
 #: The standard deviation of the normal initialisation of every matrix.
 INIT_STD = 0.02
@@ -536,7 +538,7 @@ def layerwise_blocks(model: Transformer) -> Blocks:
                 "head": only(lambda m: m.head),
             },
             join={-1: only(lambda m: m.final_norm)},
-        )._reordered(names)
+        ).reordered(names)
     specs = [only(lambda m: m.embedding)]
     specs += [only(lambda m, i=i: m.blocks[i]) for i in range(depth - 1)]
     specs.append(only(lambda m: (m.blocks[-1], m.final_norm)))
@@ -552,7 +554,7 @@ def _is_param(x) -> bool:
     )
 
 
-def count_params(model: Model) -> int:
+def count_params(model: PyTree) -> int:
     """The number of parameters (inexact-array entries) of ``model``.
 
     Works on real models and on the ``jax.ShapeDtypeStruct`` trees that

@@ -41,13 +41,20 @@ import dataclasses
 import equinox as eqx
 import optax
 
-from .._gauss_newton import GaussNewton
-from .._line_search import GridLineSearch, UnitStep
-from .._losses import SoftmaxCrossEntropy
-from .._optimizers import muon_adamw
-from .._schedules import cosine_decay
-from .._solvers import CG, InnerOptimizer, ProxLinear
-from .._trust import AdaptiveTrust, FixedTrust, LevenbergMarquardt
+from .. import (
+    CG,
+    AdaptiveTrust,
+    FixedTrust,
+    GaussNewton,
+    GridLineSearch,
+    InnerOptimizer,
+    LevenbergMarquardt,
+    ProxLinear,
+    SoftmaxCrossEntropy,
+    UnitStep,
+    cosine_decay,
+    muon_adamw,
+)
 from ..baselines import shampoo, soap
 from ._config import TrainConfig
 from ._model import Transformer, apply_fn, embedding_and_head, layerwise_blocks

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._batches import mean_loss
-from .._gauss_newton import GaussNewton, GNStats
+from .. import GaussNewton, GNStats, mean_loss
 from ._pipeline import inputs_and_targets
 from ._recipes import LM_LOSS, with_learning_rate
 

@@ -1,3 +1,5 @@
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -415,6 +417,95 @@ def test_array_learning_rate_is_traced_matches_float_and_vmaps(getkey):
     np.testing.assert_allclose(
         losses, [float(loss) for _, loss in by_float], rtol=1e-10
     )
+
+
+def _with_cg(**numbers):
+    return eqx_gn.GaussNewton(
+        apply,
+        eqx_gn.MeanSquaredError(),
+        solver=eqx_gn.CG(max_iterations=5, warm_start=True, **numbers),
+        line_search=eqx_gn.GridLineSearch(grid_size=4),
+    )
+
+
+def _with_search(search):
+    return eqx_gn.GaussNewton(
+        apply,
+        eqx_gn.MeanSquaredError(),
+        # Steps too long at size 1: the search has to shorten them.
+        solver=eqx_gn.InnerOptimizer(optax.sgd(1.0), learning_rate=1.5),
+        line_search=search,
+    )
+
+
+@pytest.mark.parametrize(
+    "build, values",
+    [
+        (lambda v: _with_cg(damping=v), (1e-3, 1e-2, 1e-1)),
+        (lambda v: _with_cg(tolerance=v), (0.9, 0.5, 0.1)),
+        (lambda v: _with_cg(warm_start_decay=v), (0.5, 0.9, 1.0)),
+        (lambda v: _with_search(eqx_gn.GridLineSearch(factor=v)), (0.3, 0.5, 0.8)),
+        (
+            lambda v: _with_search(eqx_gn.BacktrackingArmijo(shrink=v)),
+            (0.3, 0.5, 0.8),
+        ),
+        (lambda v: _with_search(eqx_gn.BacktrackingArmijo(c=v)), (1e-4, 0.6, 0.9)),
+    ],
+    ids=["cg-damping", "cg-tolerance", "cg-decay", "grid-factor", "shrink", "c"],
+)
+def test_a_sweep_over_a_numeric_hyperparameter_compiles_once(build, values):
+    """Numbers are traced fields, not static ones: a sweep over scalar arrays
+    traces once and gives what the same Python floats give (each a constant of its
+    own trace), and vmaps. Fixed keys: on this problem each value leads the search
+    or the solver somewhere else (asserted), so the sweep tests something."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    model = f64(eqx.nn.MLP(3, 2, 8, 1, key=keys[0]))
+    x = jax.random.normal(keys[1], (32, 3))
+    y = jax.random.normal(keys[2], (32, 2))
+    batches, ls_batches = stacked(x, y, 4), stacked(x, y, 2)
+    traces = []
+
+    @eqx.filter_jit
+    def two_steps(value):
+        traces.append(value)
+        gn = build(value)
+        state = gn.init(model)
+        new, state, _ = gn.step(model, state, batches, ls_batches)
+        new, _, stats = gn.step(new, state, batches, ls_batches)
+        return new, stats.loss_after
+
+    by_float = [two_steps(v) for v in values]
+    assert len(traces) == len(values)
+    losses = [float(loss) for _, loss in by_float]
+    assert len(set(losses)) == len(values), losses  # each value matters here
+    traces.clear()
+    by_array = [two_steps(jnp.asarray(v)) for v in values]
+    assert len(traces) == 1
+    for (m_f, loss_f), (m_a, loss_a) in zip(by_float, by_array, strict=True):
+        assert float(loss_a) == pytest.approx(float(loss_f), rel=1e-12)
+        np.testing.assert_allclose(
+            ravel_pytree(eqx.filter(m_a, eqx.is_inexact_array))[0],
+            ravel_pytree(eqx.filter(m_f, eqx.is_inexact_array))[0],
+            rtol=1e-12,
+            atol=1e-14,
+        )
+    swept = jax.vmap(lambda v: two_steps(v)[1])(jnp.asarray(values))
+    np.testing.assert_allclose(swept, losses, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: eqx_gn.CG(damping=-1.0), "CG: damping must be >= 0"),
+        (lambda: eqx_gn.CG(tolerance=jnp.ones(2)), "tolerance"),
+        (lambda: eqx_gn.GridLineSearch(factor=1.5), "factor must be in (0, 1)"),
+        (lambda: eqx_gn.BacktrackingArmijo(c=jnp.asarray(2.0)), "c must be in (0, 1)"),
+    ],
+)
+def test_numeric_hyperparameters_are_checked_when_concrete(make, message):
+    # Under the jaxtyping test hook, beartype may catch a shape first (TypeError).
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        make()
 
 
 @pytest.mark.parametrize("bad", [jnp.ones(2), jnp.asarray(1), True, "0.1"])

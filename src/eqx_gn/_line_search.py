@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from ._custom_types import typecheck
+from ._misc import check_number
 
 
 @final
@@ -90,14 +91,17 @@ class GridLineSearch(AbstractLineSearch):
     (a GN direction is a descent direction, so for a small enough step there is
     one). Only when none is does it reject. ``None`` (the default) is the paper's
     rule: no point past the grid. Every evaluation counts in ``num_evaluations``.
+
+    ``factor`` and ``min_step_size`` may be scalar arrays: they are traced under
+    ``jit``, so a sweep over them compiles once (and vmaps).
     """
 
     grid_size: int = eqx.field(default=8, static=True)
-    factor: float = eqx.field(default=2**-0.5, static=True)
+    # Numbers, not static: a number here is a constant of the trace, and a scalar
+    # array is traced, so a sweep over it need not recompile.
+    factor: float | Float[Array, ""] = 2**-0.5
     stop_on_increase: bool = eqx.field(default=False, static=True)
     warm_start: bool = eqx.field(default=False, static=True)
-    # Not static: a number here is a constant of the trace, and a scalar array is
-    # traced, so a sweep over it need not recompile.
     min_step_size: float | Float[Array, ""] | None = None
     needs_slope = False
 
@@ -106,17 +110,17 @@ class GridLineSearch(AbstractLineSearch):
             raise ValueError(
                 f"GridLineSearch: grid_size must be >= 1, got {self.grid_size}."
             )
-        if not 0.0 < self.factor < 1.0:
-            raise ValueError(
-                f"GridLineSearch: factor must be in (0, 1), got {self.factor}."
-            )
+        check_number(
+            "GridLineSearch", "factor", self.factor, lambda v: 0 < v < 1, "in (0, 1)"
+        )
         if self.warm_start and not self.stop_on_increase:
             raise ValueError(
                 "GridLineSearch: warm_start=True needs stop_on_increase=True (the "
                 "exhaustive grid has no start)."
             )
         floor = self.min_step_size
-        if floor is not None and not isinstance(floor, jax.core.Tracer):
+        concrete = not isinstance(self.factor, jax.core.Tracer)
+        if floor is not None and not isinstance(floor, jax.core.Tracer) and concrete:
             smallest = self.factor ** (self.grid_size - 1)
             if not 0.0 < float(floor) < smallest:
                 raise ValueError(
@@ -278,21 +282,22 @@ class BacktrackingArmijo(AbstractLineSearch):
 
     Shrinks $s$ by ``shrink`` at most ``max_steps`` times; returns 0 if the condition
     never holds, if the direction is not a descent direction ($\varphi'(0) \ge 0$), or
-    if anything is non-finite.
+    if anything is non-finite. ``c`` and ``shrink`` may be scalar arrays, traced
+    under ``jit``.
     """
 
-    c: float = eqx.field(default=1e-4, static=True)
-    shrink: float = eqx.field(default=0.5, static=True)
+    # Numbers, not static: a scalar array is traced (a sweep compiles once).
+    c: float | Float[Array, ""] = 1e-4
+    shrink: float | Float[Array, ""] = 0.5
     max_steps: int = eqx.field(default=10, static=True)
     needs_slope = True
 
     def __check_init__(self):
-        if not 0.0 < self.c < 1.0:
-            raise ValueError(f"BacktrackingArmijo: c must be in (0, 1), got {self.c}.")
-        if not 0.0 < self.shrink < 1.0:
-            raise ValueError(
-                f"BacktrackingArmijo: shrink must be in (0, 1), got {self.shrink}."
-            )
+        def in_unit(v):
+            return 0 < v < 1
+
+        check_number("BacktrackingArmijo", "c", self.c, in_unit, "in (0, 1)")
+        check_number("BacktrackingArmijo", "shrink", self.shrink, in_unit, "in (0, 1)")
         if self.max_steps < 1:
             raise ValueError(
                 f"BacktrackingArmijo: max_steps must be >= 1, got {self.max_steps}."

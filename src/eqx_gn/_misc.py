@@ -60,6 +60,21 @@ def tree_where(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def check_number(owner: str, name: str, value, ok, what: str) -> None:
+    """``ValueError`` naming ``owner.name`` unless ``ok(float(value))``; a traced
+    ``value`` (a hyperparameter swept under ``jit``) is not checked.
+
+    Hyperparameters that are numbers are ordinary Module fields, not static ones:
+    a Python number is a constant of the trace, and a scalar array is traced, so a
+    sweep over it compiles once (and can be vmapped)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, bool) or jnp.ndim(value) != 0:
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}.")
+    if not ok(float(value)):
+        raise ValueError(f"{owner}: {name} must be {what}, got {value}.")
+
+
 def first_line(e: BaseException) -> str:
     """``"TypeName: first line of the message"``, for one-line re-raised errors."""
     lines = str(e).strip().splitlines()

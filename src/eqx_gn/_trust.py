@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
 from ._line_search import LineSearchStats
+from ._misc import check_number
 
 
 class AbstractTrustRule(eqx.Module):
@@ -114,9 +115,7 @@ class AdaptiveTrust(AbstractTrustRule):
 
     def __check_init__(self):
         def check(name, ok, what):
-            value = getattr(self, name)
-            if not isinstance(value, jax.core.Tracer) and not ok(float(value)):
-                raise ValueError(f"AdaptiveTrust: {name} must be {what}, got {value}.")
+            check_number("AdaptiveTrust", name, getattr(self, name), ok, what)
 
         check("grow", lambda v: v >= 1, ">= 1")
         check("min_factor", lambda v: 0 < v <= 1, "in (0, 1]")

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .._custom_types import MicroBatches, Model, Params, typecheck
-from .._misc import tree_axpy, tree_scale, tree_vdot, tree_zeros_like
+from .._misc import (
+    check_number,
+    tree_axpy,
+    tree_scale,
+    tree_vdot,
+    tree_zeros_like,
+)
 from .._trust import AbstractTrustRule, LevenbergMarquardt
 from .abstract import AbstractGNSolver, GNProblem, SolverStats
 
@@ -56,23 +62,28 @@ class CG(AbstractGNSolver):
     $\lambda \leftarrow \frac23\lambda$ above $\frac34$); with
     [`eqx_gn.FixedTrust`][], $\lambda$ stays ``damping``. ``warm_start`` starts CG
     from the previous solution (scaled by ``warm_start_decay``) instead of 0.
+
+    ``tolerance``, ``damping`` and ``warm_start_decay`` may be scalar arrays: they
+    are traced under ``jit``, so a sweep over them compiles once (and vmaps).
     """
 
     max_iterations: int = eqx.field(default=50, static=True)
-    tolerance: float = eqx.field(default=1e-6, static=True)
-    damping: float = eqx.field(default=1e-3, static=True)
+    # Numbers, not static: a scalar array is traced (a sweep compiles once).
+    tolerance: float | Float[Array, ""] = 1e-6
+    damping: float | Float[Array, ""] = 1e-3
     warm_start: bool = eqx.field(default=False, static=True)
-    warm_start_decay: float = eqx.field(default=0.95, static=True)
+    warm_start_decay: float | Float[Array, ""] = 0.95
 
     def __check_init__(self):
         if self.max_iterations < 1:
             raise ValueError(
                 f"CG: max_iterations must be >= 1, got {self.max_iterations}."
             )
-        if not self.tolerance >= 0:
-            raise ValueError(f"CG: tolerance must be >= 0, got {self.tolerance}.")
-        if not self.damping >= 0:
-            raise ValueError(f"CG: damping must be >= 0, got {self.damping}.")
+        check_number("CG", "tolerance", self.tolerance, lambda v: v >= 0, ">= 0")
+        check_number("CG", "damping", self.damping, lambda v: v >= 0, ">= 0")
+        check_number(
+            "CG", "warm_start_decay", self.warm_start_decay, lambda v: v >= 0, ">= 0"
+        )
 
     def default_trust(self) -> AbstractTrustRule:
         r"""[`eqx_gn.LevenbergMarquardt`][]: the damping follows $\rho$."""

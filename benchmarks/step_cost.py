@@ -239,7 +239,7 @@ def main():
 
     @eqx.filter_jit
     def accept_only(model, state, solved, searched):
-        return gn_paper.accept(model, state, *solved, *searched)
+        return gn_paper.accept(model, state, solved, *searched)
 
     @eqx.filter_jit
     def qgrads_only(model, batches, d):
@@ -272,8 +272,8 @@ def main():
 
     @eqx.filter_jit
     def decide(model, state, batches, ls):
-        direction, provisional, solver_stats = gn_paper.solve(model, state, batches)
-        dtype = solver_stats.model_end.dtype
+        solution = gn_paper.solve(model, state, batches)
+        direction, dtype = solution.direction, solution.stats.model_end.dtype
         phis = {
             m: gn_paper.line_search_objective(model, direction, (ls[0][:m], ls[1][:m]))
             for m in {m_paper, m_cheap}
@@ -289,7 +289,7 @@ def main():
         regret = {name: phis[m_paper](s) for name, (s, _) in choices.items()}
         s_paper, ls_stats = choices["paper (exhaustive, M batches)"]
         new_model, new_state, _ = gn_paper.accept(
-            model, state, direction, provisional, solver_stats, s_paper, ls_stats
+            model, state, solution, s_paper, ls_stats
         )
         return (
             new_model,
@@ -379,26 +379,32 @@ def main():
     # The search and accept stages at a fixed direction (the first solve's).
     x0, y0 = stack(next(train), k)
     solved = solve_only(model, states["gn_paper"], (x0, y0))
-    model_end = solved[2].model_end
+    model_end = solved.stats.model_end
 
     def run_search(x, y, ls):
         block(
-            search_only(model, solved[0], (ls[0][:m_paper], ls[1][:m_paper]), model_end)
+            search_only(
+                model, solved.direction, (ls[0][:m_paper], ls[1][:m_paper]), model_end
+            )
         )
 
     ls0 = stack(next(search), max(m_paper, m_cheap))
     searched = search_only(
-        model, solved[0], (ls0[0][:m_paper], ls0[1][:m_paper]), model_end
+        model, solved.direction, (ls0[0][:m_paper], ls0[1][:m_paper]), model_end
     )
 
     def run_accept(x, y, _):
         block(accept_only(model, states["gn_paper"], solved, searched))
 
     def run_qgrads(x, y, _):
-        block(qgrads_only(model, (x, y), solved[0]))
+        block(qgrads_only(model, (x, y), solved.direction))
 
     def run_inner_updates(x, y, _):
-        block(inner_updates_only(eqx.filter(model, eqx.is_inexact_array), solved[0]))
+        block(
+            inner_updates_only(
+                eqx.filter(model, eqx.is_inexact_array), solved.direction
+            )
+        )
 
     def runner(name):
         def run(x, y, ls):

@@ -145,12 +145,12 @@ def test_accept_names_a_direction_of_the_wrong_shape(setup):
     model, batches, loss = setup
     gn = eqx_gn.GaussNewton(apply, loss)
     state = gn.init(model)
-    direction, provisional, solver_stats = gn.solve(model, state, batches)
-    phi = gn.line_search_objective(model, direction, batches)
-    step_size, ls_stats = gn.search(phi, solver_stats.model_end.dtype)
-    bad = eqx.tree_at(lambda d: d.layers[0].bias, direction, jnp.zeros(3))
+    solution = gn.solve(model, state, batches)
+    phi = gn.line_search_objective(model, solution.direction, batches)
+    step_size, ls_stats = gn.search(phi, solution.stats.model_end.dtype)
+    bad = eqx.tree_at(lambda s: s.direction.layers[0].bias, solution, jnp.zeros(3))
     with pytest.raises(ValueError) as info:
-        gn.accept(model, state, bad, provisional, solver_stats, step_size, ls_stats)
+        gn.accept(model, state, bad, step_size, ls_stats)
     one_line(info, "direction leaf .layers[0].bias", "(3,)", "(8,)")
 
 

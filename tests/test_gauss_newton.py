@@ -68,9 +68,9 @@ def test_softmax_regression_cg_step_is_the_newton_step(getkey):
     newton = -np.linalg.pinv(np.asarray(hessian)) @ np.asarray(jax.grad(total)(flat))
     problem = eqx_gn.GNProblem(apply, loss, None, None)
     solver = exact_cg()
-    d, _, _ = solver.solve(
+    d = solver.solve(
         problem, model, stacked(x, y, 3), solver.init(model), jnp.asarray(0)
-    )
+    ).direction
     np.testing.assert_allclose(ravel_pytree(d)[0], newton, atol=1e-8)
 
 
@@ -131,10 +131,10 @@ def test_layerwise_differs_from_full_when_blocks_interact(getkey):
     solver = exact_cg()
     d_full = solver.solve(
         problem(None), model, stacked(x, y, 2), solver.init(model), jnp.asarray(0)
-    )[0]
+    ).direction
     d_layer = solver.solve(
         problem(blocks), model, stacked(x, y, 2), solver.init(model), jnp.asarray(0)
-    )[0]
+    ).direction
     assert np.abs(ravel_pytree(d_full)[0] - ravel_pytree(d_layer)[0]).max() > 1e-3
 
 
@@ -261,9 +261,9 @@ def test_inner_warm_start_carries_the_unsearched_iterate(getkey):
     gn = eqx_gn.GaussNewton(apply, eqx_gn.SoftmaxCrossEntropy(), solver=solver)
     problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
     state = gn.init(model)
-    d, _, _ = solver.solve(
+    d = solver.solve(
         problem, model, (x[:2], y[:2]), state.solver_state, jnp.asarray(0)
-    )
+    ).direction
     new_model, new_state, stats = gn.step(model, state, (x[:2], y[:2]), (x[2:], y[2:]))
     s = float(stats.step_size)
     assert s > 0
@@ -356,7 +356,8 @@ def test_inner_rejected_step_restarts_the_inner_loop(getkey, on_reject):
     solver = eqx_gn.InnerOptimizer(learning_rate=0.1, on_reject=on_reject)
     problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
     state = solver.init(model)
-    d, provisional, _ = solver.solve(problem, model, (x, y), state, jnp.asarray(0))
+    solution = solver.solve(problem, model, (x, y), state, jnp.asarray(0))
+    d, provisional = solution.direction, solution.state
     after = solver.accept(provisional, d, jnp.asarray(0.0))
     fresh = solver.init(model)
     # The iterate: 0 unless kept; the optimizer state: fresh only with "restart".
@@ -530,7 +531,8 @@ def test_step_is_exactly_solve_search_accept(getkey):
         # From the second step on, so that the state's last step size is not 1.
         model, state, _ = gn.step(model, gn.init(model), batches, ls_batches)
         by_step = gn.step(model, state, batches, ls_batches)
-        d, provisional, solver_stats = gn.solve(model, state, batches)
+        solution = gn.solve(model, state, batches)
+        d = solution.direction
         phi = gn.line_search_objective(model, d, ls_batches)
         # phi is the mean loss at the moved model (an independent evaluation).
         moved = eqx.apply_updates(model, jax.tree.map(lambda u: 0.5 * u, d))
@@ -538,9 +540,9 @@ def test_step_is_exactly_solve_search_accept(getkey):
             float(eqx_gn.mean_loss(apply, gn.loss, moved, ls_batches)), rel=1e-12
         )
         s, ls_stats = gn.search(
-            phi, solver_stats.model_end.dtype, previous=state.step_size
+            phi, solution.stats.model_end.dtype, previous=state.step_size
         )
-        by_hand = gn.accept(model, state, d, provisional, solver_stats, s, ls_stats)
+        by_hand = gn.accept(model, state, solution, s, ls_stats)
         assert float(by_step[2].step_size) > 0
         for a, b in zip(
             jax.tree.leaves(by_step), jax.tree.leaves(by_hand), strict=True
@@ -664,7 +666,7 @@ def test_unit_step_takes_the_solvers_direction_whole(getkey):
         line_search=eqx_gn.UnitStep(), trust=eqx_gn.FixedTrust(),
     )  # fmt: skip
     state = gn.init(model)
-    direction, _, _ = gn.solve(model, state, stacked(x, y, 4))
+    direction = gn.solve(model, state, stacked(x, y, 4)).direction
     new, _, stats = gn.step(model, state, stacked(x, y, 4), stacked(x, y, 2))
     assert float(stats.loss_after) > float(stats.loss_before)
     assert not stats.rejected

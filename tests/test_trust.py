@@ -128,8 +128,9 @@ def test_the_scale_multiplies_the_inner_learning_rate(getkey, solver_cls):
     )
     gn_problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
     state, step = solver.init(model), jnp.asarray(0)
-    d1, _, _ = solver.solve(gn_problem, model, batches, state, step)
-    dt, _, _ = solver.solve(gn_problem, model, batches, state, step, jnp.asarray(0.2))
+    d1 = solver.solve(gn_problem, model, batches, state, step).direction
+    t = jnp.asarray(0.2)
+    dt = solver.solve(gn_problem, model, batches, state, step, t).direction
     assert_trees_close(dt, jax.tree.map(lambda u: 0.2 * u, d1), rtol=1e-13)
 
 
@@ -143,10 +144,11 @@ def test_the_warm_start_is_rescaled_with_the_scale(getkey):
     )
     gn_problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
     state, step = solver.init(model), jnp.asarray(0)
-    _, state, _ = solver.solve(gn_problem, model, batches, state, step)
+    state = solver.solve(gn_problem, model, batches, state, step).state
     w = state.direction  # a nonzero stored iterate (scale None: the iterate)
     t = jnp.asarray(0.2)
-    d, provisional, _ = solver.solve(gn_problem, model, batches, state, step, t)
+    solution = solver.solve(gn_problem, model, batches, state, step, t)
+    d, provisional = solution.direction, solution.state
     start = jax.tree.map(lambda u: 0.2 * u, w)
     batch = jax.tree.map(lambda a: a[0], batches)
     _, grad = gn_problem.quadratic_model(model, batch).value_and_grad(start)
@@ -169,11 +171,13 @@ def test_the_scale_divides_cg_damping(getkey):
     solver = eqx_gn.CG(max_iterations=5, damping=0.1)
     gn_problem = eqx_gn.GNProblem(apply, eqx_gn.SoftmaxCrossEntropy(), None, None)
     state, step = solver.init(model), jnp.asarray(0)
-    _, kept, stats = solver.solve(gn_problem, model, batches, state, step)
+    solution = solver.solve(gn_problem, model, batches, state, step)
+    kept, stats = solution.state, solution.stats
     assert float(stats.damping) == 0.1
-    _, kept_t, stats_t = solver.solve(
+    solution_t = solver.solve(
         gn_problem, model, batches, state, step, jnp.asarray(0.25)
     )
+    kept_t, stats_t = solution_t.state, solution_t.stats
     assert float(stats_t.damping) == pytest.approx(0.4)
     # The damping is not CG's state: the scale is the rule's.
     assert jax.tree.structure(kept_t) == jax.tree.structure(kept)
@@ -326,9 +330,9 @@ def test_fixed_trust_is_the_papers_step_bit_for_bit(getkey, line_search):
     state = default.init(model)
     assert state.trust is None
     for _ in range(2):  # the second step starts from a warm solver state
-        d, _, _ = solver.solve(
+        d = solver.solve(
             default.problem, model, batches, state.solver_state, state.step
-        )
+        ).direction
         phi = default.line_search_objective(model, d, ls_batches)
         s, _ = line_search.search(phi, phi(jnp.zeros(())), previous=state.step_size)
         params = eqx.filter(model, eqx.is_inexact_array)

@@ -39,6 +39,7 @@ from ._solvers import (
     AbstractGNSolver as AbstractGNSolver,
     CGState as CGState,
     GNProblem as GNProblem,
+    GNSolution as GNSolution,
     InnerOptimizer as InnerOptimizer,
     InnerState as InnerState,
     ProxLinear as ProxLinear,

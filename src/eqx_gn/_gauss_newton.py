@@ -41,7 +41,7 @@ from ._line_search import (
 )
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
-from ._solvers import AbstractGNSolver, GNProblem, InnerOptimizer, SolverStats
+from ._solvers import AbstractGNSolver, GNProblem, GNSolution, InnerOptimizer
 from ._trust import AbstractTrustRule
 
 #: $\varphi(s)$: the loss along the direction, as a function of the step size.
@@ -118,14 +118,12 @@ class GaussNewton(eqx.Module):
     likewise (any number, any batch size). One step is
 
     ```python
-    direction, provisional, solver_stats = gn.solve(model, state, batches)
-    phi = gn.line_search_objective(model, direction, line_search_batches)
+    solution = gn.solve(model, state, batches)
+    phi = gn.line_search_objective(model, solution.direction, line_search_batches)
     step_size, ls_stats = gn.search(
-        phi, solver_stats.model_end.dtype, previous=state.step_size
+        phi, solution.stats.model_end.dtype, previous=state.step_size
     )
-    model, state, stats = gn.accept(
-        model, state, direction, provisional, solver_stats, step_size, ls_stats
-    )
+    model, state, stats = gn.accept(model, state, solution, step_size, ls_stats)
     ```
 
     and ``step`` does exactly that. A training loop:
@@ -177,16 +175,14 @@ class GaussNewton(eqx.Module):
         )
 
     @typecheck
-    def solve(
-        self, model: Model, state: GNState, batches: MicroBatches
-    ) -> tuple[Params, PyTree, SolverStats]:
+    def solve(self, model: Model, state: GNState, batches: MicroBatches) -> GNSolution:
         r"""Stage 1: the direction $d$ from the solver on ``batches``.
 
-        Returns ``(direction, provisional, solver_stats)``: $d$ (the structure of
+        Returns a [`eqx_gn.GNSolution`][]: ``direction`` $d$ (the structure of
         ``eqx.filter(model, eqx.is_inexact_array)``), the solver's provisional next
-        state (for [`accept`][eqx_gn.GaussNewton.accept]), and its
-        [`eqx_gn.SolverStats`][]. The solver works at the trust rule's scale in
-        ``state``. ``batches`` are checked here, once (one-line ``ValueError``
+        ``state`` (for [`accept`][eqx_gn.GaussNewton.accept]), and its
+        [`eqx_gn.SolverStats`][] ``stats``. The solver works at the trust rule's
+        scale in ``state``. ``batches`` are checked here, once (one-line ``ValueError``
         naming the leaf when they are not K stacked micro-batches).
         """
         scale = self.trust.scale(state.trust)
@@ -255,20 +251,20 @@ class GaussNewton(eqx.Module):
         self,
         model: Model,
         state: GNState,
-        direction: Params,
-        provisional: PyTree,
-        solver_stats: SolverStats,
+        solution: GNSolution,
         step_size: Float[Array, ""],
         line_search_stats: LineSearchStats,
     ) -> tuple[Model, GNState, GNStats]:
         r"""Stage 3: $\theta_1 = \theta_0 + s\,d$, the solver's next state, and
         [`eqx_gn.GNStats`][].
 
-        Takes the outputs of [`solve`][eqx_gn.GaussNewton.solve] and
-        [`search`][eqx_gn.GaussNewton.search]. A non-finite direction, solver
-        statistic or $\varphi(0)$ rejects the step: the model and every piece of
-        ``state`` come back exactly as they were (and ``stats.nonfinite`` is set).
+        Takes the [`eqx_gn.GNSolution`][] of [`solve`][eqx_gn.GaussNewton.solve]
+        and the outputs of [`search`][eqx_gn.GaussNewton.search]. A non-finite
+        direction, solver statistic or $\varphi(0)$ rejects the step: the model and
+        every piece of ``state`` come back exactly as they were (and
+        ``stats.nonfinite`` is set).
         """
+        direction, solver_stats = solution.direction, solution.stats
         check_like_params(
             direction, eqx.filter(model, eqx.is_inexact_array), "direction"
         )
@@ -288,7 +284,7 @@ class GaussNewton(eqx.Module):
         )
         new_model = eqx.combine(new_params, model)
 
-        solver_state = self.solver.accept(provisional, direction, step_size)
+        solver_state = self.solver.accept(solution.state, direction, step_size)
         trust = self.trust.update(
             state.trust, step_size, line_search_stats, solver_stats.predicted_decrease
         )
@@ -335,11 +331,9 @@ class GaussNewton(eqx.Module):
         [`search`][eqx_gn.GaussNewton.search], then
         [`accept`][eqx_gn.GaussNewton.accept]. Returns the new model and state, and
         [`eqx_gn.GNStats`][]."""
-        direction, provisional, solver_stats = self.solve(model, state, batches)
-        phi = self.line_search_objective(model, direction, line_search_batches)
+        solution = self.solve(model, state, batches)
+        phi = self.line_search_objective(model, solution.direction, line_search_batches)
         step_size, ls_stats = self.search(
-            phi, solver_stats.model_end.dtype, previous=state.step_size
+            phi, solution.stats.model_end.dtype, previous=state.step_size
         )
-        return self.accept(
-            model, state, direction, provisional, solver_stats, step_size, ls_stats
-        )
+        return self.accept(model, state, solution, step_size, ls_stats)

@@ -133,14 +133,13 @@ def as_optax(gn: GaussNewton, model: Model) -> optax.GradientTransformationExtra
                 "GaussNewton.step takes them)"
             )
         g, m = bound.split(params)
-        direction, provisional, solver_stats = g.solve(m, state.gn, batches)
+        solution = g.solve(m, state.gn, batches)
+        direction = solution.direction
         phi = g.line_search_objective(m, direction, line_search_batches)
         step_size, ls_stats = g.search(
-            phi, solver_stats.model_end.dtype, previous=state.gn.step_size
+            phi, solution.stats.model_end.dtype, previous=state.gn.step_size
         )
-        _, gn_state, stats = g.accept(
-            m, state.gn, direction, provisional, solver_stats, step_size, ls_stats
-        )
+        _, gn_state, stats = g.accept(m, state.gn, solution, step_size, ls_stats)
         s = stats.step_size  # 0 when rejected or non-finite
         trained = eqx.filter(params, eqx.is_inexact_array)
         new_updates = jax.tree.map(

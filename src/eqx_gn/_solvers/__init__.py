@@ -1,6 +1,7 @@
 from .abstract import (
     AbstractGNSolver as AbstractGNSolver,
     GNProblem as GNProblem,
+    GNSolution as GNSolution,
     SolverStats as SolverStats,
 )
 from .cg import CG as CG, CGState as CGState

@@ -1,10 +1,10 @@
 """The interface every solver of the GN subproblem implements."""
 
 import abc
-from typing import final
+from typing import Generic, TypeVar, final
 
 import equinox as eqx
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Float, Int
 
 from .._batches import check_micro_batches
 from .._blocks import Blocks
@@ -58,11 +58,28 @@ class SolverStats(eqx.Module):
     iterations: Int[Array, ""]
 
 
-class AbstractGNSolver(eqx.Module):
-    """A solver of the GN subproblem $\\min_d q(d)$ at the current parameters."""
+#: A solver's state (`CGState`, `InnerState`, ...): a PyTree of arrays.
+SolverState = TypeVar("SolverState")
+
+
+@final
+class GNSolution(eqx.Module, Generic[SolverState]):
+    """What a solver returns for one subproblem: the ``direction`` $d$ (the
+    structure of ``eqx.filter(model, eqx.is_inexact_array)``), the solver's
+    provisional next ``state`` (made final by ``accept`` once the line search has
+    chosen the step size) and its [`eqx_gn.SolverStats`][]."""
+
+    direction: Params
+    state: SolverState
+    stats: SolverStats
+
+
+class AbstractGNSolver(eqx.Module, Generic[SolverState]):
+    """A solver of the GN subproblem $\\min_d q(d)$ at the current parameters,
+    generic over its state."""
 
     @abc.abstractmethod
-    def init(self, model: Model) -> PyTree:
+    def init(self, model: Model) -> SolverState:
         """The solver's state before the first outer step."""
 
     @abc.abstractmethod
@@ -71,20 +88,21 @@ class AbstractGNSolver(eqx.Module):
         problem: GNProblem,
         model: Model,
         batches: MicroBatches,
-        state: PyTree,
+        state: SolverState,
         step: Int[Array, ""],
         scale: Float[Array, ""] | None = None,
-    ) -> tuple[Params, PyTree, SolverStats]:
+    ) -> GNSolution[SolverState]:
         """A direction ``d`` from ``batches`` (stacked along a leading axis of size K),
-        the solver's provisional next state, and statistics. ``scale`` is the trust
+        the solver's provisional next state, and statistics, as a
+        [`eqx_gn.GNSolution`][]. ``scale`` is the trust
         rule's scale $t$ (see [`eqx_gn.AdaptiveTrust`][]): a solver makes its
         direction about $t$ times as long (an inner learning rate times $t$, a
         damping divided by $t$); ``None`` leaves it exactly as without a rule."""
 
     @abc.abstractmethod
     def accept(
-        self, state: PyTree, direction: Params, step_size: Float[Array, ""]
-    ) -> PyTree:
+        self, state: SolverState, direction: Params, step_size: Float[Array, ""]
+    ) -> SolverState:
         """The solver's state after the line search chose ``step_size`` (0: the
         step was rejected) along ``direction``, from its provisional ``state``.
         How far to trust the next subproblem is not the solver's to decide: that

@@ -16,7 +16,7 @@ from .._misc import (
     tree_zeros_like,
 )
 from .._trust import AbstractTrustRule, LevenbergMarquardt
-from .abstract import AbstractGNSolver, GNProblem, SolverStats
+from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
 
 @final
@@ -49,7 +49,7 @@ def _concatenate(batches):
 
 
 @final
-class CG(AbstractGNSolver):
+class CG(AbstractGNSolver[CGState]):
     r"""Conjugate gradient on $(G + \lambda I)\, d = -g$.
 
     $G$ and $g$ are the GN matrix and gradient of the loss on all K micro-batches
@@ -102,7 +102,7 @@ class CG(AbstractGNSolver):
         state: CGState,
         step: Int[Array, ""],
         scale: Float[Array, ""] | None = None,
-    ) -> tuple[Params, CGState, SolverStats]:
+    ) -> GNSolution[CGState]:
         problem.check_batches(model, batches)
         model_q = problem.quadratic_model(model, _concatenate(batches))
         g = model_q.gradient()
@@ -155,7 +155,7 @@ class CG(AbstractGNSolver):
             damping=damping,
             iterations=iterations,
         )
-        return x, CGState(x), stats
+        return GNSolution(x, CGState(x), stats)
 
     @typecheck
     def accept(

@@ -17,7 +17,7 @@ from .._misc import tree_axpy, tree_scale, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
 from .._trust import AbstractTrustRule, FixedTrust
-from .abstract import AbstractGNSolver, GNProblem, SolverStats
+from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
 Schedule = Literal["constant", "cosine", "global_cosine"]
 #: What the inner loop keeps after a rejected step: ``"restart_iterate"`` restarts
@@ -40,7 +40,7 @@ class InnerState(eqx.Module):
     opt_state: PyTree
 
 
-class _AbstractInnerLoop(AbstractGNSolver):
+class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
     """K steps of an optax optimizer on a model of the loss at a fixed point; the
     final classes choose the model (``_objective``)."""
 
@@ -141,7 +141,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
         state: InnerState,
         step: Int[Array, ""],
         scale: Float[Array, ""] | None = None,
-    ) -> tuple[Params, InnerState, SolverStats]:
+    ) -> GNSolution[InnerState]:
         num_steps = problem.check_batches(model, batches)
         params = eqx.filter(model, eqx.is_inexact_array)
         if self.warm_start:
@@ -175,7 +175,7 @@ class _AbstractInnerLoop(AbstractGNSolver):
             iterations=jnp.asarray(num_steps),
         )
         stored = d if scale is None else tree_scale(1 / scale, d)
-        return d, InnerState(stored, opt_state), stats
+        return GNSolution(d, InnerState(stored, opt_state), stats)
 
     @typecheck
     def accept(

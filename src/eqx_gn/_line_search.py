@@ -13,7 +13,7 @@ from typing import final
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ._custom_types import typecheck
 from ._misc import check_number
@@ -61,6 +61,21 @@ def scalar_loss(value, name: str) -> Array:
 
 def _acceptable(value, phi0):
     return jnp.isfinite(value) & jnp.isfinite(phi0) & (value < phi0)
+
+
+@final
+class _Walk(eqx.Module):
+    """The state of `GridLineSearch`'s walk between two evaluations."""
+
+    index: Int[Array, ""]  # the grid point evaluated next
+    down: Bool[Array, ""]  # walking towards smaller steps (else back up)
+    count: Int[Array, ""]  # evaluations so far
+    best_index: Int[Array, ""]  # the best acceptable point met (start if none)
+    best_loss: Float[Array, ""]  # its loss (inf if none)
+    start_loss: Float[Array, ""]  # the loss at the start point
+    last: Float[Array, ""]  # the loss last evaluated (on the way up: to beat)
+    done: Bool[Array, ""]
+    at_one: Float[Array, ""]  # the loss at s = 1, NaN if not evaluated
 
 
 @final
@@ -211,68 +226,62 @@ class GridLineSearch(AbstractLineSearch):
         Without ``warm_start``, ``start`` is 0 and there is no way up. One ``phi``
         per loop iteration (one trace)."""
         n = self.grid_size
-        inf = jnp.asarray(jnp.inf, phi0.dtype)
 
-        def cond(carry):
-            return ~carry[-2]
-
-        def body(carry):
-            i, down, count, best_i, best_loss, start_loss, last, _, at_one = carry
-            value = scalar_loss(phi(grid[i]), "GridLineSearch")
-            at_one = jnp.where(i == 0, value, at_one)
-            start_loss = jnp.where(count == 0, value, start_loss)
+        def body(c: _Walk) -> _Walk:
+            value = scalar_loss(phi(grid[c.index]), "GridLineSearch")
+            at_one = jnp.where(c.index == 0, value, c.at_one)
+            start_loss = jnp.where(c.count == 0, value, c.start_loss)
             # Down: the first increase after an acceptable point, or the grid's end.
             down_ends = (
-                jnp.isfinite(best_loss) & jnp.isfinite(value) & (value >= best_loss)
-            ) | (i == n - 1)
-            better = _acceptable(value, phi0) & (value < best_loss)
-            best_i = jnp.where(better, i, best_i)
-            best_loss = jnp.where(better, value, best_loss)
+                jnp.isfinite(c.best_loss) & jnp.isfinite(value) & (value >= c.best_loss)
+            ) | (c.index == n - 1)
+            better = _acceptable(value, phi0) & (value < c.best_loss)
+            best_index = jnp.where(better, c.index, c.best_index)
+            best_loss = jnp.where(better, value, c.best_loss)
             turn = (
-                down
+                c.down
                 & down_ends
                 & (start > 0)
-                & ((best_i == start) | ~jnp.isfinite(best_loss))
+                & ((best_index == start) | ~jnp.isfinite(best_loss))
             )
             # Up: while the loss falls, to the grid's start.
-            falls = jnp.isfinite(value) & (value < last)
-            keep_up = ~down & falls & (i > 0)
-            keep_down = down & ~down_ends
-            nxt = jnp.where(keep_down, i + 1, jnp.where(turn, start, i) - 1)
-            return (
-                jnp.clip(nxt, 0, n - 1),
-                down & ~turn,
-                count + 1,
-                best_i,
-                best_loss,
-                start_loss,
-                jnp.where(turn, start_loss, value),
-                ~(keep_down | turn | keep_up),
-                at_one,
+            falls = jnp.isfinite(value) & (value < c.last)
+            keep_up = ~c.down & falls & (c.index > 0)
+            keep_down = c.down & ~down_ends
+            nxt = jnp.where(keep_down, c.index + 1, jnp.where(turn, start, c.index) - 1)
+            return _Walk(
+                index=jnp.clip(nxt, 0, n - 1),
+                down=c.down & ~turn,
+                count=c.count + 1,
+                best_index=best_index,
+                best_loss=best_loss,
+                start_loss=start_loss,
+                last=jnp.where(turn, start_loss, value),
+                done=~(keep_down | turn | keep_up),
+                at_one=at_one,
             )
 
         nan = jnp.full((), jnp.nan, phi0.dtype)
-        init = (
-            start,
-            jnp.asarray(True),
-            jnp.asarray(0),
-            start,
-            inf,
-            nan,
-            nan,
-            jnp.asarray(False),
-            nan,
+        init = _Walk(
+            index=start,
+            down=jnp.asarray(True),
+            count=jnp.asarray(0),
+            best_index=start,
+            best_loss=jnp.asarray(jnp.inf, phi0.dtype),
+            start_loss=nan,
+            last=nan,
+            done=jnp.asarray(False),
+            at_one=nan,
         )
-        out = jax.lax.while_loop(cond, body, init)
-        count, best_i, loss, at_one = out[2], out[3], out[4], out[-1]
-        found = jnp.isfinite(loss)
+        out = jax.lax.while_loop(lambda c: ~c.done, body, init)
+        found = jnp.isfinite(out.best_loss)
         stats = LineSearchStats(
             loss_before=phi0,
-            loss_after=jnp.where(found, loss, phi0),
-            loss_at_unit_step=at_one,
-            num_evaluations=count,
+            loss_after=jnp.where(found, out.best_loss, phi0),
+            loss_at_unit_step=out.at_one,
+            num_evaluations=out.count,
         )
-        return jnp.where(found, grid[best_i], 0.0), stats
+        return jnp.where(found, grid[out.best_index], 0.0), stats
 
 
 @final

@@ -100,7 +100,7 @@ def check_micro_batches(
     return k
 
 
-def _mean_loss(fn, loss, model, batches, axis_name):
+def mean_loss_unchecked(fn, loss, model, batches, axis_name):
     """``mean_loss`` without the check (for callers that checked already)."""
 
     def one(batch):
@@ -141,4 +141,4 @@ def mean_loss(
     ```
     """
     check_micro_batches(fn, loss, model, batches, "batches")
-    return _mean_loss(fn, loss, model, batches, axis_name)
+    return mean_loss_unchecked(fn, loss, model, batches, axis_name)

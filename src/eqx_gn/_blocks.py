@@ -26,7 +26,25 @@ def _params_with_paths(model: Model) -> tuple[list[str], Any]:
     return [jax.tree_util.keystr(path) for path, _ in with_paths], treedef
 
 
-def _filter_mask(model: Model, spec: FilterSpec) -> np.ndarray:
+def _remainder_masks(
+    model: Model, remainder: dict[str, FilterSpec] | None, taken: np.ndarray
+) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
+    """Each remainder block's mask (what its spec selects that no block before it
+    took), in order, and every leaf taken after them; ``ValueError`` for a
+    remainder block that selects nothing new."""
+    blocks, taken = [], taken.copy()
+    for name, spec in (remainder or {}).items():
+        mask = filter_mask(model, spec) & ~taken
+        if not mask.any():
+            raise ValueError(
+                f"remainder block {name!r} selects no parameter outside the layers."
+            )
+        blocks.append((name, mask))
+        taken |= mask
+    return blocks, taken
+
+
+def filter_mask(model: Model, spec: FilterSpec) -> np.ndarray:
     """Which parameter leaves (in flatten order) a filter spec selects."""
     params = eqx.filter(model, eqx.is_inexact_array)
     try:
@@ -113,7 +131,7 @@ class Blocks(eqx.Module):
             raise ValueError(f"got {len(filters)} filters but {len(names)} names.")
         if not filters:
             raise ValueError("at least one block is needed.")
-        return cls._from_masks(model, [_filter_mask(model, f) for f in filters], names)
+        return cls._from_masks(model, [filter_mask(model, f) for f in filters], names)
 
     @classmethod
     @typecheck
@@ -155,18 +173,12 @@ class Blocks(eqx.Module):
                     f"{type(seq[i]).__name__}) is not a part of the model "
                     f"({first_line(e)})."
                 ) from e
-        masks = [_filter_mask(model, s) for s in specs]
-        taken = np.any(masks, axis=0)
+        masks = [filter_mask(model, s) for s in specs]
         all_names = list(names)
-        for name, spec in (remainder or {}).items():
-            mask = _filter_mask(model, spec) & ~taken
-            if not mask.any():
-                raise ValueError(
-                    f"remainder block {name!r} selects no parameter outside the layers."
-                )
+        extra, taken = _remainder_masks(model, remainder, np.any(masks, axis=0))
+        for name, mask in extra:
             masks.append(mask)
             all_names.append(name)
-            taken |= mask
         if not taken.all():
             masks.append(~taken)
             all_names.append(rest)
@@ -223,7 +235,7 @@ class Blocks(eqx.Module):
             ) from e
         paths, treedef = _params_with_paths(model)
         leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
-        in_stack = _filter_mask(model, spec)
+        in_stack = filter_mask(model, spec)
         if not in_stack.any():
             raise ValueError(
                 "Blocks.from_stacked_layers: stacked(model) holds no parameter."
@@ -262,7 +274,7 @@ class Blocks(eqx.Module):
                 raise ValueError(
                     f"join key {layer} out of range for {num_layers} stacked layers."
                 )
-            mask = _filter_mask(model, jspec) & ~taken
+            mask = filter_mask(model, jspec) & ~taken
             if not mask.any():
                 raise ValueError(
                     f"join[{layer}] selects no parameter outside the stacked layers."
@@ -270,15 +282,10 @@ class Blocks(eqx.Module):
             owner[mask] = layer % num_layers
             taken |= mask
         all_names = list(names)
-        for name, rspec in (remainder or {}).items():
-            mask = _filter_mask(model, rspec) & ~taken
-            if not mask.any():
-                raise ValueError(
-                    f"remainder block {name!r} selects no parameter outside the layers."
-                )
+        extra, taken = _remainder_masks(model, remainder, taken)
+        for name, mask in extra:
             owner[mask] = len(all_names)
             all_names.append(name)
-            taken |= mask
         if not taken.all():
             owner[~taken] = len(all_names)
             all_names.append(rest)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from ._batches import _mean_loss, check_micro_batches
+from ._batches import check_micro_batches, mean_loss_unchecked
 from ._blocks import Blocks
 from ._custom_types import ApplyFn, AxisName, MicroBatches, Model, Params, typecheck
 from ._gnvp import check_like_params
@@ -213,7 +213,7 @@ class GaussNewton(eqx.Module):
 
         def phi(s: Float[Array, ""]) -> Float[Array, ""]:
             moved = eqx.apply_updates(model, tree_scale(s, direction))
-            return _mean_loss(
+            return mean_loss_unchecked(
                 self.fn, self.loss, moved, line_search_batches, self.axis_name
             )
 

@@ -23,7 +23,7 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
-from ._blocks import _filter_mask
+from ._blocks import filter_mask
 from ._custom_types import Model
 from ._misc import first_line
 
@@ -232,7 +232,7 @@ def stack_leaves(fn: LayerScan, params: Any, static: Any) -> tuple[int, ...]:
         raise ValueError(
             f"LayerScan: stack(model) is not a part of the model ({first_line(e)})."
         ) from e
-    positions = tuple(int(j) for j in np.flatnonzero(_filter_mask(model, spec)))
+    positions = tuple(int(j) for j in np.flatnonzero(filter_mask(model, spec)))
     leaves = jax.tree.leaves(params)
     sizes = {leaves[j].shape[0] if leaves[j].ndim else None for j in positions}
     if not positions or len(sizes) != 1 or None in sizes:

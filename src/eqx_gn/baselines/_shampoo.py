@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._soap import _accumulate, _PerAxis, _rotate, _rotated_axes, _state_dtype
+from ._soap import PerAxis, accumulate, rotate, rotated_axes, state_dtype
 
 
 class ScaleByShampooState(NamedTuple):
@@ -34,11 +34,11 @@ class ScaleByShampooState(NamedTuple):
     count: Int[Array, ""]
     mu: PyTree[Float[Array, "..."]]
     nu: PyTree[Float[Array, "..."]]
-    factors: PyTree[_PerAxis]
-    roots: PyTree[_PerAxis]
+    factors: PyTree[PerAxis]
+    roots: PyTree[PerAxis]
 
 
-def _inverse_roots(factors: _PerAxis, matrix_eps: float) -> _PerAxis:
+def _inverse_roots(factors: PerAxis, matrix_eps: float) -> PerAxis:
     r"""$(F + \epsilon\,\lambda_{\max} I)^{-1/(2r)}$ of each of the $r$
     statistics, by a symmetric eigendecomposition; eigenvalues below 0 (rounding)
     count as 0, and an all-zero statistic gives the identity."""
@@ -137,15 +137,15 @@ def scale_by_shampoo(
 
     def init_fn(params):
         def per_axis(p):
-            dtype = _state_dtype(p.dtype)
-            rotated = _rotated_axes(p.shape, max_precond_dim)
+            dtype = state_dtype(p.dtype)
+            rotated = rotated_axes(p.shape, max_precond_dim)
             return tuple(
                 jnp.zeros((d, d), dtype) if r else None
                 for d, r in zip(p.shape, rotated, strict=True)
             )
 
         def like(p):
-            return jnp.zeros(p.shape, _state_dtype(p.dtype))
+            return jnp.zeros(p.shape, state_dtype(p.dtype))
 
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
@@ -163,7 +163,7 @@ def scale_by_shampoo(
         factors = treedef.flatten_up_to(state.factors)
         roots = treedef.flatten_up_to(state.roots)
         count = optax.safe_increment(state.count)  # t, this call's number
-        factors = [_accumulate(g, f, b2) for g, f in zip(grads, factors, strict=True)]
+        factors = [accumulate(g, f, b2) for g, f in zip(grads, factors, strict=True)]
         roots = jax.lax.cond(
             state.count % precondition_frequency == 0,
             lambda fs, _: [_inverse_roots(f, matrix_eps) for f in fs],
@@ -179,7 +179,7 @@ def scale_by_shampoo(
             v = b2 * v + (1 - b2) * g_state * g_state
             graft = g_state / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
             if any(x is not None for x in p):
-                s = _rotate(g_state, p, back=False)  # each P_i symmetric
+                s = rotate(g_state, p, back=False)  # each P_i symmetric
                 norm = jnp.linalg.norm(s)
                 scale = jnp.where(norm > 0, jnp.linalg.norm(graft) / norm, 0.0)
                 direction = s * scale

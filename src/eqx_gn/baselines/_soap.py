@@ -12,7 +12,7 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 #: Per parameter: one entry per axis, a square matrix or ``None`` (axis not rotated).
-_PerAxis = tuple[Float[Array, "_ _"] | None, ...]
+PerAxis = tuple[Float[Array, "_ _"] | None, ...]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -39,16 +39,16 @@ class ScaleBySoapState(NamedTuple):
     count: Int[Array, ""]
     mu: PyTree[Float[Array, "..."]]
     nu: PyTree[Float[Array, "..."]]
-    factors: PyTree[_PerAxis]
-    bases: PyTree[_PerAxis]
+    factors: PyTree[PerAxis]
+    bases: PyTree[PerAxis]
 
 
-def _state_dtype(dtype) -> jnp.dtype:
+def state_dtype(dtype) -> jnp.dtype:
     # Statistics and eigenbases of low-precision parameters are kept in float32.
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _rotated_axes(shape: tuple[int, ...], max_precond_dim: int) -> tuple[bool, ...]:
+def rotated_axes(shape: tuple[int, ...], max_precond_dim: int) -> tuple[bool, ...]:
     if len(shape) < 2:
         return (False,) * len(shape)
     return tuple(d <= max_precond_dim for d in shape)
@@ -60,8 +60,8 @@ def _unfolding_gram(g: Float[Array, "..."], axis: int) -> Float[Array, "d d"]:
     return jnp.tensordot(g, g, axes=(others, others), precision=_HIGHEST)
 
 
-def _rotate(
-    x: Float[Array, "..."], bases: _PerAxis, *, back: bool
+def rotate(
+    x: Float[Array, "..."], bases: PerAxis, *, back: bool
 ) -> Float[Array, "..."]:
     """Into the eigenbasis ($Q^\\top$ along each axis) or ``back`` out of it ($Q$)."""
     for axis, q in enumerate(bases):
@@ -73,7 +73,7 @@ def _rotate(
     return x
 
 
-def _accumulate(g: Float[Array, "..."], factors: _PerAxis, beta: float) -> _PerAxis:
+def accumulate(g: Float[Array, "..."], factors: PerAxis, beta: float) -> PerAxis:
     return tuple(
         None
         if f is None
@@ -82,14 +82,14 @@ def _accumulate(g: Float[Array, "..."], factors: _PerAxis, beta: float) -> _PerA
     )
 
 
-def _eigenbasis(factors: _PerAxis) -> _PerAxis:
+def _eigenbasis(factors: PerAxis) -> PerAxis:
     """Exact eigenvectors, columns ordered by descending eigenvalue."""
     return tuple(None if f is None else jnp.linalg.eigh(f)[1][:, ::-1] for f in factors)
 
 
 def _power_qr(
-    factors: _PerAxis, bases: _PerAxis, nu: Float[Array, "..."]
-) -> tuple[_PerAxis, Float[Array, "..."]]:
+    factors: PerAxis, bases: PerAxis, nu: Float[Array, "..."]
+) -> tuple[PerAxis, Float[Array, "..."]]:
     """One power-iteration step + QR per factor; ``nu`` permuted to match."""
     new_bases = []
     for axis, (f, q) in enumerate(zip(factors, bases, strict=True)):
@@ -203,8 +203,8 @@ def scale_by_soap(
 
     def init_fn(params):
         def per_axis(p):
-            dtype = _state_dtype(p.dtype)
-            rotated = _rotated_axes(p.shape, max_precond_dim)
+            dtype = state_dtype(p.dtype)
+            rotated = rotated_axes(p.shape, max_precond_dim)
             return tuple(
                 jnp.zeros((d, d), dtype) if r else None
                 for d, r in zip(p.shape, rotated, strict=True)
@@ -212,12 +212,8 @@ def scale_by_soap(
 
         return ScaleBySoapState(
             count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(
-                lambda p: jnp.zeros(p.shape, _state_dtype(p.dtype)), params
-            ),
-            nu=jax.tree.map(
-                lambda p: jnp.zeros(p.shape, _state_dtype(p.dtype)), params
-            ),
+            mu=jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype(p.dtype)), params),
+            nu=jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype(p.dtype)), params),
             factors=jax.tree.map(per_axis, params),
             bases=jax.tree.map(per_axis, params),
         )
@@ -234,7 +230,7 @@ def scale_by_soap(
         def first_call(operand):
             mu, nu, factors, _ = operand
             factors = [
-                _accumulate(g, f, shampoo_beta)
+                accumulate(g, f, shampoo_beta)
                 for g, f in zip(grads, factors, strict=True)
             ]
             bases = [_eigenbasis(f) for f in factors]
@@ -249,16 +245,16 @@ def scale_by_soap(
             for g, m, v, q in zip(grads, mu, nu, bases, strict=True):
                 g_state = g.astype(m.dtype)
                 m = b1 * m + (1 - b1) * g_state
-                g_rot = _rotate(g_state, q, back=False)
+                g_rot = rotate(g_state, q, back=False)
                 v = b2 * v + (1 - b2) * g_rot * g_rot
-                m_hat = _rotate(m, q, back=False) / bc1.astype(m.dtype)
+                m_hat = rotate(m, q, back=False) / bc1.astype(m.dtype)
                 v_hat = v / bc2.astype(v.dtype)
-                u = _rotate(m_hat / (jnp.sqrt(v_hat) + eps), q, back=True)
+                u = rotate(m_hat / (jnp.sqrt(v_hat) + eps), q, back=True)
                 out.append(u.astype(g.dtype))
                 new_mu.append(m)
                 new_nu.append(v)
             factors = [
-                _accumulate(g, f, shampoo_beta)
+                accumulate(g, f, shampoo_beta)
                 for g, f in zip(grads, factors, strict=True)
             ]
 

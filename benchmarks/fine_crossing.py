@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 
 from eqx_gn.lm import parse_method
-from eqx_gn.lm._study_protocol import BASELINES
-from eqx_gn.lm._study_records import read_run_dir, with_target
-from eqx_gn.lm._study_result import dumps
+from eqx_gn.lm.study._protocol import BASELINES
+from eqx_gn.lm.study._records import read_run_dir, with_target
+from eqx_gn.lm.study._result import dumps
 
 REPO = Path(__file__).resolve().parents[1]
 

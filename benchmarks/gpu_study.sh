@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study's second-edition protocol (eqx-gn study, eqx_gn.lm._study) on the 45m
+# The study's second-edition protocol (eqx-gn study, eqx_gn.lm.study) on the 45m
 # model with a byte-pair vocabulary of 32,000, sized for one H100/H200 within 9
 # minutes: fewer methods (AdamW, Muon, GN), three batch sizes, one seed and a
 # cap of 4 tuning runs (stated in study.json's settings). The study reuses its

@@ -1,4 +1,4 @@
-"""The study, now ``eqx-gn study`` (`eqx_gn.lm._study`): this script passes its
+"""The study, now ``eqx-gn study`` (`eqx_gn.lm.study`): this script passes its
 arguments on, so ``python benchmarks/study.py ARGS`` is ``eqx-gn study ARGS``.
 
 The second edition's ``tiny`` study (its protocol: ``eqx-gn study --help``)::

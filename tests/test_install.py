@@ -87,20 +87,20 @@ def test_the_lm_package_imports_only_public_names_of_the_core():
     import eqx_gn.lm
 
     lm = pathlib.Path(eqx_gn.lm.__file__).parent
+    root = lm.parent.parent  # the folder holding the eqx_gn package
     private = []
     for path in sorted(lm.glob("**/*.py")):
+        package = list(path.relative_to(root).parent.parts)  # eqx_gn, lm, ...
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1:  # eqx_gn.lm's own modules
-                    continue
-                module = ("eqx_gn." if node.level == 2 else "") + (node.module or "")
-                names = [alias.name for alias in node.names]
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join([*base, *filter(None, [node.module])])
+                names = [f"{module}.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
-                module, names = "", [alias.name for alias in node.names]
+                names = [alias.name for alias in node.names]
             else:
                 continue
-            dotted = [f"{module}.{n}" if module else n for n in names]
-            for name in dotted:
+            for name in names:
                 parts = name.split(".")
                 core = parts[0] == "eqx_gn" and parts[1:2] != ["lm"]
                 if core and any(part.startswith("_") for part in parts):

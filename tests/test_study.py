@@ -1,4 +1,4 @@
-"""The study's protocol (`eqx_gn.lm._study`, second edition) on hand-made runs, no
+"""The study's protocol (`eqx_gn.lm.study`, second edition) on hand-made runs, no
 training: the one tuning rule (`next_point`, `bracketed`, `rank`), the target set
 by the tuned baselines at the largest batch, starts chained from the next larger
 batch, GN's K, give-up steps, seeds with their medians, line-search tokens,
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from eqx_gn.lm import ConfigError, _study as study
-from eqx_gn.lm._study_plots import curves_figure, steps_figure
-from eqx_gn.lm._study_protocol import (
+from eqx_gn.lm import ConfigError
+from eqx_gn.lm.study import _command as study
+from eqx_gn.lm.study._plots import curves_figure, steps_figure
+from eqx_gn.lm.study._protocol import (
     BASELINES,
     CENTRES,
     Point,
@@ -28,14 +29,14 @@ from eqx_gn.lm._study_protocol import (
     next_point,
     rank,
 )
-from eqx_gn.lm._study_records import run_name
-from eqx_gn.lm._study_report import (
+from eqx_gn.lm.study._records import run_name
+from eqx_gn.lm.study._report import (
     _claims_section,
     _critical_batch_lines,
     write_report,
 )
-from eqx_gn.lm._study_result import claims, timed_claims
-from eqx_gn.lm._study_runs import Study
+from eqx_gn.lm.study._result import claims, timed_claims
+from eqx_gn.lm.study._runs import Study
 
 SEQ = 8
 STEPS = 40

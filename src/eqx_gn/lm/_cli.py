@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default: each optimizer's)",
     )
     _add_settings(compare, skip=("optimizer", "blocks", "solver", "inner", "lr"))
-    from ._study import add_arguments as add_study_arguments
+    from .study._command import add_arguments as add_study_arguments
 
     study = commands.add_parser(
         "study",
@@ -400,7 +400,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from ._study import main as study_main
+    from .study._command import main as study_main
 
     return study_main(args)
 

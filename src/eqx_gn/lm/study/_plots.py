@@ -1,4 +1,4 @@
-"""A study's plots (`eqx_gn.lm._study`), drawn from ``study.json``'s content
+"""A study's plots (`eqx_gn.lm.study`), drawn from ``study.json``'s content
 alone, and their copy for the results page.
 """
 

@@ -1,4 +1,4 @@
-"""The study's declared protocol (`eqx_gn.lm._study`): the methods, their
+"""The study's declared protocol (`eqx_gn.lm.study`): the methods, their
 declared learning-rate centres, GN's micro-batch rule, the bracketing rule that
 tunes every method alike, the order of runs, the target and the chosen run. Pure
 functions of the declarations and of run records.
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._config import ConfigError, parse_method
-from ._methods import GN_INNER_LEARNING_RATES
+from .._config import ConfigError, parse_method
+from .._methods import GN_INNER_LEARNING_RATES
 
 #: The first-order methods a study compares GN with.
 BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "psgd")

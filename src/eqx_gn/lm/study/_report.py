@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ._study_model_section import _fmt, _study_section
-from ._study_plots import copy_plots
-from ._study_protocol import BASELINES
-from ._study_result import FORMAT
+from ._model_section import _fmt, _median_cell, _study_section
+from ._plots import copy_plots
+from ._protocol import BASELINES
+from ._result import FORMAT
 
 #: The paper's figure: GN's steps to the target against the best baseline's.
 PAPER_STEP_RATIO = 5.4
@@ -42,20 +42,6 @@ def _display(path: Path) -> str:
 
 def _verdict(ok: bool | None) -> str:
     return "not measurable" if ok is None else ("met" if ok else "**missed**")
-
-
-def _median_cell(e: dict | None) -> str:
-    """Median steps over seeds with their range, or why there is none."""
-    if e is None:
-        return "not run"
-    if not e.get("seeds_complete"):
-        return "seeds missing"
-    if e["median_steps"] is None:
-        return f"missed ({e['missed_seeds']} of {len(e['steps_by_seed'])} seeds)"
-    lo, hi = e["min_steps"], e["max_steps"]
-    spread = f" [{lo}-{hi if hi is not None else 'missed'}]" if len(
-        e["steps_by_seed"]) > 1 else ""  # fmt: skip
-    return f"{e['median_steps']:g}{spread}"
 
 
 def _scaling(result: dict, method: str) -> list[tuple[int, float]]:
@@ -249,7 +235,7 @@ def _protocol(result: dict) -> list[str]:
     lines = [
         "## The protocol",
         "",
-        "Declared in code before any run (`eqx_gn.lm._study_protocol`, recorded in "
+        "Declared in code before any run (`eqx_gn.lm.study._protocol`, recorded in "
         "each study.json):",
         "",
         f"- **Target** (`target_rule`): {result['target_rule']}.",
@@ -374,12 +360,12 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
     for d in study_dirs:
         file = Path(d) / "study.json"
         if not file.exists():
-            from ._config import ConfigError
+            from .._config import ConfigError
 
             raise ConfigError(f"no study.json in {d}")
         result = json.loads(file.read_text())
         if result.get("format") != FORMAT:
-            from ._config import ConfigError
+            from .._config import ConfigError
 
             raise ConfigError(
                 f"{file} is a study of format {result.get('format')!r}; this page "

@@ -47,17 +47,17 @@ directory under ``--runs-dir``; a run whose directory has a finished
 ``summary.json`` that answers for the same target, or that ``study.json``
 already holds, is not trained again, so an interrupted study continues where it
 stopped. ``--report PATH`` writes the results page from ``study.json`` alone
-(`eqx_gn.lm._study_report`).
+(`eqx_gn.lm.study._report`).
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from ._config import ConfigError
-from ._study_protocol import DEFAULT_METHODS, MAX_RUNS, centre, micro_batches
-from ._study_records import Settings
-from ._study_runs import Study
+from .._config import ConfigError
+from ._protocol import DEFAULT_METHODS, MAX_RUNS, centre, micro_batches
+from ._records import Settings
+from ._runs import Study
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -251,13 +251,13 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         train = None
     else:
-        from ._train import train
+        from .._train import train
     study = Study(settings, out, runs_dir, train, log=lambda s: print(s, flush=True))
     result = study.execute()
     if study.missing:
         print(f"not run (--report-only): {len(study.missing)} runs, e.g. "
               f"{study.missing[0]}", flush=True)  # fmt: skip
-    from ._study_report import print_tables, write_report
+    from ._report import print_tables, write_report
 
     print_tables(result)
     print(f"wrote {out / 'study.json'} ({len(result['runs'])} runs)")

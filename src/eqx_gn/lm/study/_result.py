@@ -1,4 +1,4 @@
-"""``study.json``'s content from a study's runs (`eqx_gn.lm._study`): the chosen
+"""``study.json``'s content from a study's runs (`eqx_gn.lm.study`): the chosen
 run per method and batch size, budgets, seeds, layouts, the claims, and the text.
 """
 
@@ -8,7 +8,7 @@ import re
 import statistics
 from typing import Any
 
-from ._study_protocol import (
+from ._protocol import (
     BASELINES,
     TARGET_AT,
     _point_of,
@@ -17,7 +17,7 @@ from ._study_protocol import (
     micro_batches,
     rule,
 )
-from ._study_records import Settings, run_name, with_target
+from ._records import Settings, run_name, with_target
 
 #: The study.json format written by `build_result`.
 FORMAT = "eqx-gn study 3"

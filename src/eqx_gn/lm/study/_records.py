@@ -1,4 +1,4 @@
-"""A study's runs as ``study.json`` holds them (`eqx_gn.lm._study`): each run's
+"""A study's runs as ``study.json`` holds them (`eqx_gn.lm.study`): each run's
 record and curve, read from its run directory, and the settings that define the
 study's runs.
 """
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._config import parse_method
-from ._study_protocol import Point, reached, resolution
+from .._config import parse_method
+from ._protocol import Point, reached, resolution
 
 #: A run's curve in study.json: one value per step (``val_loss`` None where the
 #: step had no evaluation; ``ls_tokens`` 0 for a first-order run).

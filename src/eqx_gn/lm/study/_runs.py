@@ -1,4 +1,4 @@
-"""Running a study (`eqx_gn.lm._study`): each run trained, or reused from its run
+"""Running a study (`eqx_gn.lm.study`): each run trained, or reused from its run
 directory or ``study.json``; every method's N runs at every batch size, the seeds,
 the layout runs and the interleaved timing; ``study.json`` and the plots saved.
 """
@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._config import ConfigError, parse_method
-from ._errors import Diverged
-from ._study_plots import draw_plots
-from ._study_protocol import (
+from .._config import ConfigError, parse_method
+from .._errors import Diverged
+from ._plots import draw_plots
+from ._protocol import (
     BASELINES,
     TARGET_AT,
     Point,
@@ -25,7 +25,7 @@ from ._study_protocol import (
     next_point,
     rank,
 )
-from ._study_records import (
+from ._records import (
     Settings,
     _time_per_step,
     curve_of,
@@ -33,7 +33,7 @@ from ._study_records import (
     run_name,
     with_target,
 )
-from ._study_result import FORMAT, build_result, dumps, timed_claims
+from ._result import FORMAT, build_result, dumps, timed_claims
 
 #: Main-phase steps of each timing run.
 TIMING_STEPS = 10
@@ -110,7 +110,7 @@ class Study:
         return record
 
     def _train(self, name, method, batch, point, role, seed, accum, target, give_up):
-        from ._config import TrainConfig
+        from .._config import TrainConfig
 
         s = self.settings
         fields = dict(
@@ -275,7 +275,7 @@ class Study:
         return self._save(searched, plots=True)
 
     def _measure_timing(self, searched) -> dict[str, Any]:
-        from ._config import TrainConfig
+        from .._config import TrainConfig
 
         s = self.settings
         largest = max(s.batch_sizes)

@@ -1,4 +1,4 @@
-"""One study's section of the results page (`eqx_gn.lm._study_report`): its
+"""One study's section of the results page (`eqx_gn.lm.study._report`): its
 settings, target, steps, tokens and time to the target, seeds, timing and layout
 runs, every number read from its ``study.json``.
 """
@@ -53,8 +53,21 @@ def _target_runs(source: dict, runs: dict[str, dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _median_cell(e: dict | None) -> str:
+    """Median steps over seeds with their range, or why there is none."""
+    if e is None:
+        return "not run"
+    if not e.get("seeds_complete"):
+        return "seeds missing"
+    if e["median_steps"] is None:
+        return f"missed ({e['missed_seeds']} of {len(e['steps_by_seed'])} seeds)"
+    lo, hi = e["min_steps"], e["max_steps"]
+    spread = f" [{lo}-{hi if hi is not None else 'missed'}]" if len(
+        e["steps_by_seed"]) > 1 else ""  # fmt: skip
+    return f"{e['median_steps']:g}{spread}"
+
+
 def _study_section(result: dict, file: str, assets: str) -> list[str]:
-    from ._study_report import _median_cell
 
     s = result["settings"]
     sizes = s["batch_sizes"]

@@ -51,6 +51,7 @@ from ._corpus import (  # noqa: E402
     strip_play_markdown as strip_play_markdown,
 )
 from ._errors import ConfigError as ConfigError, Diverged as Diverged  # noqa: E402
+from ._gn_config import GNConfig as GNConfig  # noqa: E402
 from ._methods import (  # noqa: E402
     BLOCKS as BLOCKS,
     DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,

@@ -8,7 +8,6 @@ reported as one line on stderr with exit status 2.
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
@@ -17,16 +16,21 @@ import os
 import signal
 import sys
 import threading
-import types
-import typing
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ._checkpoint import CheckpointError
-from ._config import TrainConfig, describe, settings
+from ._config import (
+    TrainConfig,
+    choices_of,
+    describe,
+    group_of,
+    settings,
+    value_type,
+)
 from ._errors import ConfigError, Diverged
-from ._methods import parse_method
+from ._methods import method_name, parse_method
 
 _DESCRIPTION = """\
 Train the paper's LLaMA-style language model with Gauss-Newton (GN) or a
@@ -111,13 +115,6 @@ def _mesh(text: str) -> dict[str, int]:
     return {names[name]: size for name, size in values.items()}
 
 
-def _value_type(field: dataclasses.Field) -> type:
-    annotation = field.type
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation):
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
 def _add_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]) -> None:
     """One option per setting of `TrainConfig`, in its groups, from its description."""
     groups: dict[str, Any] = {}
@@ -125,9 +122,10 @@ def _add_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]) -> 
         if field.name in skip:
             continue
         meta = field.metadata
-        group = groups.get(meta["group"])
+        name = group_of(field)
+        group = groups.get(name)
         if group is None:
-            group = groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            group = groups[name] = parser.add_argument_group(name)
         text, default = describe(field)
         if default is not None and field.name != "out":  # its help says the default
             text += f" (default: {default})"
@@ -137,20 +135,21 @@ def _add_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]) -> 
             "default": argparse.SUPPRESS,
             "help": argparse.SUPPRESS if meta["hidden"] else text,
         }
-        kind = _value_type(field)
+        kind = value_type(field)
+        choices = choices_of(field)
         if kind is bool:
             options["action"] = "store_false" if field.default else "store_true"
         else:
             options["metavar"] = meta["metavar"] or (
-                "NAME" if meta["choices"] else "N" if kind is int else "X"
+                "NAME" if choices else "N" if kind is int else "X"
             )
             if field.name == "data_parallel":
                 options["type"] = _mesh
             elif kind in (int, float):
                 options["type"] = _number(kind)
-            if meta["choices"]:
-                options["choices"] = meta["choices"]
-                options["help"] += f"; one of {', '.join(meta['choices'])}"
+            if choices:
+                options["choices"] = choices
+                options["help"] += f"; one of {', '.join(choices)}"
         group.add_argument(flag, **options)
 
 
@@ -317,14 +316,20 @@ def _parse_rates(text: str, methods: list[str]) -> dict[str, float]:
     return rates
 
 
+#: The settings a method's name is made of, with their defaults, in
+#: `method_name`'s order.
+_METHOD_DEFAULTS = {
+    name: TrainConfig.__dataclass_fields__[name].default
+    for name in ("optimizer", "blocks", "solver", "inner")
+}
+
+
 def _train(args: argparse.Namespace) -> int:
     from ._report import summary_text
     from ._train import train
 
-    given = vars(args)
-    method = TrainConfig(
-        **{k: given[k] for k in ("optimizer", "blocks", "solver") if k in given}
-    ).method
+    given = {**_METHOD_DEFAULTS, **vars(args)}
+    method = method_name(*(given[k] for k in _METHOD_DEFAULTS))
     config = TrainConfig(**_config_values(args, f"runs/{method}-{_timestamp()}"))
     previous = signal.signal(signal.SIGINT, _quiet_interrupt)
     try:

@@ -11,27 +11,38 @@ comparisons and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-c
 ``-``); its *label* is the same with spaces (``"gn layerwise soap"``).
 """
 
+from typing import Literal, get_args
+
 from ._errors import ConfigError
 
 #: The optimizers of the main phase, in the order the CLI lists them.
-OPTIMIZERS: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "psgd", "gn")
+Optimizer = Literal["adamw", "muon", "soap", "shampoo", "psgd", "gn"]
 #: The block partitions of GN: one block, or one block per layer.
-BLOCKS: tuple[str, ...] = ("full", "layerwise")
+BlockPartition = Literal["full", "layerwise"]
 #: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
 #: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
-SOLVERS: tuple[str, ...] = ("inner", "prox", "cg")
+Solver = Literal["inner", "prox", "cg"]
 #: The optimizers GN's inner and prox solvers run on the quadratic model: the
 #: paper's Muon for hidden matrices with AdamW for the rest (the default), AdamW,
-#: SOAP, Shampoo or PSGD-Kron, each as its first-order recipe builds it.
-INNERS: tuple[str, ...] = ("muon", "adamw", "soap", "shampoo", "psgd")
-#: GN's line searches: the exhaustive grid (the paper's) and the walk from the
-#: last step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``).
-LINE_SEARCHES: tuple[str, ...] = ("grid", "warm", "none")
+#: SOAP, Shampoo or PSGD-Kron, each as its first-order method is built.
+Inner = Literal["muon", "adamw", "soap", "shampoo", "psgd"]
+#: GN's line searches: the exhaustive grid (the paper's), the walk from the last
+#: step's choice (`eqx_gn.GridLineSearch` with ``warm_start=True``) and none
+#: (`eqx_gn.UnitStep`).
+LineSearch = Literal["grid", "warm", "none"]
 #: GN's trust rules: ``adaptive`` (`eqx_gn.AdaptiveTrust`), ``levenberg-marquardt``
 #: (`eqx_gn.LevenbergMarquardt`), each with a line search that halves the step past
 #: its grid before it rejects, and ``fixed`` (the paper's: `eqx_gn.FixedTrust` and
 #: the grid alone).
-TRUST_RULES: tuple[str, ...] = ("adaptive", "levenberg-marquardt", "fixed")
+TrustRule = Literal["adaptive", "levenberg-marquardt", "fixed"]
+
+#: The values of each choice above, in order.
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+BLOCKS: tuple[str, ...] = get_args(BlockPartition)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+INNERS: tuple[str, ...] = get_args(Inner)
+LINE_SEARCHES: tuple[str, ...] = get_args(LineSearch)
+TRUST_RULES: tuple[str, ...] = get_args(TrustRule)
 #: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
 #: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
 #: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64
@@ -59,6 +70,32 @@ GN_INNER_LEARNING_RATES: dict[str, float] = {
     # Not in the sweep: AdamW's, whose step size Shampoo's grafting takes.
     "shampoo": 3e-3,
 }
+
+
+def default_line_search(solver: str) -> str:
+    """GN's line search when none is given: ``"warm"``, or ``"grid"`` with solver
+    ``cg`` (its Levenberg-Marquardt damping reads the loss at step size 1, which the
+    grid always evaluates)."""
+    return "grid" if solver == "cg" else "warm"
+
+
+def default_trust(solver: str) -> str:
+    """GN's trust rule when none is given: ``"adaptive"``, or
+    ``"levenberg-marquardt"`` with solver ``cg``."""
+    return "levenberg-marquardt" if solver == "cg" else "adaptive"
+
+
+def method_name(optimizer: str, blocks: str, solver: str, inner: str) -> str:
+    """A method's one-word name: the optimizer, and for GN its non-default
+    settings (``"gn-layerwise-prox"``); the inverse of `parse_method`."""
+    parts = [optimizer]
+    if optimizer == "gn":
+        parts += [
+            value
+            for value, default in ((blocks, "full"), (solver, "inner"), (inner, "muon"))
+            if value != default
+        ]
+    return "-".join(parts)
 
 
 def parse_method(method: str) -> dict[str, str]:

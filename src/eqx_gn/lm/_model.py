@@ -23,7 +23,7 @@ gives the same partition for both.
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import equinox as eqx
 import jax
@@ -40,7 +40,8 @@ ApplyFn = Callable[[Any, Any], Any]
 INIT_STD = 0.02
 
 #: The dtypes a model's matrix products may be computed in (``compute_dtype``).
-COMPUTE_DTYPES = ("float32", "bfloat16")
+ComputeDtype = Literal["float32", "bfloat16"]
+COMPUTE_DTYPES: tuple[str, ...] = get_args(ComputeDtype)
 
 
 def _product(spec: str, a: Array, b: Array, compute_dtype: str | None) -> Array:

@@ -9,28 +9,10 @@ the step (for GN, the inner solver's ``learning_rate`` leaf), so a learning-rate
 sweep compiles each step once.
 
 - warm-up: AdamW ($\beta_2$ = ``b2``) at the constant ``warmup_lr``;
-- ``adamw``: AdamW with a cosine decay of ``lr`` to 0 over the main steps;
-- ``muon``: Muon on hidden matrices, AdamW on the embedding, the head and the 1-D
-  parameters (`eqx_gn.muon_adamw`), cosine decay of ``lr``;
-- ``soap``: SOAP (`eqx_gn.baselines.soap`), cosine decay of ``lr``;
-- ``shampoo``: Shampoo with Adam grafting and momentum 0.9
-  (`eqx_gn.baselines.shampoo`, $\beta_2$ = ``b2``), cosine decay of ``lr``;
-- ``psgd``: PSGD-Kron (``psgdax.kron``, Kronecker-factored preconditioners fitted
-  by PSGD, momentum 0.9), cosine decay of ``lr``;
-- ``gn``: `eqx_gn.GaussNewton` with the chosen blocks (`eqx_gn.Blocks.full`, or
-  `eqx_gn.lm.layerwise_blocks`) and solver: `eqx_gn.InnerOptimizer` or
-  `eqx_gn.ProxLinear` with the ``inner`` optimizer (Muon/AdamW by default, or
-  AdamW, SOAP, Shampoo or PSGD-Kron, each as its first-order recipe) at inner
-  learning rate ``lr`` on one global cosine over all inner steps, warm start; or
-  `eqx_gn.CG` with
-  ``cg_iterations`` iterations from damping ``cg_damping``; then
-  `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``line_search``
-  ``"grid"``) or walked from the last step's choice (``"warm"``), or no search
-  (``"none"``: `eqx_gn.UnitStep`, the step taken whole); with ``trust``
-  ``"adaptive"`` (`eqx_gn.AdaptiveTrust`) or ``"levenberg-marquardt"``
-  (`eqx_gn.LevenbergMarquardt`) the rule scales each subproblem from the last
-  step and the search halves the step past its grid down to ``MIN_STEP_SIZE``
-  before it rejects (``"fixed"``: the paper's fixed subproblem and grid).
+- a first-order method (`eqx_gn.lm._optimizers.first_order`: AdamW, Muon, SOAP,
+  Shampoo or PSGD-Kron) with a cosine decay of ``lr`` to 0 over the main steps;
+- GN: the run's [`GNConfig`][eqx_gn.lm.GNConfig] (``config.gn``), which builds the
+  `eqx_gn.GaussNewton`.
 
 Every first-order update clips the gradient to global norm ``max_grad_norm``.
 Every schedule is [`eqx_gn.cosine_decay`][].
@@ -41,29 +23,11 @@ import dataclasses
 import equinox as eqx
 import optax
 
-from .. import (
-    CG,
-    AdaptiveTrust,
-    FixedTrust,
-    GaussNewton,
-    GridLineSearch,
-    InnerOptimizer,
-    LevenbergMarquardt,
-    ProxLinear,
-    SoftmaxCrossEntropy,
-    UnitStep,
-    cosine_decay,
-    muon_adamw,
-)
-from ..baselines import shampoo, soap
+from .. import GaussNewton, InnerOptimizer, ProxLinear, cosine_decay
 from ._config import TrainConfig
-from ._model import Transformer, apply_fn, embedding_and_head, layerwise_blocks
-
-#: The loss every phase minimises: next-token cross-entropy.
-LM_LOSS = SoftmaxCrossEntropy()
-#: The smallest step the adaptive rule's line search tries past its grid: from the
-#: default grid's smallest step 2^-3.5, at most 7 halvings.
-MIN_STEP_SIZE = 2.0**-10
+from ._gn_config import GNConfig
+from ._model import Transformer
+from ._optimizers import first_order
 
 
 def _cosine(peak: float, steps: int) -> optax.Schedule:
@@ -89,7 +53,7 @@ class WarmupRecipe:
 
 @dataclasses.dataclass(frozen=True)
 class FirstOrderRecipe:
-    """AdamW, Muon, SOAP or PSGD-Kron with a cosine decay of the learning rate."""
+    """A first-order method with a cosine decay of the learning rate."""
 
     optimizer: str
     lr: float | None
@@ -109,106 +73,7 @@ class FirstOrderRecipe:
         )
 
 
-def first_order(
-    optimizer: str,
-    learning_rate: float | optax.Schedule,
-    model: Transformer,
-    b2: float,
-    weight_decay: float,
-    max_grad_norm: float,
-) -> optax.GradientTransformation:
-    """AdamW, Muon, SOAP or PSGD-Kron as the study trains them, each update
-    clipped to global norm ``max_grad_norm`` first (Muon: `eqx_gn.muon_adamw`)."""
-    if optimizer == "muon":
-        return muon_adamw(
-            learning_rate,
-            adam_filter=embedding_and_head(model),
-            adam_b2=b2,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-        )
-    if optimizer == "adamw":
-        inner = optax.adamw(learning_rate, b1=0.9, b2=b2, weight_decay=weight_decay)
-    elif optimizer == "soap":
-        inner = soap(learning_rate, weight_decay=weight_decay)
-    elif optimizer == "shampoo":
-        inner = shampoo(learning_rate, b1=0.9, b2=b2, weight_decay=weight_decay)
-    elif optimizer == "psgd":
-        import psgdax
-
-        inner = psgdax.kron(learning_rate, b1=0.9, weight_decay=weight_decay)
-    else:  # pragma: no cover - guarded by TrainConfig
-        raise AssertionError(optimizer)
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), inner)
-
-
-@dataclasses.dataclass(frozen=True)
-class GaussNewtonRecipe:
-    """Gauss-Newton with a block partition, a subproblem solver and a grid line
-    search."""
-
-    blocks: str
-    solver: str
-    inner: str
-    lr: float | None
-    steps: int
-    ls_grid: int
-    line_search: str
-    trust: str
-    cg_damping: float
-    cg_iterations: int
-    b2: float
-    weight_decay: float
-    max_grad_norm: float
-    compute_dtype: str | None = None
-
-    def _inner(self, model: Transformer) -> optax.GradientTransformation:
-        """The inner optimizer at unit learning rate, built as its first-order
-        method is (the solver's learning rate and schedule scale its updates)."""
-        return first_order(
-            self.inner, 1.0, model, self.b2, self.weight_decay, self.max_grad_norm
-        )
-
-    def build(self, model: Transformer) -> GaussNewton:
-        shortens = self.trust != "fixed"
-        trust = {
-            "adaptive": AdaptiveTrust,
-            "levenberg-marquardt": LevenbergMarquardt,
-            "fixed": FixedTrust,
-        }[self.trust]()
-        if self.solver == "cg":
-            solver = CG(max_iterations=self.cg_iterations, damping=self.cg_damping)
-        else:
-            inner = self._inner(model)
-            solver_cls = ProxLinear if self.solver == "prox" else InnerOptimizer
-            # The step sets the learning rate (`with_learning_rate`).
-            solver = solver_cls(
-                inner,
-                learning_rate=1.0,
-                schedule="global_cosine",
-                total_steps=self.steps,
-                warm_start=True,
-            )
-        return GaussNewton(
-            apply_fn(model, self.compute_dtype),
-            LM_LOSS,
-            solver=solver,
-            line_search=UnitStep()
-            if self.line_search == "none"
-            else GridLineSearch(
-                grid_size=self.ls_grid,
-                stop_on_increase=self.line_search == "warm",
-                warm_start=self.line_search == "warm",
-                min_step_size=min(MIN_STEP_SIZE, 0.5 * 2.0 ** (-(self.ls_grid - 1) / 2))
-                if shortens
-                else None,
-            ),
-            blocks=layerwise_blocks(model) if self.blocks == "layerwise" else None,
-            trust=trust,
-        )
-
-
-Recipe = WarmupRecipe | FirstOrderRecipe | GaussNewtonRecipe
+Recipe = WarmupRecipe | FirstOrderRecipe | GNConfig
 
 
 def compile_key(recipe: Recipe) -> Recipe:
@@ -237,22 +102,7 @@ def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
             config.warmup_lr, config.b2, config.weight_decay, config.max_grad_norm
         )
     if config.is_gn:
-        return GaussNewtonRecipe(
-            blocks=config.blocks,
-            solver=config.solver,
-            inner=config.inner,
-            lr=config.learning_rate,
-            steps=config.main_steps,
-            ls_grid=config.ls_grid,
-            line_search=config.line_search_rule,
-            trust=config.trust_rule,
-            cg_damping=config.cg_damping,
-            cg_iterations=config.cg_iterations,
-            b2=config.b2,
-            weight_decay=config.weight_decay,
-            max_grad_norm=config.max_grad_norm,
-            compute_dtype=compute_dtype_of(config),
-        )
+        return config.gn
     return FirstOrderRecipe(
         config.optimizer,
         config.learning_rate,

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import GaussNewton, GNStats, mean_loss
+from ._optimizers import LM_LOSS
 from ._pipeline import inputs_and_targets
-from ._recipes import LM_LOSS, with_learning_rate
+from ._recipes import with_learning_rate
 
 
 def _next_key(key_data):

@@ -51,6 +51,7 @@ stopped. ``--report PATH`` writes the results page from ``study.json`` alone
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -202,29 +203,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     f"({args.steps} x {max(batches)}): runs at each batch size "
                     "read the same tokens"
                 )
-    return Settings(
-        text=args.text,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        model=args.model,
-        seq_len=args.seq_len,
-        methods=methods,
-        batch_sizes=batches,
-        steps=args.steps,
-        seeds=args.seeds,
-        target=args.target,
-        warmup_fraction=args.warmup_fraction,
-        eval_every=args.eval_every,
-        eval_resolution=args.eval_resolution,
-        eval_batches=args.eval_batches,
-        eval_batch_size=args.eval_batch_size,
-        ls_batches=args.ls_batches,
-        gn_micro_batch=args.gn_micro_batch,
-        max_runs=args.max_runs,
-        seed=args.seed,
-        layout_check=args.layout_check,
-        timing_rounds=args.timing_rounds,
-    )
+    # Every other setting of the study is the option of the same name.
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Settings)
+        if f.name not in ("methods", "batch_sizes")
+    }
+    return Settings(**given, methods=methods, batch_sizes=batches)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._config import parse_method
+from .._config import TrainConfig, parse_method
 from ._protocol import Point, reached, resolution
 
 #: A run's curve in study.json: one value per step (``val_loss`` None where the
@@ -175,6 +175,37 @@ class Settings:
         """Steps of a run at ``batch`` sequences: ``steps`` at the largest batch,
         and the same tokens at every other."""
         return self.steps * max(self.batch_sizes) // batch
+
+    def train_config(
+        self, method: str, batch: int, point: Point, out: Path, **changes: Any
+    ) -> TrainConfig:
+        """The configuration of one of the study's runs: the study's data, model,
+        warm-up, evaluation and line-search settings; ``method`` at ``batch``
+        sequences for `budget` steps at ``point``'s learning rate and K; written to
+        ``out``, over any run there, with no checkpoint and no progress bar; then
+        ``changes``."""
+        values: dict[str, Any] = dict(
+            text=self.text,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            model=self.model,
+            seq_len=self.seq_len,
+            steps=self.budget(batch),
+            batch_size=batch,
+            lr=point.lr,
+            warmup_fraction=self.warmup_fraction,
+            eval_batches=self.eval_batches,
+            eval_batch_size=self.eval_batch_size,
+            ls_batches=self.ls_batches,
+            seed=self.seed,
+            out=str(out),
+            checkpoint_every=0,
+            overwrite=True,
+            progress=False,
+        )
+        if point.micro_batches is not None:
+            values["micro_batches"] = point.micro_batches
+        return TrainConfig(**{**values, **changes}, **parse_method(method))
 
     def to_dict(self) -> dict[str, Any]:
         values = dict(vars(self))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._config import ConfigError, parse_method
+from .._config import ConfigError
 from .._errors import Diverged
 from ._plots import draw_plots
 from ._protocol import (
@@ -110,39 +110,21 @@ class Study:
         return record
 
     def _train(self, name, method, batch, point, role, seed, accum, target, give_up):
-        from .._config import TrainConfig
-
         s = self.settings
-        fields = dict(
-            text=s.text,
-            tokenizer=s.tokenizer,
-            vocab_size=s.vocab_size,
-            model=s.model,
-            seq_len=s.seq_len,
-            steps=s.budget(batch),
-            batch_size=batch,
-            lr=point.lr,
-            warmup_fraction=s.warmup_fraction,
+        config = s.train_config(
+            method,
+            batch,
+            point,
+            self.runs_dir / name,
             # Without a target (the runs that set it): every eval_every steps;
             # with one: the eval_resolution schedule.
             eval_every=s.eval_every if target is None else 0,
             eval_resolution=0.0 if target is None else s.eval_resolution,
             give_up_after=give_up,
-            eval_batches=s.eval_batches,
-            eval_batch_size=s.eval_batch_size,
-            ls_batches=s.ls_batches,
             target_loss=target,
             seed=s.seed + seed,
-            out=str(self.runs_dir / name),
-            checkpoint_every=0,
-            overwrite=True,
-            progress=False,
+            grad_accumulation=accum,
         )
-        if point.micro_batches is not None:
-            fields["micro_batches"] = point.micro_batches
-        if accum != 1:
-            fields["grad_accumulation"] = accum
-        config = TrainConfig(**fields, **parse_method(method))
         start = time.perf_counter()
         try:
             self.train(config)
@@ -275,8 +257,6 @@ class Study:
         return self._save(searched, plots=True)
 
     def _measure_timing(self, searched) -> dict[str, Any]:
-        from .._config import TrainConfig
-
         s = self.settings
         largest = max(s.batch_sizes)
         gn = choose(searched.get("gn", {}).get(largest, []))
@@ -294,18 +274,18 @@ class Study:
             for method, accum, point in configs:
                 label = method if accum == 1 else f"{method} A{accum}"
                 name = run_name(method, largest, point, 0, accum) + f"_timing{r}"
-                fields = dict(
-                    text=s.text, tokenizer=s.tokenizer, vocab_size=s.vocab_size,
-                    model=s.model, seq_len=s.seq_len, steps=TIMING_STEPS + 1,
-                    batch_size=largest, lr=point.lr, warmup_fraction=0.05,
-                    eval_every=0, eval_batches=1, eval_batch_size=s.eval_batch_size,
-                    ls_batches=s.ls_batches, seed=s.seed, checkpoint_every=0,
-                    out=str(self.runs_dir / "timing" / name), overwrite=True,
-                    progress=False, grad_accumulation=accum,
-                )  # fmt: skip
-                if point.micro_batches is not None:
-                    fields["micro_batches"] = point.micro_batches
-                self.train(TrainConfig(**fields, **parse_method(method)))
+                config = s.train_config(
+                    method,
+                    largest,
+                    point,
+                    self.runs_dir / "timing" / name,
+                    steps=TIMING_STEPS + 1,
+                    warmup_fraction=0.05,
+                    eval_every=0,
+                    eval_batches=1,
+                    grad_accumulation=accum,
+                )
+                self.train(config)
                 lines = self.runs_dir / "timing" / name / "metrics.jsonl"
                 records = [json.loads(x) for x in lines.read_text().splitlines()]
                 seconds = _time_per_step(curve_of(records))

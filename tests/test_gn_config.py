@@ -1,0 +1,231 @@
+"""`eqx_gn.lm.GNConfig`, the one typed description of the runner's Gauss-Newton,
+and `TrainConfig`'s settings declared in groups, each checked where declared."""
+
+import dataclasses
+import re
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+import pytest
+
+import eqx_gn
+from eqx_gn.baselines import soap
+from eqx_gn.lm import (
+    BLOCKS,
+    SOLVERS,
+    ConfigError,
+    GNConfig,
+    TrainConfig,
+    Transformer,
+    apply_fn,
+    embedding_and_head,
+    get_config,
+    layerwise_blocks,
+)
+from eqx_gn.lm._config import choices_of, group_of, settings
+
+
+def _micro_batches(key, k, b, seq, vocab):
+    tokens = jax.random.randint(key, (k, b, seq + 1), 0, vocab)
+    return tokens[..., :-1], tokens[..., 1:]
+
+
+def _by_hand(config, model, case):
+    """The GaussNewton a user writes from the library's public names, as the
+    GN guide describes each setting (the oracle of `GNConfig.build`)."""
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    if case == "muon-warm-adaptive":
+        inner = eqx_gn.muon_adamw(
+            1.0, adam_filter=embedding_and_head(model), adam_b2=0.95, max_grad_norm=1.0
+        )
+        solver = eqx_gn.InnerOptimizer(
+            inner,
+            learning_rate=0.03,
+            schedule="global_cosine",
+            total_steps=10,
+            warm_start=True,
+        )
+        search = eqx_gn.GridLineSearch(
+            grid_size=8, stop_on_increase=True, warm_start=True, min_step_size=2.0**-10
+        )
+        return eqx_gn.GaussNewton(
+            apply_fn(model), loss, solver=solver, line_search=search,
+            trust=eqx_gn.AdaptiveTrust(),
+        )  # fmt: skip
+    if case == "layerwise-prox-soap-grid-fixed":
+        inner = optax.chain(optax.clip_by_global_norm(1.0), soap(1.0))
+        solver = eqx_gn.ProxLinear(
+            inner,
+            learning_rate=0.05,
+            schedule="global_cosine",
+            total_steps=10,
+            warm_start=True,
+        )
+        return eqx_gn.GaussNewton(
+            apply_fn(model), loss, solver=solver,
+            line_search=eqx_gn.GridLineSearch(grid_size=4),
+            blocks=layerwise_blocks(model), trust=eqx_gn.FixedTrust(),
+        )  # fmt: skip
+    assert case == "cg"
+    return eqx_gn.GaussNewton(
+        apply_fn(model), loss,
+        solver=eqx_gn.CG(max_iterations=5, damping=1e-2),
+        line_search=eqx_gn.GridLineSearch(grid_size=8, min_step_size=2.0**-10),
+        trust=eqx_gn.LevenbergMarquardt(),
+    )  # fmt: skip
+
+
+CASES = {
+    "muon-warm-adaptive": GNConfig(steps=10),
+    "layerwise-prox-soap-grid-fixed": GNConfig(
+        steps=10,
+        blocks="layerwise",
+        solver="prox",
+        inner="soap",
+        lr=0.05,
+        ls_grid=4,
+        line_search="grid",
+        trust="fixed",
+    ),
+    "cg": GNConfig(steps=10, solver="cg", cg_iterations=5, cg_damping=1e-2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_build_takes_the_same_steps_as_gauss_newton_written_by_hand(case):
+    config = CASES[case]
+    lm_config = get_config("tiny", seq_len=16)
+    model = Transformer(lm_config, jax.random.key(0))
+    batches = _micro_batches(jax.random.key(1), 2, 4, 16, lm_config.vocab_size)
+    ls_batches = _micro_batches(jax.random.key(2), 1, 4, 16, lm_config.vocab_size)
+    results = []
+    for gn in (config.build(model), _by_hand(config, model, case)):
+        step = eqx.filter_jit(gn.step)
+        m, state = model, gn.init(model)
+        for _ in range(2):  # the second step reads the first's warm start and trust
+            m, state, stats = step(m, state, batches, ls_batches)
+        results.append((m, stats))
+    (built, built_stats), (hand, hand_stats) = results
+    # The same operations in the same order: equal to the last bit.
+    for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(hand), strict=True):
+        if eqx.is_array(a):
+            np.testing.assert_array_equal(a, b)
+    # And the same statistics: step size, line-search evaluations, trust scale...
+    for a, b in zip(
+        jax.tree.leaves(built_stats), jax.tree.leaves(hand_stats), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # And the steps did something: the model moved.
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(model), strict=True)
+        if eqx.is_array(a)
+    ]
+    assert any(moved)
+
+
+def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
+    # The line search, the trust rule and the learning rate default by solver and
+    # inner optimizer, so that equal settings give equal configurations.
+    assert (GNConfig(steps=5).line_search, GNConfig(steps=5).trust) == (
+        "warm",
+        "adaptive",
+    )
+    cg = GNConfig(steps=5, solver="cg")
+    assert (cg.line_search, cg.trust, cg.learning_rate) == (
+        "grid",
+        "levenberg-marquardt",
+        None,
+    )
+    assert GNConfig(steps=5, inner="psgd").learning_rate == 0.3
+    assert GNConfig(steps=5) == GNConfig(steps=5, line_search="warm", trust="adaptive")
+    assert GNConfig(steps=5, blocks="layerwise", inner="soap").method == (
+        "gn-layerwise-soap"
+    )
+    # A run's GN: its settings of the same names, over its main steps, resolved.
+    run = TrainConfig(steps=50, blocks="layerwise", inner="soap", ls_grid=5)
+    assert run.gn == GNConfig(
+        steps=45, blocks="layerwise", inner="soap", lr=3e-2, ls_grid=5
+    )
+    assert run.learning_rate == run.gn.lr == 3e-2
+    assert TrainConfig(optimizer="adamw").gn is None
+    assert TrainConfig(solver="cg", cg_iterations=7).gn == GNConfig(
+        steps=180, solver="cg", cg_iterations=7
+    )
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(solver="newton"), "unknown solver 'newton'; choose one of inner"),
+        (dict(blocks="diagonal"), "unknown blocks 'diagonal'"),
+        (dict(inner="sgd"), "unknown inner 'sgd'"),
+        (dict(line_search="armijo"), "unknown line_search 'armijo'"),
+        (dict(trust="loose"), "unknown trust 'loose'"),
+        (dict(compute_dtype="fp8"), "unknown compute_dtype 'fp8'"),
+        (dict(steps=0), "steps must be an integer >= 1, got 0"),
+        (dict(ls_grid=2.0), "ls_grid must be an integer >= 1, got 2.0"),
+        (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
+        (dict(solver="cg", inner="soap"), "inner applies to GN's inner and prox"),
+        (dict(solver="cg", lr=0.1), "lr does not apply to solver 'cg'"),
+        (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
+        (dict(lr=-1.0), "lr must be > 0"),
+        (dict(b2=1.0), "b2 must be in [0, 1)"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be > 0"),
+    ],
+)
+def test_gn_config_rejects_bad_values_in_one_line(changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        GNConfig(**{"steps": 5, **changes})
+    assert "\n" not in str(error.value)
+
+
+def test_every_setting_is_checked_where_it_is_declared():
+    """Each setting's own declaration checks it: every choice rejects a value
+    outside its Literal, and every integer a value below its minimum, naming the
+    setting, whatever the other settings are."""
+    choices = integers = 0
+    for field in settings():
+        allowed = choices_of(field)
+        if allowed is not None:
+            with pytest.raises(ConfigError, match=f"unknown {field.name} 'bogus'"):
+                TrainConfig(**{field.name: "bogus"})
+            choices += 1
+        elif field.type in (int, int | None):
+            low = field.metadata["minimum"]
+            message = f"{field.name} must be an integer >= {low}, got {low - 1}"
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                TrainConfig(**{field.name: low - 1})
+            integers += 1
+    assert choices == 8  # model, compute_dtype, optimizer, blocks, solver, inner,
+    # line_search, trust
+    assert integers == 21
+    assert choices_of(dataclasses.fields(TrainConfig)[0]) is None
+    assert choices_of(TrainConfig.__dataclass_fields__["blocks"]) == BLOCKS
+    assert choices_of(TrainConfig.__dataclass_fields__["solver"]) == SOLVERS
+
+
+def test_settings_are_declared_in_groups_in_the_command_lines_order():
+    groups = [group_of(field) for field in settings()]
+    # Each group's settings are together, in this order.
+    order = list(dict.fromkeys(groups))
+    assert order == [
+        "data",
+        "model",
+        "optimization",
+        "gauss-newton",
+        "evaluation",
+        "run",
+        "parallelism",
+    ]
+    assert groups == sorted(groups, key=order.index)
+    assert group_of(TrainConfig.__dataclass_fields__["micro_batches"]) == (
+        "gauss-newton"
+    )
+    # A configuration is still given and read flat, and round-trips through JSON.
+    config = TrainConfig(batch_size=32, blocks="layerwise", seed=3)
+    assert (config.batch_size, config.blocks, config.seed) == (32, "layerwise", 3)
+    assert TrainConfig.from_dict(config.to_dict()) == config

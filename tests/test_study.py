@@ -19,7 +19,7 @@ import pytest
 
 from eqx_gn.lm import ConfigError
 from eqx_gn.lm.study import _command as study
-from eqx_gn.lm.study._plots import curves_figure, steps_figure
+from eqx_gn.lm.study._plots import _color, curves_figure, steps_figure
 from eqx_gn.lm.study._protocol import (
     BASELINES,
     CENTRES,
@@ -914,3 +914,50 @@ def test_timed_claims_bound_gn_by_the_budget_when_every_baseline_missed(finished
     )
     # With a baseline that reached it, there is no bound: the ratio is measured.
     assert timed_claims(result, timing)["gn_over_fastest_baseline_at_most"] is None
+
+
+def test_steps_figure_draws_a_missed_target_at_the_budget(finished, figures):
+    """A median that missed the target is not left out: an open triangle stands at
+    the run's budget, in the method's colour, with a legend entry saying so."""
+    import copy
+
+    _, _, result = finished
+
+    def triangles(fig):
+        (ax,) = fig.axes
+        return ax, [line for line in ax.get_lines() if line.get_marker() == "^"]
+
+    missed_anywhere = any(
+        e["median_steps"] is None for row in result["chosen"].values()
+        for e in row.values()
+    )  # fmt: skip
+    ax, drawn = triangles(steps_figure(result))
+    assert bool(drawn) == missed_anywhere
+    changed = copy.deepcopy(result)
+    method = METHODS[0]
+    entry = changed["chosen"][method][str(LARGEST)]
+    entry.update(median_steps=None, min_steps=None, max_steps=None, missed_seeds=3)
+    ax, drawn = triangles(steps_figure(changed))
+    points = {
+        (float(x), float(y))
+        for line in drawn
+        for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)
+    }
+    # At the budget, and at the batch size (beside the others missed there).
+    assert any(
+        y == budget(LARGEST) and abs(math.log2(x / LARGEST)) < 0.5 for x, y in points
+    )
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "missed: at its budget" in labels
+    # The method's own line (its colour, round markers) no longer reaches the
+    # largest batch; the triangle has its colour.
+    import matplotlib.colors
+
+    colour = matplotlib.colors.to_rgba(_color(method, 0))
+    own = [
+        x
+        for x in ax.get_lines()
+        if x.get_marker() == "o" and matplotlib.colors.to_rgba(x.get_color()) == colour
+    ]
+    assert own and all(LARGEST not in list(x.get_xdata()) for x in own)
+    assert any(matplotlib.colors.to_rgba(x.get_color()) == colour for x in drawn)

@@ -12,6 +12,7 @@ COLORS = {
     "muon": "C1",
     "soap": "C2",
     "psgd": "C6",
+    "shampoo": "C7",
     "gn": "C3",
     "gn-layerwise": "C4",
     "gn-prox": "C5",
@@ -46,16 +47,38 @@ def _pyplot():
 def steps_figure(result: dict[str, Any]):
     """The critical-batch-size figure: each method's median steps to the target
     over its seeds against the batch size, log-log, with the seeds' range as an
-    error bar; a batch size where the median missed the target is left out."""
+    error bar. Where the median missed the target within the run's budget, an
+    open triangle stands at the budget (the steps are more than that: a lower
+    bound), in the method's colour and without a line."""
     matplotlib, plt = _pyplot()
     settings, target = result["settings"], result["target"]
+    budgets = result.get("budgets", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    any_missed = False
+    # The methods that missed at each batch, so that their triangles, all at the
+    # same budget, stand side by side (a few percent apart along the batch axis).
+    missed_at: dict[str, list[str]] = {}
     for method, row in result["chosen"].items():
+        for b, e in row.items():
+            if e.get("median_steps") is None and e.get("missed_seeds"):
+                missed_at.setdefault(b, []).append(method)
+    for index, (method, row) in enumerate(result["chosen"].items()):
+        color = _color(method, index)
         pts = sorted(
             (int(b), e["median_steps"], e["min_steps"], e["max_steps"])
             for b, e in row.items()
             if e.get("median_steps") is not None
         )
+        missed = sorted(
+            (_beside(int(b), missed_at[b].index(method), len(missed_at[b])), budgets[b])
+            for b, e in row.items()
+            if method in missed_at.get(b, ()) and b in budgets
+        )
+        if missed:
+            any_missed = True
+            ax.plot(*zip(*missed, strict=True), linestyle="none", marker="^",
+                    markerfacecolor="none", markersize=8, color=color,
+                    label=None if pts else method)  # fmt: skip
         if not pts:
             continue
         xs, ys, lows, highs = zip(*pts, strict=True)
@@ -66,9 +89,14 @@ def steps_figure(result: dict[str, Any]):
             (hi if hi is not None else y) - y for y, hi in zip(ys, highs, strict=True)
         ]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", capsize=3, label=method,
-                    color=COLORS.get(method))  # fmt: skip
+                    color=color)  # fmt: skip
+    if any_missed:
+        ax.plot([], [], linestyle="none", marker="^", markerfacecolor="none",
+                color="black", label="missed: at its budget")  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    batches = [int(b) for b in settings["batch_sizes"]]
+    ax.set_xlim(min(batches) / 1.5, max(batches) * 1.5)
     _plain_ticks(ax.xaxis, matplotlib)
     _plain_ticks(ax.yaxis, matplotlib)
     ax.set_xlabel("batch size (sequences per step)")
@@ -91,7 +119,7 @@ def curves_figure(result: dict[str, Any]):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     shown = [target]  # every loss drawn, so that no curve is clipped
     warmups = set()
-    for method, row in result["chosen"].items():
+    for index, (method, row) in enumerate(result["chosen"].items()):
         entry = row.get(largest)
         if entry is None:
             continue
@@ -103,7 +131,7 @@ def curves_figure(result: dict[str, Any]):
         shown += [
             v for i, v in zip(idx, losses, strict=True) if curve["step"][i] >= warmup
         ]
-        color = COLORS.get(method)
+        color = _color(method, index)
         a1.plot([curve["step"][i] for i in idx], losses, label=method, color=color)
         a2.plot([curve["time_s"][i] for i in idx], losses, label=method, color=color)
     finite = [v for v in shown if v == v and abs(v) != float("inf")]
@@ -122,6 +150,17 @@ def curves_figure(result: dict[str, Any]):
     a1.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _beside(x: int, k: int, n: int) -> float:
+    """The ``k``-th of ``n`` points at ``x`` on a log axis, 6% apart, centred."""
+    return x * 2.0 ** (0.08 * (k - (n - 1) / 2))
+
+
+def _color(method: str, index: int) -> str:
+    """A method's colour: its own, or the ``index``-th of the cycle (the methods
+    of one figure each take their own index)."""
+    return COLORS.get(method, f"C{index % 10}")
 
 
 def _plain_ticks(axis, matplotlib) -> None:

@@ -32,9 +32,13 @@ lint() {
 phase lint lint
 # Two workers for most tests; the tests with collectives over simulated devices run
 # alone afterwards: XLA's CPU collectives abort the process when another process
-# starves one device thread for 40 s.
-phase tests python -m pytest -n 2 --dist loadfile -q --durations=15 -m "not multidevice"
-phase multi-device python -m pytest -q --durations=15 -m multidevice
+# starves one device thread for 40 s. A worker that dies fails the run at once
+# (--max-worker-restart=0: restarted workers can hang xdist), and each pytest call
+# is stopped after 45 minutes (three times what it takes on 2 cores) so a hang
+# fails with its phase's name instead of running out CI's time.
+phase tests timeout -k 60 2700 python -m pytest -n 2 --dist loadfile \
+    --max-worker-restart=0 -q --durations=15 -m "not multidevice"
+phase multi-device timeout -k 60 2700 python -m pytest -q --durations=15 -m multidevice
 phase api-docs python scripts/check_api_docs.py
 phase docs env NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet \
     --site-dir "${TMPDIR:-/tmp}/eqx_gn_site"

@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX initialises its backend, so it is set here, at
 import time of the first conftest, before any test module imports JAX.
 """
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -16,6 +17,41 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _memory_map_limit() -> int | None:
+    """The kernel's limit on one process's memory mappings (Linux), else None."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+_MAP_LIMIT = _memory_map_limit()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_code():
+    """Drop JAX's compiled executables once this process holds half the kernel's
+    memory mappings.
+
+    Each executable XLA compiles for the CPU keeps about three mappings (its code
+    and data) for as long as a jit cache holds it, and one test worker compiles
+    thousands over the suite: at ``vm.max_map_count`` (65530 by default) the next
+    compilation cannot map its code and the worker dies of a segmentation fault
+    inside ``backend_compile_and_load``, which is how CI failed. Clearing the caches
+    unmaps them; the tests after it only compile again what they use.
+    """
+    yield
+    if _MAP_LIMIT is not None and _memory_maps() > _MAP_LIMIT // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture

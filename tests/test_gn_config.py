@@ -36,7 +36,27 @@ def _by_hand(config, model, case):
     """The GaussNewton a user writes from the library's public names, as the
     GN guide describes each setting (the oracle of `GNConfig.build`)."""
     loss = eqx_gn.SoftmaxCrossEntropy()
-    if case == "muon-warm-adaptive":
+    if case == "default":
+        # The model's inner step length, the paper's fixed subproblem and a warm walk.
+        inner = eqx_gn.muon_adamw(
+            1.0, adam_filter=embedding_and_head(model), adam_b2=0.95, max_grad_norm=1.0
+        )
+        solver = eqx_gn.InnerOptimizer(
+            inner,
+            learning_rate=1.0,
+            schedule="global_cosine",
+            total_steps=10,
+            warm_start=True,
+            step_length="model",
+        )
+        search = eqx_gn.GridLineSearch(
+            grid_size=8, stop_on_increase=True, warm_start=True
+        )
+        return eqx_gn.GaussNewton(
+            apply_fn(model), loss, solver=solver, line_search=search,
+            trust=eqx_gn.FixedTrust(),
+        )  # fmt: skip
+    if case == "muon-lr-warm-adaptive":
         inner = eqx_gn.muon_adamw(
             1.0, adam_filter=embedding_and_head(model), adam_b2=0.95, max_grad_norm=1.0
         )
@@ -78,12 +98,14 @@ def _by_hand(config, model, case):
 
 
 CASES = {
-    "muon-warm-adaptive": GNConfig(steps=10),
+    "default": GNConfig(steps=10),
+    "muon-lr-warm-adaptive": GNConfig(steps=10, inner_step="lr", trust="adaptive"),
     "layerwise-prox-soap-grid-fixed": GNConfig(
         steps=10,
         blocks="layerwise",
         solver="prox",
         inner="soap",
+        inner_step="lr",
         lr=0.05,
         ls_grid=4,
         line_search="grid",
@@ -129,27 +151,32 @@ def test_build_takes_the_same_steps_as_gauss_newton_written_by_hand(case):
 def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
     # The line search, the trust rule and the learning rate default by solver and
     # inner optimizer, so that equal settings give equal configurations.
-    assert (GNConfig(steps=5).line_search, GNConfig(steps=5).trust) == (
+    default = GNConfig(steps=5)
+    assert (default.line_search, default.trust, default.inner_step) == (
         "warm",
-        "adaptive",
+        "fixed",
+        "model",
     )
+    # The model's step length: lr is the fraction of it taken, 1 for every inner
+    # optimizer; the paper's learning rate defaults by inner optimizer.
+    assert {GNConfig(steps=5, inner=i).learning_rate for i in ("muon", "psgd")} == {1.0}
     cg = GNConfig(steps=5, solver="cg")
     assert (cg.line_search, cg.trust, cg.learning_rate) == (
         "grid",
         "levenberg-marquardt",
         None,
     )
-    assert GNConfig(steps=5, inner="psgd").learning_rate == 0.3
-    assert GNConfig(steps=5) == GNConfig(steps=5, line_search="warm", trust="adaptive")
+    assert GNConfig(steps=5, inner="psgd", inner_step="lr").learning_rate == 0.3
+    assert GNConfig(steps=5) == GNConfig(steps=5, line_search="warm", trust="fixed")
     assert GNConfig(steps=5, blocks="layerwise", inner="soap").method == (
         "gn-layerwise-soap"
     )
     # A run's GN: its settings of the same names, over its main steps, resolved.
     run = TrainConfig(steps=50, blocks="layerwise", inner="soap", ls_grid=5)
     assert run.gn == GNConfig(
-        steps=45, blocks="layerwise", inner="soap", lr=3e-2, ls_grid=5
+        steps=45, blocks="layerwise", inner="soap", lr=1.0, ls_grid=5
     )
-    assert run.learning_rate == run.gn.lr == 3e-2
+    assert run.learning_rate == run.gn.lr == 1.0
     assert TrainConfig(optimizer="adamw").gn is None
     assert TrainConfig(solver="cg", cg_iterations=7).gn == GNConfig(
         steps=180, solver="cg", cg_iterations=7
@@ -169,6 +196,8 @@ def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
         (dict(ls_grid=2.0), "ls_grid must be an integer >= 1, got 2.0"),
         (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
         (dict(solver="cg", inner="soap"), "inner applies to GN's inner and prox"),
+        (dict(solver="cg", inner_step="lr"), "inner_step applies to GN's inner and"),
+        (dict(inner_step="exact"), "unknown inner_step 'exact'"),
         (dict(solver="cg", lr=0.1), "lr does not apply to solver 'cg'"),
         (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
         (dict(lr=-1.0), "lr must be > 0"),
@@ -200,8 +229,8 @@ def test_every_setting_is_checked_where_it_is_declared():
             with pytest.raises(ConfigError, match=re.escape(message)):
                 TrainConfig(**{field.name: low - 1})
             integers += 1
-    assert choices == 8  # model, compute_dtype, optimizer, blocks, solver, inner,
-    # line_search, trust
+    assert choices == 9  # model, compute_dtype, optimizer, blocks, solver, inner,
+    # inner_step, line_search, trust
     assert integers == 21
     assert choices_of(dataclasses.fields(TrainConfig)[0]) is None
     assert choices_of(TrainConfig.__dataclass_fields__["blocks"]) == BLOCKS
@@ -229,3 +258,20 @@ def test_settings_are_declared_in_groups_in_the_command_lines_order():
     config = TrainConfig(batch_size=32, blocks="layerwise", seed=3)
     assert (config.batch_size, config.blocks, config.seed) == (32, "layerwise", 3)
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_a_run_saved_before_inner_step_resumes_as_it_ran():
+    # config.json written before inner_step existed: the paper's learning-rate
+    # steps under the trust rule that was then the default (adaptive), so --resume
+    # finds the same configuration; a saved trust rule stays.
+    saved = TrainConfig().to_dict()
+    del saved["inner_step"]
+    old = TrainConfig.from_dict(saved)
+    assert (old.inner_step, old.trust_rule, old.learning_rate) == (
+        "lr",
+        "adaptive",
+        0.03,
+    )
+    assert TrainConfig.from_dict({**saved, "trust": "fixed"}).trust_rule == "fixed"
+    cg = TrainConfig.from_dict({**saved, "solver": "cg"})
+    assert (cg.inner_step, cg.trust_rule) == ("model", "levenberg-marquardt")

@@ -186,6 +186,24 @@ def test_block_diagonal_gnvp_matches_dense(arch, loss_kind, partition):
     assert not np.allclose(flat(_gnvp(problem, v)), flat(got))
 
 
+@hypothesis.settings(SETTINGS, max_examples=6)
+@given(problem=mlp_problems(), seed=seeds, num_blocks=st.integers(0, 3))
+def test_curvature_along_a_vector_matches_dense(problem, seed, num_blocks):
+    # v^T G v with the dense G (block-diagonal with blocks), full and any partition.
+    assignment, blocks = (None, None)
+    if num_blocks:
+        assignment, blocks = _random_partition(problem, seed, num_blocks)
+    v = random_like_params(jax.random.key(seed), problem.model)
+    q = eqx_gn.quadratic_model(
+        problem.fn, problem.model, problem.batch, loss=problem.loss, blocks=blocks
+    )
+    dense = dense_gn(problem)
+    if assignment is not None:
+        dense = block_diagonal(dense, problem.model, assignment)
+    expected = flat(v) @ dense @ flat(v)
+    assert float(jax.jit(q.curvature)(v)) == pytest.approx(expected, rel=1e-10)
+
+
 def test_one_block_equals_full():
     problem = transformer_problem("mse")
     v = random_like_params(jax.random.key(0), problem.model)

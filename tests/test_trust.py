@@ -226,8 +226,8 @@ def test_cg_damping_follows_levenberg_marquardt_through_gauss_newton(
     getkey, line_search
 ):
     # GaussNewton's default rule for CG: each step's damping is the last one's
-    # times 3/2 or 2/3 by the last step's rho (NaN where the walk did not evaluate
-    # s = 1: then by its step size), computed here in plain Python from GNStats.
+    # times 3/2 or 2/3 by the last step's rho, the true over the predicted decrease
+    # on CG's own batches (GNStats.true_decrease), computed here in plain Python.
     model, x, y = _classification(getkey())
     gn = eqx_gn.GaussNewton(
         apply,
@@ -237,7 +237,7 @@ def test_cg_damping_follows_levenberg_marquardt_through_gauss_newton(
     )
     assert isinstance(gn.trust, eqx_gn.LevenbergMarquardt)
     step, state = eqx.filter_jit(gn.step), gn.init(model)
-    seen, damping = set(), 1e-2
+    seen, damping, other_data = set(), 1e-2, set()
     for i in range(10):
         batches, ls = (
             (x[4 * i : 4 * i + 3], y[4 * i : 4 * i + 3]),
@@ -248,22 +248,53 @@ def test_cg_damping_follows_levenberg_marquardt_through_gauss_newton(
         )
         model, state, stats = step(model, state, batches, ls)
         assert float(stats.damping) == pytest.approx(damping, rel=1e-12)
-        actual, predicted = (
-            float(stats.actual_decrease),
-            float(stats.predicted_decrease),
+        true, predicted = float(stats.true_decrease), float(stats.predicted_decrease)
+        # The true decrease on CG's batches, from the returned model: CG's
+        # direction is the step s d over s (or the loss at s = 1 is read directly).
+        t = _lm(1e-2 / damping, float(stats.step_size), true, predicted)
+        # What the rule would have done with the line-search batches' decrease.
+        search = float(stats.actual_decrease)
+        other_data.add(
+            t != _lm(1e-2 / damping, float(stats.step_size), search, predicted)
         )
-        t = _lm(1e-2 / damping, float(stats.step_size), actual, predicted)
         damping = 1e-2 / t
-        seen.add(
-            "unknown"
-            if math.isnan(actual)
-            else "up"
-            if t < 1e-2 / float(stats.damping)
-            else "down"
-        )
-    # The damping went both ways, and the walk skipped s = 1 at least once.
+        seen.add("up" if t < 1e-2 / float(stats.damping) else "down")
+    # The damping went both ways, and the line search's data would have moved it
+    # differently at least once (the rule reads the solver's own data).
     assert {"up", "down"} <= seen
-    assert ("unknown" in seen) == line_search.warm_start
+    assert True in other_data
+
+
+def test_solver_true_decrease_is_the_loss_on_its_own_data(getkey):
+    # CG: L(theta0) - L(theta0 + d) on the K micro-batches as one batch; the inner
+    # loop: on its last micro-batch, at the iterate its last model value was taken
+    # at (for K = 1 and no warm start: d = 0, so exactly 0).
+    model, x, y = _classification(getkey())
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    problem_ = eqx_gn.GaussNewton(apply, loss).problem
+    batches = (x[:3], y[:3])
+    cg = eqx_gn.CG(max_iterations=5)
+    solution = cg.solve(problem_, model, batches, cg.init(model), jnp.asarray(0))
+    flat = (x[:3].reshape(-1, *x.shape[2:]), y[:3].reshape(-1))
+    moved = eqx.apply_updates(model, solution.direction)
+    expected = loss.value(apply(model, flat[0]), flat[1]) - loss.value(
+        apply(moved, flat[0]), flat[1]
+    )
+    assert float(solution.stats.true_decrease) == pytest.approx(
+        float(expected), rel=1e-10
+    )
+    # The inner loop's third step evaluates its model at the iterate that two steps
+    # on the first two micro-batches reach (a constant rate: the same two steps).
+    inner = eqx_gn.InnerOptimizer(
+        learning_rate=0.05, warm_start=False, schedule="constant"
+    )
+    zero = jnp.asarray(0)
+    two = inner.solve(problem_, model, (x[:2], y[:2]), inner.init(model), zero)
+    three = inner.solve(problem_, model, (x[:3], y[:3]), inner.init(model), zero)
+    at = eqx.apply_updates(model, two.direction)
+    expected = loss.value(apply(model, x[2]), y[2]) - loss.value(apply(at, x[2]), y[2])
+    assert float(three.stats.true_decrease) == pytest.approx(float(expected), rel=1e-10)
+    assert float(expected) != 0.0
 
 
 class _StepSearch(eqx_gn.AbstractLineSearch):

@@ -69,8 +69,10 @@ class GNStats(eqx.Module):
     ``loss_before``/``loss_after`` are line-search losses at $\\theta_0$ and at the
     chosen step; ``model_start``/``model_end`` the subproblem objective at the first
     and last inner iterate; ``predicted_decrease`` the model's decrease for $d$ and
-    ``actual_decrease`` the true one at $s = 1$ (NaN when the search did not
-    evaluate it); ``damping`` the damping the subproblem was solved at (0 for the
+    ``actual_decrease`` the true one at $s = 1$ on the line-search batches (NaN
+    when the search did not evaluate it); ``true_decrease`` the true loss's
+    decrease at the prediction's point on the prediction's own data (see
+    [`eqx_gn.SolverStats`][]); ``damping`` the damping the subproblem was solved at (0 for the
     inner-loop solvers);
     ``rejected`` means $s = 0$ and ``nonfinite`` that a NaN or inf was met (then the
     step changed nothing); ``trust_scale`` is the trust rule's scale this step's
@@ -84,6 +86,7 @@ class GNStats(eqx.Module):
     model_end: Float[Array, ""]
     predicted_decrease: Float[Array, ""]
     actual_decrease: Float[Array, ""]
+    true_decrease: Float[Array, ""]
     damping: Float[Array, ""]
     solver_iterations: Int[Array, ""]
     line_search_evaluations: Int[Array, ""]
@@ -286,7 +289,11 @@ class GaussNewton(eqx.Module):
 
         solver_state = self.solver.accept(solution.state, direction, step_size)
         trust = self.trust.update(
-            state.trust, step_size, line_search_stats, solver_stats.predicted_decrease
+            state.trust,
+            step_size,
+            line_search_stats,
+            solver_stats.predicted_decrease,
+            true_decrease=solver_stats.true_decrease,
         )
         new_state = GNState(
             state.step + 1,
@@ -305,6 +312,7 @@ class GaussNewton(eqx.Module):
             predicted_decrease=solver_stats.predicted_decrease,
             actual_decrease=line_search_stats.loss_before
             - line_search_stats.loss_at_unit_step,
+            true_decrease=solver_stats.true_decrease,
             damping=solver_stats.damping,
             solver_iterations=solver_stats.iterations,
             line_search_evaluations=line_search_stats.num_evaluations,

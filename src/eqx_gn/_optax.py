@@ -47,8 +47,21 @@ def _no_stats(dtype) -> GNStats:
     count = jnp.zeros((), jnp.int32)
     no = jnp.zeros((), bool)
     return GNStats(
-        *(zero,) * 8, count, count, no, no, jnp.ones((), dtype)
-    )  # the fields in order: 8 floats, 2 counts, 2 flags, the trust scale
+        loss_before=zero,
+        loss_after=zero,
+        step_size=zero,
+        model_start=zero,
+        model_end=zero,
+        predicted_decrease=zero,
+        actual_decrease=zero,
+        true_decrease=zero,
+        damping=zero,
+        solver_iterations=count,
+        line_search_evaluations=count,
+        rejected=no,
+        nonfinite=no,
+        trust_scale=jnp.ones((), dtype),
+    )
 
 
 class _Bound(eqx.Module):

@@ -35,6 +35,13 @@ class GNProblem(eqx.Module):
             axis_name=self.axis_name,
         )
 
+    def loss_value(self, model: Model, batch) -> Float[Array, ""]:
+        """The true loss at ``model`` on one ``batch``."""
+        inputs, targets = batch
+        return self.loss.value(
+            self.fn(model, inputs), targets, axis_name=self.axis_name
+        )
+
     def check_batches(self, model: Model, batches, what: str = "batches") -> int:
         """K, after checking that ``batches`` are K stacked micro-batches on which
         ``fn`` and ``loss`` trace; one-line ``ValueError`` naming the leaf if not.
@@ -48,7 +55,11 @@ class SolverStats(eqx.Module):
 
     ``model_start`` and ``model_end`` are the subproblem's objective (the quadratic or
     linearized-loss model, on its batch) at the first and last iterate it evaluated;
-    ``predicted_decrease`` is the decrease the model predicts for the returned step.
+    ``predicted_decrease`` is the decrease the model predicts for the returned step,
+    and ``true_decrease`` the true loss's decrease at the same point on the same
+    data (their ratio is the model's fidelity, free of the noise between batches).
+    The inner-loop solvers measure both on their last micro-batch, at the iterate
+    its model value was taken at; CG on all K micro-batches, at its solution.
     """
 
     model_start: Float[Array, ""]
@@ -56,6 +67,7 @@ class SolverStats(eqx.Module):
     predicted_decrease: Float[Array, ""]
     damping: Float[Array, ""]
     iterations: Int[Array, ""]
+    true_decrease: Float[Array, ""]
 
 
 #: A solver's state (`CGState`, `InnerState`, ...): a PyTree of arrays.

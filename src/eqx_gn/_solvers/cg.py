@@ -104,7 +104,8 @@ class CG(AbstractGNSolver[CGState]):
         scale: Float[Array, ""] | None = None,
     ) -> GNSolution[CGState]:
         problem.check_batches(model, batches)
-        model_q = problem.quadratic_model(model, _concatenate(batches))
+        batch = _concatenate(batches)
+        model_q = problem.quadratic_model(model, batch)
         g = model_q.gradient()
         dtype = jnp.result_type(*jax.tree.leaves(g), float)
         # A trust rule's scale t trusts the model t times further: damping / t.
@@ -154,6 +155,8 @@ class CG(AbstractGNSolver[CGState]):
             predicted_decrease=decrease,
             damping=damping,
             iterations=iterations,
+            true_decrease=model_q.loss_value
+            - problem.loss_value(eqx.apply_updates(model, x), batch),
         )
         return GNSolution(x, CGState(x), stats)
 

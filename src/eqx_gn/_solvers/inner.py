@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .._custom_types import FilterSpec, MicroBatches, Model, Params, typecheck
 from .._gnvp import QuadraticModel
-from .._misc import tree_axpy, tree_scale, tree_where, tree_zeros_like
+from .._misc import tree_axpy, tree_scale, tree_vdot, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
 from .._trust import AbstractTrustRule, FixedTrust
@@ -24,6 +24,10 @@ Schedule = Literal["constant", "cosine", "global_cosine"]
 #: the iterate from 0 and keeps the optimizer state, ``"restart"`` restarts both,
 #: ``"keep"`` keeps both (the rejected iterate seeds the next loop).
 OnReject = Literal["restart_iterate", "restart", "keep"]
+#: How long each inner update is: ``"learning_rate"`` scales the optimizer's update
+#: by the learning rate and its schedule; ``"model"`` also by the exact minimiser
+#: of the micro-batch's quadratic model along it.
+StepLength = Literal["learning_rate", "model"]
 
 
 @final
@@ -52,26 +56,32 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
     total_steps: int | None = eqx.field(static=True)
     warm_start: bool = eqx.field(static=True)
     on_reject: OnReject = eqx.field(static=True)
+    step_length: StepLength = eqx.field(static=True)
 
     def __init__(
         self,
         optimizer: optax.GradientTransformation | None = None,
         *,
-        learning_rate: float | Float[Array, ""] = 1e-2,
+        learning_rate: float | Float[Array, ""] | None = None,
         schedule: Schedule = "cosine",
         total_steps: int | None = None,
         warm_start: bool = True,
         on_reject: OnReject = "restart_iterate",
         adam_filter: FilterSpec | None = None,
+        step_length: StepLength = "learning_rate",
     ):
         self.optimizer = (
             muon_adamw(adam_filter=adam_filter) if optimizer is None else optimizer
         )
+        if learning_rate is None:
+            # The model's step whole, or the paper's rate.
+            learning_rate = 1.0 if step_length == "model" else 1e-2
         self.learning_rate = learning_rate
         self.schedule = schedule
         self.total_steps = total_steps
         self.warm_start = warm_start
         self.on_reject = on_reject
+        self.step_length = step_length
 
     def __check_init__(self):
         self._check(type(self).__name__)
@@ -102,6 +112,11 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
             raise ValueError(
                 f"{name}: schedule='global_cosine' needs total_steps >= 1 (the number of "
                 f"outer steps), got {self.total_steps}."
+            )
+        if self.step_length not in ("learning_rate", "model"):
+            raise ValueError(
+                f"{name}: step_length must be 'learning_rate' or 'model', got "
+                f"{self.step_length!r}."
             )
         if self.on_reject not in ("restart_iterate", "restart", "keep"):
             raise ValueError(
@@ -152,27 +167,36 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
             d, opt_state = tree_zeros_like(params), self.optimizer.init(params)
 
         def inner_step(carry, xs):
-            d, opt_state = carry
+            d, opt_state, _ = carry
             batch, k = xs
             model_q = problem.quadratic_model(model, batch)
             value, grad = self._objective(model_q, d)
             theta = jax.tree.map(jnp.add, params, d)
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
             rate = self._rate(step, k, num_steps)
+            if self.step_length == "model":
+                rate = rate * _model_step(model_q, grad, updates)
             if scale is not None:
                 rate = rate * scale
-            d = tree_axpy(rate, updates, d)
-            return (d, opt_state), (value, model_q.loss_value)
+            # The iterate this step's model value was taken at rides along, so that
+            # the true loss can be read at the same point for the last step.
+            return (tree_axpy(rate, updates, d), opt_state, d), (
+                value,
+                model_q.loss_value,
+            )
 
-        (d, opt_state), (values, losses) = jax.lax.scan(
-            inner_step, (d, opt_state), (batches, jnp.arange(num_steps))
+        (d, opt_state, evaluated), (values, losses) = jax.lax.scan(
+            inner_step, (d, opt_state, d), (batches, jnp.arange(num_steps))
         )
+        last = jax.tree.map(lambda x: x[-1], batches)
+        moved = eqx.apply_updates(model, evaluated)
         stats = SolverStats(
             model_start=values[0],
             model_end=values[-1],
             predicted_decrease=losses[-1] - values[-1],
             damping=jnp.zeros((), values.dtype),
             iterations=jnp.asarray(num_steps),
+            true_decrease=losses[-1] - problem.loss_value(moved, last),
         )
         stored = d if scale is None else tree_scale(1 / scale, d)
         return GNSolution(d, InnerState(stored, opt_state), stats)
@@ -202,6 +226,16 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
         return tree_where(step_size > 0, carried, fresh)
 
 
+def _model_step(model_q: QuadraticModel, grad: Params, update: Params) -> Array:
+    r"""$\alpha^* = \max(0, -\nabla q(d)^\top u / u^\top G u)$, the minimiser of the
+    micro-batch's quadratic model along the update $u$ (0 when $u$ does not
+    descend or the model has no curvature along it)."""
+    slope = tree_vdot(grad, update)
+    curvature = model_q.curvature(update)
+    ok = (slope < 0) & (curvature > 0)
+    return jnp.where(ok, -slope / jnp.where(ok, curvature, 1.0), 0.0)
+
+
 @final
 class InnerOptimizer(_AbstractInnerLoop):
     r"""Minimise the GN quadratic model with K steps of an optax optimizer.
@@ -221,6 +255,18 @@ class InnerOptimizer(_AbstractInnerLoop):
     iterate). The default optimizer
     is the paper's: Muon on hidden 2-D matrices, AdamW on the rest and on what
     ``adam_filter`` selects (embedding and head), after global-norm clipping at 1.
+
+    ``step_length="model"`` lets the model choose each update's length: the
+    optimizer's update $u_k$ is scaled by the minimiser of the micro-batch's model
+    along it,
+
+    $$\alpha_k = \max\Bigl(0, \frac{-\nabla q_k(d)^\top u_k}{u_k^\top G_k u_k}\Bigr),$$
+
+    times ``learning_rate`` (then the fraction of that step taken; default 1) and
+    the schedule. One more tangent pass per inner step
+    ([`eqx_gn.QuadraticModel.curvature`][]) and no learning rate to tune: the
+    update's own scale, which differs by optimizer and changes with K, drops out.
+    ``learning_rate`` defaults to 1 with it and to $10^{-2}$ without.
     """
 
     def _objective(self, model_q, d):
@@ -232,7 +278,9 @@ class ProxLinear(_AbstractInnerLoop):
     r"""Like [`eqx_gn.InnerOptimizer`][], on the exact loss of the linearized model.
 
     Step $k$ minimises $L_k(z_0 + J_k d)$ (no Taylor expansion of the loss) on the
-    $k$-th micro-batch; everything else is as in [`eqx_gn.InnerOptimizer`][].
+    $k$-th micro-batch; everything else is as in [`eqx_gn.InnerOptimizer`][]
+    (with ``step_length="model"`` the length comes from the quadratic model along
+    the update, the linearized loss's second-order expansion at $d$ = 0).
     """
 
     def _objective(self, model_q, d):

@@ -35,6 +35,7 @@ from ._methods import (
     DEFAULT_LEARNING_RATES,
     BlockPartition,
     Inner,
+    InnerStep,
     LineSearch,
     Optimizer,
     Solver,
@@ -236,6 +237,13 @@ class _GaussNewton:
         "paper's), AdamW, SOAP, Shampoo or PSGD-Kron, each built as its first-order "
         "method is",
     )
+    inner_step: InnerStep = _setting(
+        "model",
+        "GN with the inner or prox solver: the length of each inner update: "
+        "'model' takes the minimiser of its micro-batch's quadratic model along it, "
+        "times --lr (default 1: no learning rate to tune, at any K); 'lr' the "
+        "learning rate alone (the paper's, --lr default by inner optimizer)",
+    )
     micro_batches: int = _setting(
         8,
         "GN: micro-batches per outer step (inner steps); must divide batch_size",
@@ -256,18 +264,19 @@ class _GaussNewton:
         "along the grid, in about 3 evaluations instead of ls_grid); 'none' takes "
         "the solver's step whole (step size 1; one loss evaluation, and a "
         "non-finite loss is still rejected); None: warm, "
-        "or grid with solver cg (its Levenberg-Marquardt damping reads the loss at "
-        "step size 1, which the grid always evaluates)",
+        "or grid with solver cg",
     )
     trust: TrustRule | None = _setting(
         None,
         "GN: 'adaptive' scales the next subproblem (the inner learning rate, or "
         "CG's damping) by the step the line search chose, shrinking it after a "
         "step cut below 1/4 and growing it after full ones; 'levenberg-marquardt' "
-        "scales it by the ratio of actual to predicted decrease at step size 1; "
+        "scales it by the ratio of the true to the predicted decrease of the "
+        "solver's direction on the solver's own data; "
         "with both the line search halves the step past its grid (to 2^-10) "
         "before it rejects; 'fixed' is the paper's rule (a fixed subproblem, the "
-        "grid alone); None: adaptive, or levenberg-marquardt with solver cg",
+        "grid alone); None: fixed (the inner steps' lengths come from the model: "
+        "see --inner-step), or levenberg-marquardt with solver cg",
     )
     cg_damping: float = _setting(
         CG_DEFAULTS["cg_damping"],
@@ -514,7 +523,7 @@ class TrainConfig(
 
     @property
     def trust_rule(self) -> str | None:
-        """GN's trust rule, ``trust`` or its default: ``"adaptive"``, or
+        """GN's trust rule, ``trust`` or its default: ``"fixed"``, or
         ``"levenberg-marquardt"`` with solver cg; ``None`` for the other
         optimizers."""
         if not self.is_gn:
@@ -568,13 +577,26 @@ class TrainConfig(
         saved before ``blocks`` and ``solver`` existed (optimizer ``gn-layerwise``
         or ``gn-prox``) is read as the same method, and a GN configuration saved
         before ``trust`` existed as the rule it ran: ``"fixed"``, or
-        ``"levenberg-marquardt"`` with solver cg (CG's damping followed it)."""
+        ``"levenberg-marquardt"`` with solver cg (CG's damping followed it), and
+        one saved before ``inner_step`` existed as the learning-rate steps it ran
+        (``"lr"``, under the then default rule ``"adaptive"``)."""
         values = dict(values)
         if str(values.get("optimizer", "")).startswith("gn-"):
             values.update(parse_method(values["optimizer"]))
         if values.get("optimizer") == "gn" and "trust" not in values:
             cg = values.get("solver") == "cg"
             values["trust"] = "levenberg-marquardt" if cg else "fixed"
+        inner_loop = values.get("solver", "inner") != "cg"
+        if (
+            values.get("optimizer") == "gn"
+            and "inner_step" not in values
+            and inner_loop
+        ):
+            # Saved before inner_step existed: inner steps of the learning rate,
+            # under the trust rule that was then the default.
+            values["inner_step"] = "lr"
+            if values.get("trust") is None:
+                values["trust"] = "adaptive"
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -621,6 +643,7 @@ _GN_ONLY = (
     "blocks",
     "solver",
     "inner",
+    "inner_step",
     "cg_damping",
     "cg_iterations",
     "line_search",

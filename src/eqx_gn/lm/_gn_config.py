@@ -32,12 +32,15 @@ from ._errors import ConfigError
 from ._methods import (
     BLOCKS,
     GN_INNER_LEARNING_RATES,
+    GN_MODEL_STEP_FRACTION,
+    INNER_STEPS,
     INNERS,
     LINE_SEARCHES,
     SOLVERS,
     TRUST_RULES,
     BlockPartition,
     Inner,
+    InnerStep,
     LineSearch,
     Solver,
     TrustRule,
@@ -84,10 +87,13 @@ class GNConfig:
     paper's fixed subproblem and grid).
 
     ``line_search`` and ``trust`` given as ``None`` take their default for the
-    solver (``"warm"`` and ``"adaptive"``; ``"grid"`` and
+    solver (``"warm"`` and ``"fixed"``; ``"grid"`` and
     ``"levenberg-marquardt"`` with CG), so two equal configurations build the
-    same optimizer. ``lr`` ``None`` is the inner optimizer's default
-    (`learning_rate`).
+    same optimizer. ``inner_step`` ``"model"`` (the default) scales each inner
+    update by the minimiser of its micro-batch's quadratic model along it
+    (`eqx_gn.InnerOptimizer`'s ``step_length="model"``), and ``lr`` is then the
+    fraction of that step taken; ``"lr"`` is the paper's learning rate. ``lr``
+    ``None`` is the default (`learning_rate`).
 
     **Raises:** [`ConfigError`][eqx_gn.lm.ConfigError], one line naming the
     setting, for a value out of range or a setting its solver does not use.
@@ -97,6 +103,7 @@ class GNConfig:
     blocks: BlockPartition = "full"
     solver: Solver = "inner"
     inner: Inner = "muon"
+    inner_step: InnerStep = "model"
     lr: float | None = None
     ls_grid: int = 8
     line_search: LineSearch | None = None
@@ -112,6 +119,7 @@ class GNConfig:
         check_choice("blocks", self.blocks, BLOCKS)
         check_choice("solver", self.solver, SOLVERS)
         check_choice("inner", self.inner, INNERS)
+        check_choice("inner_step", self.inner_step, INNER_STEPS)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         # The defaults of the search and the trust rule depend on the solver.
         if self.line_search is None:
@@ -123,6 +131,7 @@ class GNConfig:
         check_gn_settings(
             self.solver,
             inner=self.inner,
+            inner_step=self.inner_step,
             lr=self.lr,
             cg_damping=self.cg_damping,
             cg_iterations=self.cg_iterations,
@@ -144,7 +153,11 @@ class GNConfig:
         ``benchmarks/inner_lr_sweep.py``); ``None`` for CG (no learning rate)."""
         if self.solver == "cg":
             return None
-        return GN_INNER_LEARNING_RATES[self.inner] if self.lr is None else self.lr
+        if self.lr is not None:
+            return self.lr
+        if self.inner_step == "model":
+            return GN_MODEL_STEP_FRACTION
+        return GN_INNER_LEARNING_RATES[self.inner]
 
     def build(self, model: Transformer) -> GaussNewton:
         """The `eqx_gn.GaussNewton` of these settings for ``model``."""
@@ -168,6 +181,7 @@ class GNConfig:
                 schedule="global_cosine",
                 total_steps=self.steps,
                 warm_start=True,
+                step_length="model" if self.inner_step == "model" else "learning_rate",
             )
         if self.line_search == "none":
             line_search = UnitStep()
@@ -193,7 +207,13 @@ class GNConfig:
 
 
 def check_gn_settings(
-    solver: str, *, inner: str, lr: float | None, cg_damping: float, cg_iterations: int
+    solver: str,
+    *,
+    inner: str,
+    lr: float | None,
+    cg_damping: float,
+    cg_iterations: int,
+    inner_step: str = "model",
 ) -> None:
     """The settings that depend on GN's solver: CG has no inner optimizer and no
     learning rate, and only CG has a damping and an iteration count."""
@@ -202,6 +222,11 @@ def check_gn_settings(
             raise ConfigError(
                 "inner applies to GN's inner and prox solvers, not 'cg' (CG has no "
                 "inner optimizer)"
+            )
+        if inner_step != "model":
+            raise ConfigError(
+                "inner_step applies to GN's inner and prox solvers, not 'cg' (CG "
+                "chooses its own step lengths)"
             )
         if lr is not None:
             raise ConfigError(

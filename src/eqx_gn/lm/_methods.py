@@ -43,6 +43,16 @@ SOLVERS: tuple[str, ...] = get_args(Solver)
 INNERS: tuple[str, ...] = get_args(Inner)
 LINE_SEARCHES: tuple[str, ...] = get_args(LineSearch)
 TRUST_RULES: tuple[str, ...] = get_args(TrustRule)
+#: How long GN's inner updates are (solvers inner and prox): ``"model"`` scales each
+#: by the minimiser of its micro-batch's quadratic model along it, times ``lr``
+#: (`eqx_gn.InnerOptimizer` with ``step_length="model"``); ``"lr"`` by the learning
+#: rate alone (the paper's).
+InnerStep = Literal["model", "lr"]
+INNER_STEPS: tuple[str, ...] = get_args(InnerStep)
+#: GN's ``lr`` with ``inner_step="model"`` when ``lr`` is ``None``: the fraction of
+#: the model's step taken, the same for every inner optimizer.
+GN_MODEL_STEP_FRACTION = 1.0
+
 #: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
 #: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three
 #: values tried with the defaults (tiny model, bundled Shakespeare, 200 steps of 64
@@ -74,15 +84,15 @@ GN_INNER_LEARNING_RATES: dict[str, float] = {
 
 def default_line_search(solver: str) -> str:
     """GN's line search when none is given: ``"warm"``, or ``"grid"`` with solver
-    ``cg`` (its Levenberg-Marquardt damping reads the loss at step size 1, which the
-    grid always evaluates)."""
+    ``cg`` (the paper's search, as the runs CG's defaults were measured with)."""
     return "grid" if solver == "cg" else "warm"
 
 
 def default_trust(solver: str) -> str:
-    """GN's trust rule when none is given: ``"adaptive"``, or
-    ``"levenberg-marquardt"`` with solver ``cg``."""
-    return "levenberg-marquardt" if solver == "cg" else "adaptive"
+    """GN's trust rule when none is given: ``"fixed"`` (the inner loop's steps take
+    their length from the model: see ``InnerStep``), or ``"levenberg-marquardt"``
+    with solver ``cg``."""
+    return "levenberg-marquardt" if solver == "cg" else "fixed"
 
 
 def method_name(optimizer: str, blocks: str, solver: str, inner: str) -> str:

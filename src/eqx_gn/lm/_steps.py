@@ -68,6 +68,7 @@ GN_METRICS = (
     "loss_after",
     "predicted_decrease",
     "actual_decrease",
+    "true_decrease",
     "model_start",
     "model_end",
     "damping",

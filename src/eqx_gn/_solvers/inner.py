@@ -16,6 +16,7 @@ from .._gnvp import QuadraticModel
 from .._misc import tree_axpy, tree_scale, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
+from .._sharding import as_varying, psum
 from .._trust import AbstractTrustRule, FixedTrust
 from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
@@ -114,8 +115,16 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
         return FixedTrust()
 
     @abc.abstractmethod
-    def _objective(self, model_q: QuadraticModel, d: Params) -> tuple[Array, Params]:
-        """The subproblem's value and gradient at ``d`` on one micro-batch."""
+    def _objective(
+        self,
+        model_q: QuadraticModel,
+        d: Params,
+        problem: GNProblem,
+        model: Model,
+        batch,
+    ) -> tuple[Array, Params]:
+        """The subproblem's value and gradient at ``d`` on one micro-batch, ``batch``,
+        whose quadratic model at ``model`` (the linearization point) is ``model_q``."""
 
     def _rate(self, step, k, num_steps: int):
         """The inner learning rate at inner step ``k`` of outer step ``step``."""
@@ -155,7 +164,7 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
             d, opt_state = carry
             batch, k = xs
             model_q = problem.quadratic_model(model, batch)
-            value, grad = self._objective(model_q, d)
+            value, grad = self._objective(model_q, d, problem, model, batch)
             theta = jax.tree.map(jnp.add, params, d)
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
             rate = self._rate(step, k, num_steps)
@@ -223,7 +232,7 @@ class InnerOptimizer(_AbstractInnerLoop):
     ``adam_filter`` selects (embedding and head), after global-norm clipping at 1.
     """
 
-    def _objective(self, model_q, d):
+    def _objective(self, model_q, d, problem, model, batch):
         return model_q.value_and_grad(d)
 
 
@@ -235,5 +244,49 @@ class ProxLinear(_AbstractInnerLoop):
     $k$-th micro-batch; everything else is as in [`eqx_gn.InnerOptimizer`][].
     """
 
-    def _objective(self, model_q, d):
+    def _objective(self, model_q, d, problem, model, batch):
         return model_q.linearized_loss_value_and_grad(d)
+
+
+@final
+class TrueLossInner(_AbstractInnerLoop):
+    r"""Like [`eqx_gn.InnerOptimizer`][], on the true loss: the ablation with no
+    curvature model.
+
+    Step $k$ takes the gradient of the loss itself,
+    $\nabla_d\, L_k(f(\theta_0 + d, x_k), y_k)$, on the $k$-th micro-batch, where
+    [`eqx_gn.InnerOptimizer`][] takes $g_k + G_k d$ of the quadratic model and
+    [`eqx_gn.ProxLinear`][] the gradient of the linearized model's loss. Everything
+    else is the same: the optimizer, the K fresh micro-batches, the schedule, the
+    warm start, the trust scale and the outer line search. So GN against this
+    solver separates what the curvature model contributes from what K sequential
+    small-batch steps, searched along as one outer step, do alone. Where the loss
+    is quadratic in the parameters (mean squared error of a linear model) the GN
+    model is exact and this equals [`eqx_gn.InnerOptimizer`][] step for step.
+
+    ``blocks`` do not change it: the loss has no block structure to drop. Its
+    statistics mirror the other inner loops': ``model_start`` and ``model_end``
+    are the true loss of the first and last iterate evaluated, each on its
+    micro-batch, and ``predicted_decrease`` is the last micro-batch's loss at
+    $d = 0$ minus its loss at the last iterate evaluated (the one before the last
+    update; no extra forward pass), where the other loops put their model's value.
+    Each step also runs the model forward at $\theta_0$ on its micro-batch (the
+    loss at $d = 0$ that the statistics read), on top of a forward and backward
+    pass at $\theta_0 + d$.
+    """
+
+    def _objective(self, model_q, d, problem, model, batch):
+        inputs, targets = batch
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        # Cast to device-varying as `QuadraticModel.gradient` does, so that the
+        # pull-back inserts no implicit sum and the one `psum` below is the only one.
+        theta = as_varying(jax.tree.map(jnp.add, params, d), problem.axis_name)
+
+        def apply(p):
+            return problem.fn(eqx.combine(p, static), inputs)
+
+        outputs, pullback = jax.vjp(apply, theta)
+        axis = problem.axis_name
+        value = problem.loss.value(outputs, targets, axis_name=axis)
+        (grad,) = pullback(problem.loss.grad(outputs, targets, axis_name=axis))
+        return value, psum(grad, axis)

@@ -36,11 +36,16 @@ def _by_hand(config, model, case):
     """The GaussNewton a user writes from the library's public names, as the
     GN guide describes each setting (the oracle of `GNConfig.build`)."""
     loss = eqx_gn.SoftmaxCrossEntropy()
-    if case == "muon-warm-adaptive":
+    if case in ("muon-warm-adaptive", "trueloss-warm-adaptive"):
         inner = eqx_gn.muon_adamw(
             1.0, adam_filter=embedding_and_head(model), adam_b2=0.95, max_grad_norm=1.0
         )
-        solver = eqx_gn.InnerOptimizer(
+        solver_cls = (
+            eqx_gn.TrueLossInner
+            if case.startswith("trueloss")
+            else eqx_gn.InnerOptimizer
+        )
+        solver = solver_cls(
             inner,
             learning_rate=0.03,
             schedule="global_cosine",
@@ -79,6 +84,7 @@ def _by_hand(config, model, case):
 
 CASES = {
     "muon-warm-adaptive": GNConfig(steps=10),
+    "trueloss-warm-adaptive": GNConfig(steps=10, solver="trueloss"),
     "layerwise-prox-soap-grid-fixed": GNConfig(
         steps=10,
         blocks="layerwise",
@@ -168,7 +174,11 @@ def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
         (dict(steps=0), "steps must be an integer >= 1, got 0"),
         (dict(ls_grid=2.0), "ls_grid must be an integer >= 1, got 2.0"),
         (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
-        (dict(solver="cg", inner="soap"), "inner applies to GN's inner and prox"),
+        (dict(solver="cg", inner="soap"), "inner applies to GN's inner, prox and"),
+        (
+            dict(solver="trueloss", blocks="layerwise"),
+            "blocks applies to GN's curvature model, which solver 'trueloss' does not",
+        ),
         (dict(solver="cg", lr=0.1), "lr does not apply to solver 'cg'"),
         (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
         (dict(lr=-1.0), "lr must be > 0"),

@@ -188,7 +188,8 @@ def test_gn_settings_are_orthogonal_and_named_by_method():
         "gn-prox"
     )
     assert TrainConfig(optimizer="soap").method == "soap"
-    for method in ("gn", "gn-layerwise", "gn-prox", "gn-cg", "gn-layerwise-prox"):
+    for method in ("gn", "gn-layerwise", "gn-prox", "gn-trueloss", "gn-cg",
+                   "gn-layerwise-prox"):  # fmt: skip
         assert TrainConfig().with_method(method).method == method
     assert parse_method("gn-cg-layerwise") == {
         "optimizer": "gn",
@@ -735,6 +736,7 @@ def test_two_processes_equal_one_process_across_a_restart(tmp_path, cache_dir, m
         "gn",
         "gn-layerwise",
         "gn-prox",
+        "gn-trueloss",
         "gn-cg",
         "gn-layerwise-prox",
         "gn-layerwise-cg",

@@ -190,7 +190,7 @@ class _Optimization:
     lr: float | None = _setting(
         None,
         "peak learning rate of a first-order optimizer, or GN's inner learning rate "
-        "(solvers inner and prox); cosine decay to 0; None: "
+        "(solvers inner, prox and trueloss); cosine decay to 0; None: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items()),
         check=check_positive,
     )
@@ -226,13 +226,14 @@ class _GaussNewton:
     solver: Solver = _setting(
         "inner",
         "GN: the subproblem solver: inner Muon/AdamW steps on the quadratic model "
-        "(the paper's), the same on the linearized loss (prox-linear), or conjugate "
-        "gradient with Levenberg-Marquardt damping",
+        "(the paper's), the same on the linearized loss (prox-linear), the same on "
+        "the true loss (trueloss: the ablation with no curvature model; blocks full "
+        "only), or conjugate gradient with Levenberg-Marquardt damping",
     )
     inner: Inner = _setting(
         "muon",
-        "GN with the inner or prox solver: the optimizer its inner steps run on "
-        "the quadratic model: Muon for hidden matrices with AdamW for the rest (the "
+        "GN with the inner, prox or trueloss solver: the optimizer its inner steps "
+        "run on its model: Muon for hidden matrices with AdamW for the rest (the "
         "paper's), AdamW, SOAP, Shampoo or PSGD-Kron, each built as its first-order "
         "method is",
     )

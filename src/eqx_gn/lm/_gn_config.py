@@ -19,6 +19,7 @@ from .. import (
     InnerOptimizer,
     LevenbergMarquardt,
     ProxLinear,
+    TrueLossInner,
     UnitStep,
 )
 from ._checks import (
@@ -71,7 +72,9 @@ class GNConfig:
     `build` gives an `eqx_gn.GaussNewton` on next-token cross-entropy: the
     ``blocks`` partition (`eqx_gn.Blocks.full`, or one block per layer,
     `eqx_gn.lm.layerwise_blocks`); the ``solver``: `eqx_gn.InnerOptimizer` (the
-    paper's) or `eqx_gn.ProxLinear`, each running the ``inner`` optimizer (built as
+    paper's), `eqx_gn.ProxLinear` or `eqx_gn.TrueLossInner` (the ablation: the
+    same inner steps on the true loss, no curvature model; full blocks only), each
+    running the ``inner`` optimizer (built as
     its first-order method is, $\beta_2$ = ``b2``, weight decay, clipping to
     ``max_grad_norm``) at inner learning rate ``lr`` on one global cosine over
     the inner steps of ``steps`` outer steps, warm-started; or `eqx_gn.CG` with
@@ -120,6 +123,11 @@ class GNConfig:
             object.__setattr__(self, "trust", default_trust(self.solver))
         check_choice("line_search", self.line_search, LINE_SEARCHES)
         check_choice("trust", self.trust, TRUST_RULES)
+        if self.solver == "trueloss" and self.blocks != "full":
+            raise ConfigError(
+                "blocks applies to GN's curvature model, which solver 'trueloss' "
+                "does not have: it needs blocks 'full'"
+            )
         check_gn_settings(
             self.solver,
             inner=self.inner,
@@ -161,7 +169,11 @@ class GNConfig:
             inner = first_order(
                 self.inner, 1.0, model, self.b2, self.weight_decay, self.max_grad_norm
             )
-            solver_cls = ProxLinear if self.solver == "prox" else InnerOptimizer
+            solver_cls = {
+                "inner": InnerOptimizer,
+                "prox": ProxLinear,
+                "trueloss": TrueLossInner,
+            }[self.solver]
             solver = solver_cls(
                 inner,
                 learning_rate=self.learning_rate,
@@ -200,7 +212,8 @@ def check_gn_settings(
     if solver == "cg":
         if inner != "muon":
             raise ConfigError(
-                "inner applies to GN's inner and prox solvers, not 'cg' (CG has no "
+                "inner applies to GN's inner, prox and trueloss solvers, not 'cg' "
+                "(CG has no "
                 "inner optimizer)"
             )
         if lr is not None:

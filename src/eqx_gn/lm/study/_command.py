@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help="comma-separated: adamw, muon, soap, shampoo, psgd, "
-        "gn[-layerwise][-prox][-INNER]",
+        "gn[-layerwise][-prox|-trueloss][-INNER]",
     )
     a("--batch-sizes", default="8,16,32,64,128,256", help="sequences per step")
     a(

@@ -19,8 +19,13 @@ from ._protocol import (
 )
 from ._records import Settings, run_name, with_target
 
-#: The study.json format written by `build_result`.
-FORMAT = "eqx-gn study 3"
+#: The study.json format written by `build_result`: the third edition's protocol
+#: (a declared cap of 12 runs, and runs that all missed the target bracket
+#: nothing: the walk goes on).
+FORMAT = "eqx-gn study 4"
+#: The formats whose study.json the results page reads: the second edition's
+#: (``"eqx-gn study 3"``, the committed studies) and this one.
+READABLE_FORMATS = ("eqx-gn study 3", FORMAT)
 
 
 def _ratio(a, b, offset: int = 0):
@@ -191,6 +196,7 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
         },
         "budgets": {str(b): settings.budget(b) for b in sizes},
         "rule": rule(settings.max_runs),
+        "max_runs": settings.max_runs,
         "target": target,
         "target_rule": (
             "given with --target"

@@ -146,7 +146,10 @@ class Study:
         s = self.settings
         k = micro_batches(method, batch, s.gn_micro_batch)
         tried: list[tuple[Point, dict]] = []
-        while (point := next_point(start, tried, k, s.max_runs)) is not None:
+        has_target = target is not None
+        while (
+            point := next_point(start, tried, k, s.max_runs, has_target)
+        ) is not None:
             reached = [o["steps_to_target"] for _, o in tried
                        if o["steps_to_target"] is not None]  # fmt: skip
             give_up = min(reached, default=None) if target is not None else None
@@ -158,7 +161,7 @@ class Study:
         record = {
             "start_lr": start,
             "runs": [r["name"] for _, r in tried],
-            "bracketed": bracketed(tried),
+            "bracketed": bracketed(tried, has_target),
             "complete": point is None,
         }
         if target is None:  # the runs that set the target, ranked by their loss

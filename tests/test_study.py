@@ -709,6 +709,20 @@ def test_one_line_errors(argv, message):
     assert "\n" not in str(info.value)
 
 
+def test_the_true_loss_ablation_is_a_study_method():
+    """gn-trueloss (`eqx_gn.TrueLossInner`) is tuned as GN is: GN's centre, GN's
+    K, and its runs configured with solver trueloss (the runner's oracle)."""
+    settings = study.settings_from(parse("--methods", "adamw,gn,gn-trueloss"))
+    assert centre("gn-trueloss") == centre("gn")
+    config = settings.train_config("gn-trueloss", 32, Point(0.1, 8), Path("x"))
+    assert (config.solver, config.blocks, config.micro_batches) == (
+        "trueloss",
+        "full",
+        8,
+    )
+    assert config.method == "gn-trueloss" and config.learning_rate == 0.1
+
+
 def test_a_method_without_a_declared_learning_rate(monkeypatch):
     monkeypatch.delitem(CENTRES, "psgd")
     with pytest.raises(

@@ -4,10 +4,12 @@ for every method at every batch size, every method tuned by the same rule.
 **The target.** ``--target``, or set from the first-order baselines (AdamW, Muon,
 SOAP, PSGD-Kron among ``--methods``) at the largest batch: each is tuned with no
 target over the full ``--steps`` budget (evaluated every ``--eval-every`` steps);
-the target is the best one's validation loss at the evaluation nearest below
-80% of the budget (`TARGET_AT`), so the best baseline needs most of a long
-budget and its seeds have headroom. study.json records the rule, the value and
-the run and step it came from.
+the best one's configuration runs on 3 seeds (`TARGET_SEEDS`) over the whole
+budget, and the target is the median of their validation losses at the
+evaluation nearest below 80% of the budget (`TARGET_AT`), so the best baseline
+needs most of a long budget, its seeds have headroom, and one seed's luck does
+not set it. study.json records the rule, the value, the runs and step it came
+from and the seeds' curves (``target_source``).
 
 **The budget.** A run at batch ``b`` has ``--steps * largest / b`` steps (the
 same tokens at every batch size), warm-up included; it stops at the target.

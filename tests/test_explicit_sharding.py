@@ -170,6 +170,7 @@ SOLVERS = {
     "inner": lambda: eqx_gn.InnerOptimizer(optax.adam(1.0), learning_rate=0.02),
     "cg": lambda: eqx_gn.CG(max_iterations=8),
     "prox": lambda: eqx_gn.ProxLinear(optax.adam(1.0), learning_rate=0.02),
+    "trueloss": lambda: eqx_gn.TrueLossInner(optax.adam(1.0), learning_rate=0.02),
 }
 
 

@@ -37,6 +37,7 @@ SOLVERS = {
     "inner": lambda: eqx_gn.InnerOptimizer(learning_rate=0.02),
     "cg": lambda: eqx_gn.CG(max_iterations=10),
     "prox": lambda: eqx_gn.ProxLinear(learning_rate=0.02),
+    "trueloss": lambda: eqx_gn.TrueLossInner(learning_rate=0.02),
     # The adaptive trust rule with a search that shortens past its grid, at an
     # inner learning rate large enough that the first step is cut short and the
     # second is solved at another scale (asserted below).

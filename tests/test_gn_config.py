@@ -56,11 +56,16 @@ def _by_hand(config, model, case):
             apply_fn(model), loss, solver=solver, line_search=search,
             trust=eqx_gn.FixedTrust(),
         )  # fmt: skip
-    if case == "muon-lr-warm-adaptive":
+    if case in ("muon-lr-warm-adaptive", "trueloss-warm-adaptive"):
         inner = eqx_gn.muon_adamw(
             1.0, adam_filter=embedding_and_head(model), adam_b2=0.95, max_grad_norm=1.0
         )
-        solver = eqx_gn.InnerOptimizer(
+        solver_cls = (
+            eqx_gn.TrueLossInner
+            if case.startswith("trueloss")
+            else eqx_gn.InnerOptimizer
+        )
+        solver = solver_cls(
             inner,
             learning_rate=0.03,
             schedule="global_cosine",
@@ -100,6 +105,7 @@ def _by_hand(config, model, case):
 CASES = {
     "default": GNConfig(steps=10),
     "muon-lr-warm-adaptive": GNConfig(steps=10, inner_step="lr", trust="adaptive"),
+    "trueloss-warm-adaptive": GNConfig(steps=10, solver="trueloss", trust="adaptive"),
     "layerwise-prox-soap-grid-fixed": GNConfig(
         steps=10,
         blocks="layerwise",
@@ -195,9 +201,14 @@ def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
         (dict(steps=0), "steps must be an integer >= 1, got 0"),
         (dict(ls_grid=2.0), "ls_grid must be an integer >= 1, got 2.0"),
         (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
-        (dict(solver="cg", inner="soap"), "inner applies to GN's inner and prox"),
+        (dict(solver="cg", inner="soap"), "inner applies to GN's inner, prox and"),
         (dict(solver="cg", inner_step="lr"), "inner_step applies to GN's inner and"),
+        (dict(solver="trueloss", inner_step="model"), "inner_step 'model' needs"),
         (dict(inner_step="exact"), "unknown inner_step 'exact'"),
+        (
+            dict(solver="trueloss", blocks="layerwise"),
+            "blocks applies to GN's curvature model, which solver 'trueloss' does not",
+        ),
         (dict(solver="cg", lr=0.1), "lr does not apply to solver 'cg'"),
         (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
         (dict(lr=-1.0), "lr must be > 0"),
@@ -274,4 +285,4 @@ def test_a_run_saved_before_inner_step_resumes_as_it_ran():
     )
     assert TrainConfig.from_dict({**saved, "trust": "fixed"}).trust_rule == "fixed"
     cg = TrainConfig.from_dict({**saved, "solver": "cg"})
-    assert (cg.inner_step, cg.trust_rule) == ("model", "levenberg-marquardt")
+    assert (cg.inner_step_rule, cg.trust_rule) == (None, "levenberg-marquardt")

@@ -132,7 +132,7 @@ def test_summary_text_mentions_rejected_steps_and_line_search_tokens():
     # 8 of 18 is many: the summary says what to change, by the run's trust rule.
     assert "many steps rejected" in text and "lower --lr" in text
     fixed = summary_text({**GN, "trust": "fixed"})
-    assert "drop --trust fixed" in fixed
+    assert "at every step size the search tried; lower --lr" in fixed
     assert "many steps" not in summary_text({**GN, "rejected_steps": 2})
     assert "target" not in text
     adamw = summary_text(_summary("adamw"))

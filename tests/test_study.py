@@ -1,4 +1,4 @@
-"""The study's protocol (`eqx_gn.lm.study`, second edition) on hand-made runs, no
+"""The study's protocol (`eqx_gn.lm.study`, third edition) on hand-made runs, no
 training: the one tuning rule (`next_point`, `bracketed`, `rank`), the target set
 by the tuned baselines at the largest batch, starts chained from the next larger
 batch, GN's K, give-up steps, seeds with their medians, line-search tokens,
@@ -35,7 +35,7 @@ from eqx_gn.lm.study._report import (
     _critical_batch_lines,
     write_report,
 )
-from eqx_gn.lm.study._result import claims, timed_claims
+from eqx_gn.lm.study._result import FORMAT, claims, timed_claims
 from eqx_gn.lm.study._runs import Study
 
 SEQ = 8
@@ -165,6 +165,27 @@ def test_the_rule_never_repeats_a_learning_rate():
         assert len(set(lrs(tried))) == len(tried) <= cap, seed
 
 
+def test_runs_that_all_missed_walk_out_and_bracket_nothing():
+    # Every run missed: no bracket, whatever their losses; the walk goes on
+    # beyond the end fewer x3 steps from the start (the better end on a tie).
+    missed = [(Point(0.01), outcome(None, 3.3)), (Point(0.03), outcome(None, 3.5)),
+              (Point(0.003333), outcome(None, 3.6))]  # fmt: skip
+    assert not bracketed(missed)
+    assert next_point(0.01, missed) == Point(0.09)  # 0.03's loss is the lower end
+    missed.append((Point(0.09), outcome(None, 3.4)))
+    assert next_point(0.01, missed) == Point(0.001111)  # one step down, two up
+    missed.append((Point(0.001111), outcome(None, 3.4)))
+    assert next_point(0.01, missed) == Point(0.27)
+    # The cap still stops it: every run missed is a tuning failure, not a result.
+    assert next_point(0.01, missed, max_runs=5) is None
+    # The runs that set the target have none: ranked by their loss, bracketed.
+    assert bracketed(missed[:3], has_target=False)
+    assert next_point(0.01, missed[:3], has_target=False) == Point(0.01732)
+    # One run that reached ends the walk: the rule as before.
+    reached = [*missed[:3], (Point(0.09), outcome(40))]
+    assert next_point(0.01, reached) == Point(0.27)
+
+
 def test_bracketed():
     def runs(*pairs):
         return [(Point(lr), outcome(steps)) for lr, steps in pairs]
@@ -232,15 +253,19 @@ class FakeTrainer:
     at or below ``target_loss`` or giving up at ``give_up_after``; records each
     call."""
 
-    def __init__(self):
+    def __init__(self, curve=None):
         self.calls = []
+        # The validation loss of a run at a step: by default the log-normal
+        # rate's exponential (`rate`, `loss`).
+        self.curve = curve or (
+            lambda c, step: loss(rate(c.method, c.lr, c.batch_size, c.seed), step)
+        )
 
     def __call__(self, config):
         self.calls.append(config)
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         gn = config.optimizer == "gn"
-        r = rate(config.method, config.lr, config.batch_size, config.seed)
         target = config.target_loss
         ls_per_step = LS_BATCHES * config.line_search_batch_size * SEQ
         records, evals, each_step = [], [], False
@@ -253,7 +278,7 @@ class FakeTrainer:
                 "tokens": step * config.batch_size * SEQ,
                 "time_s": step * (2.0 if gn else 1.0),
                 "lr": config.lr,
-                "train_loss": loss(r, step) + 0.01,
+                "train_loss": self.curve(config, step) + 0.01,
             }
             if gn and main:
                 record["ls_tokens"] = (step - config.warmup_steps) * ls_per_step
@@ -274,7 +299,7 @@ class FakeTrainer:
                         step - s1 + 2 * spacing
                     )
             if due:
-                record["val_loss"] = loss(r, step)
+                record["val_loss"] = self.curve(config, step)
                 evals.append((step, record["val_loss"]))
                 if target is not None and record["val_loss"] <= target:
                     reached = step
@@ -361,35 +386,45 @@ def tuning_runs(result, method, batch):
 # -- the study end to end on the fake ------------------------------------------------
 
 
-def test_target_is_the_best_baselines_loss_at_0_8_of_the_budget(finished, tmp_path):
+def test_target_is_the_median_of_3_seeds_at_0_8_of_the_budget(finished, tmp_path):
     _, trainer, result = finished
     runs = by_name(result)
     # The baselines at the largest batch are tuned first, with no target, over
-    # the whole budget, evaluated every EVAL_EVERY steps; every later run stops
-    # at the target.
+    # the whole budget, evaluated every EVAL_EVERY steps, then the best one's
+    # configuration on two more seeds; every later run stops at the target.
     free = [c for c in trainer.calls if c.target_loss is None]
     assert trainer.calls[: len(free)] == free
     assert {c.method for c in free} == {"adamw", "muon"}
+    tuned, seeds = free[:-2], free[-2:]
+    assert [c.seed for c in tuned] == [0] * len(tuned)
     for c in free:
-        assert (c.batch_size, c.steps, c.seed, c.grad_accumulation) == (
-            LARGEST, STEPS, 0, 1)  # fmt: skip
+        assert (c.batch_size, c.steps, c.grad_accumulation) == (LARGEST, STEPS, 1)
         assert (c.eval_every, c.eval_resolution, c.give_up_after) == (
             EVAL_EVERY,
             0,
             None,
         )
     assert {c.target_loss for c in trainer.calls[len(free) :]} == {result["target"]}
-    # The oracle: the free run with the fastest hand-made rate, at the evaluation
-    # nearest below 0.8 x 40 = 32 steps (evaluations every 3 steps: step 30).
-    best = max(free, key=lambda c: rate(c.method, c.lr, c.batch_size))
+    # The oracle: the tuning run with the fastest hand-made rate; its
+    # configuration on seeds 0, 1, 2, each at the evaluation nearest below
+    # 0.8 x 40 = 32 steps (evaluations every 3 steps: step 30); their median.
+    best = max(tuned, key=lambda c: rate(c.method, c.lr, c.batch_size))
     assert best.method == "muon"
+    assert [(c.method, c.lr, c.seed) for c in seeds] == [
+        ("muon", best.lr, 1), ("muon", best.lr, 2)]  # fmt: skip
     source = result["target_source"]
     assert source["run"] == Path(best.out).name
     assert (source["method"], source["step"], source["budget"]) == ("muon", 30, STEPS)
     assert source["batch_size"] == LARGEST
-    assert result["target"] == loss(rate("muon", best.lr, LARGEST), 30)
-    curve = runs[source["run"]]["curve"]
-    assert curve["val_loss"][curve["step"].index(30)] == result["target"]
+    losses = [loss(rate("muon", best.lr, LARGEST, s), 30) for s in range(3)]
+    assert source["seed_losses"] == losses and source["seed_steps"] == [30] * 3
+    assert result["target"] == sorted(losses)[1] != losses[0]
+    names = [source["run"], *(Path(c.out).name for c in seeds)]
+    assert source["seed_runs"] == names
+    for name, value in zip(names, losses, strict=True):
+        curve = runs[name]["curve"]
+        assert curve["val_loss"][curve["step"].index(30)] == value
+        assert [30, value] in source["seed_curves"][name]
     assert set(source["tuning"]) == {"adamw", "muon"}
     # A given target replaces the rule: no run without one.
     other = FakeTrainer()
@@ -446,7 +481,8 @@ def test_a_choice_still_at_an_edge_is_reported_unbracketed(tmp_path):
     assert not muon["bracketed"] and adamw["bracketed"]
     lrs = by_lr_of(result, "muon", 32)
     assert result["chosen"]["muon"]["32"]["lr"] == max(lrs) == 0.15  # 3 x centre
-    assert len(trainer.calls) == 6  # the free runs, reused with the target
+    # The free runs, reused with the target, and the target's two more seeds.
+    assert len(trainer.calls) == 8
 
 
 def by_lr_of(result, method, batch):
@@ -529,10 +565,12 @@ def test_runs_with_a_target_are_exact_to_one_step(finished):
 def test_seeds_of_every_chosen_configuration_at_every_batch(finished):
     _, trainer, result = finished
     runs = by_name(result)
-    seeded = sorted((c.method, c.batch_size, c.seed) for c in trainer.calls if c.seed)
-    assert seeded == sorted(
+    seeded = {(c.method, c.batch_size, c.seed) for c in trainer.calls if c.seed}
+    # Every chosen configuration's seeds, and the target's two more seeds of the
+    # best baseline at the largest batch (a seed of both is trained once).
+    assert seeded == {
         (m, b, s) for m in METHODS for b in BATCHES for s in range(1, SEEDS)
-    )
+    } | {("muon", LARGEST, 1), ("muon", LARGEST, 2)}
     for method in METHODS:
         for batch in BATCHES:
             entry = result["chosen"][method][str(batch)]
@@ -628,8 +666,8 @@ def test_a_second_execute_trains_nothing(finished, tmp_path):
     saved.write_text(text)
     shutil.rmtree(tmp_path / "runs")
     same(run_study(tmp_path, None))
-    # The first edition's study.json answers other questions: all trained anew.
-    saved.write_text(text.replace('"eqx-gn study 3"', '"eqx-gn study 2"'))
+    # An earlier edition's study.json answers other questions: all trained anew.
+    saved.write_text(text.replace(f'"{FORMAT}"', '"eqx-gn study 3"'))
     fresh = FakeTrainer()
     same(run_study(tmp_path, fresh), runs=False)  # runs now under tmp_path
     assert len(fresh.calls) == len(trainer.calls)
@@ -682,6 +720,20 @@ def test_one_line_errors(argv, message):
     with pytest.raises(ConfigError, match=message) as info:
         study.settings_from(parse(*argv))
     assert "\n" not in str(info.value)
+
+
+def test_the_true_loss_ablation_is_a_study_method():
+    """gn-trueloss (`eqx_gn.TrueLossInner`) is tuned as GN is: GN's centre, GN's
+    K, and its runs configured with solver trueloss (the runner's oracle)."""
+    settings = study.settings_from(parse("--methods", "adamw,gn,gn-trueloss"))
+    assert centre("gn-trueloss") == centre("gn")
+    config = settings.train_config("gn-trueloss", 32, Point(0.1, 8), Path("x"))
+    assert (config.solver, config.blocks, config.micro_batches) == (
+        "trueloss",
+        "full",
+        8,
+    )
+    assert config.method == "gn-trueloss" and config.learning_rate == 0.1
 
 
 def test_a_method_without_a_declared_learning_rate(monkeypatch):
@@ -961,3 +1013,96 @@ def test_steps_figure_draws_a_missed_target_at_the_budget(finished, figures):
     ]
     assert own and all(LARGEST not in list(x.get_xdata()) for x in own)
     assert any(matplotlib.colors.to_rgba(x.get_color()) == colour for x in drawn)
+
+
+# -- the third edition: a plateau, and the declared cap -------------------------------
+
+#: The plateau fake's optimum, 4 x3 steps above GN's centre, and its target.
+PLATEAU_OPTIMUM = 4
+PLATEAU_TARGET = 2.0
+
+
+def plateau_lr_steps(lr):
+    return log3(lr / centre("gn"))
+
+
+def plateau_curve(config, step):
+    """GN on a plateau: the loss falls fast to 3.4 and leaves it at a rate that is
+    log-normal around 81 x the centre, too slow to reach the target more than
+    1.5 x3 steps away; at the centre it creeps lower on the plateau (as the
+    prototype's full GN did at 0.03: it left the plateau late and missed)."""
+    d = plateau_lr_steps(config.lr) - PLATEAU_OPTIMUM
+    r = 0.075 * math.exp(-d * d / 2)
+    creep = 0.3 * math.exp(-((plateau_lr_steps(config.lr) / 0.3) ** 2))
+    return L_INF + 2.4 * math.exp(-r * step) + 1.6 * math.exp(-step) - creep
+
+
+def plateau_steps(lr):
+    """Steps to the target of the plateau fake at ``lr`` within the budget (the
+    oracle), None where it misses."""
+    config = argparse.Namespace(lr=lr)
+    return next((t for t in range(1, STEPS + 1)
+                 if plateau_curve(config, t) <= PLATEAU_TARGET), None)  # fmt: skip
+
+
+def test_a_plateau_does_not_strand_the_walk(tmp_path):
+    """On the plateau the lowest loss sits at the centre between two worse runs,
+    all short of the target: the second edition's rule bracketed there and chose
+    a run that missed. The walk goes on until runs reach the target, and chooses
+    the fastest, near the known optimum."""
+    trainer = FakeTrainer(plateau_curve)
+    result = run_study(tmp_path, trainer, "--methods", "gn", "--batch-sizes",
+                       str(LARGEST), "--seeds", "1", "--max-runs", "12",
+                       "--target", str(PLATEAU_TARGET))  # fmt: skip
+    tuning = result["tuning"]["gn"][str(LARGEST)]
+    chosen = result["chosen"]["gn"][str(LARGEST)]
+    tried = by_lr_of(result, "gn", LARGEST)
+    # The first grid is all on the plateau, its best loss at the centre.
+    grid = tuning_runs(result, "gn", LARGEST)[:3]
+    assert all(r["steps_to_target"] is None for r in grid)
+    assert min(grid, key=lambda r: r["best_val_loss"])["hyperparameters"]["lr"] == (
+        centre("gn")
+    )
+    # The oracle: the chosen run reached the target, in the fewest steps any
+    # learning rate tried takes, within half a x3 step of the optimum.
+    assert chosen["steps_to_target"] is not None
+    assert chosen["steps_to_target"] == plateau_steps(chosen["lr"])
+    fastest = min(
+        (plateau_steps(lr), lr) for lr in tried if plateau_steps(lr) is not None
+    )
+    assert chosen["lr"] == fastest[1]
+    assert abs(plateau_lr_steps(chosen["lr"]) - PLATEAU_OPTIMUM) <= 0.5 + 1e-3
+    assert tuning["bracketed"] and tuning["complete"] and len(tried) <= 12
+
+
+def test_the_declared_cap_is_12_in_study_json_and_on_the_page(tmp_path):
+    args = parse("--methods", "adamw,gn", "--target", "2.0")
+    assert args.max_runs == 12
+    result = run_study(tmp_path, FakeTrainer(), "--methods", "adamw,muon",
+                       "--batch-sizes", "32", "--seeds", "1", "--max-runs", "4")  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert saved["max_runs"] == saved["settings"]["max_runs"] == 4
+    assert "at most 4 runs" in saved["rule"]
+    assert all(len(t["runs"]) <= 4 for t in result["tuning"]["muon"].values())
+    write_report([tmp_path / "out"], tmp_path / "results.md")
+    page = (tmp_path / "results.md").read_text()
+    assert "- **The cap** (`max_runs`): at most 4 runs tune one method" in page
+
+
+def test_a_second_edition_study_is_reported_as_written(finished, tmp_path):
+    """A study.json of the second edition (format 3, no ``max_runs`` key, its
+    cap in its settings) is tabulated and paged as written: --report-only walks
+    nothing by this edition's rule, trains nothing and leaves the file alone."""
+    base, _, result = finished
+    old = {k: v for k, v in result.items() if k != "max_runs"}
+    old = {**old, "format": "eqx-gn study 3"}
+    old["settings"] = {**old["settings"], "max_runs": 9}
+    shutil.copytree(base / "out", tmp_path / "old")  # the study and its plots
+    text = json.dumps(old)
+    (tmp_path / "old" / "study.json").write_text(text)
+    page = tmp_path / "results.md"
+    argv = ["--report-only", "--out", str(tmp_path / "old"), "--report", str(page)]
+    assert study.main(parse(*argv)) == 0
+    assert (tmp_path / "old" / "study.json").read_text() == text
+    assert not (tmp_path / "old" / "runs").exists()
+    assert "- **The cap** (`max_runs`): at most 9 runs tune" in page.read_text()

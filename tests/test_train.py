@@ -128,8 +128,9 @@ def test_gn_line_search_defaults_to_the_warm_walk_except_with_cg(tmp_path, cache
     assert step_sizes["grid"] != step_sizes["none"]
 
 
-def test_gn_trust_rule_defaults_to_adaptive_and_is_recorded(tmp_path, cache_dir):
-    assert TrainConfig().trust_rule == "adaptive"
+def test_gn_trust_rule_defaults_to_fixed_and_is_recorded(tmp_path, cache_dir):
+    # The inner steps take their length from the model: no rule scales them.
+    assert TrainConfig().trust_rule == "fixed"
     assert TrainConfig(solver="cg").trust_rule == "levenberg-marquardt"
     assert TrainConfig(optimizer="adamw").trust_rule is None
     # A GN run saved before the setting existed ran the fixed rule, or with CG its
@@ -140,8 +141,11 @@ def test_gn_trust_rule_defaults_to_adaptive_and_is_recorded(tmp_path, cache_dir)
         assert TrainConfig.from_dict(saved).trust_rule == rule
     scales = {}
     for rule in ("adaptive", "fixed"):
-        # lr 1.0: far too large, so the adaptive rule has something to do.
-        config = small(tmp_path, cache_dir, rule, steps=6, lr=1.0, trust=rule)
+        # Inner learning rate 1.0: far too large, so the adaptive rule has
+        # something to do.
+        config = small(
+            tmp_path, cache_dir, rule, steps=6, lr=1.0, trust=rule, inner_step="lr"
+        )
         assert train(config)["trust"] == rule
         saved = json.loads((tmp_path / rule / "config.json").read_text())
         assert saved["resolved"]["trust"] == rule
@@ -188,7 +192,8 @@ def test_gn_settings_are_orthogonal_and_named_by_method():
         "gn-prox"
     )
     assert TrainConfig(optimizer="soap").method == "soap"
-    for method in ("gn", "gn-layerwise", "gn-prox", "gn-cg", "gn-layerwise-prox"):
+    for method in ("gn", "gn-layerwise", "gn-prox", "gn-trueloss", "gn-cg",
+                   "gn-layerwise-prox"):  # fmt: skip
         assert TrainConfig().with_method(method).method == method
     assert parse_method("gn-cg-layerwise") == {
         "optimizer": "gn",
@@ -735,6 +740,7 @@ def test_two_processes_equal_one_process_across_a_restart(tmp_path, cache_dir, m
         "gn",
         "gn-layerwise",
         "gn-prox",
+        "gn-trueloss",
         "gn-cg",
         "gn-layerwise-prox",
         "gn-layerwise-cg",

@@ -44,6 +44,7 @@ from ._solvers import (
     InnerState as InnerState,
     ProxLinear as ProxLinear,
     SolverStats as SolverStats,
+    TrueLossInner as TrueLossInner,
 )
 from ._trust import (
     AbstractTrustRule as AbstractTrustRule,

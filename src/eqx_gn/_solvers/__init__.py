@@ -9,4 +9,5 @@ from .inner import (
     InnerOptimizer as InnerOptimizer,
     InnerState as InnerState,
     ProxLinear as ProxLinear,
+    TrueLossInner as TrueLossInner,
 )

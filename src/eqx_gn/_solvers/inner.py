@@ -16,6 +16,7 @@ from .._gnvp import QuadraticModel
 from .._misc import tree_axpy, tree_scale, tree_vdot, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
+from .._sharding import as_varying, psum
 from .._trust import AbstractTrustRule, FixedTrust
 from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
@@ -129,8 +130,16 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
         return FixedTrust()
 
     @abc.abstractmethod
-    def _objective(self, model_q: QuadraticModel, d: Params) -> tuple[Array, Params]:
-        """The subproblem's value and gradient at ``d`` on one micro-batch."""
+    def _objective(
+        self,
+        model_q: QuadraticModel,
+        d: Params,
+        problem: GNProblem,
+        model: Model,
+        batch,
+    ) -> tuple[Array, Params]:
+        """The subproblem's value and gradient at ``d`` on one micro-batch, ``batch``,
+        whose quadratic model at ``model`` (the linearization point) is ``model_q``."""
 
     def _rate(self, step, k, num_steps: int):
         """The inner learning rate at inner step ``k`` of outer step ``step``."""
@@ -170,7 +179,7 @@ class _AbstractInnerLoop(AbstractGNSolver[InnerState]):
             d, opt_state, _ = carry
             batch, k = xs
             model_q = problem.quadratic_model(model, batch)
-            value, grad = self._objective(model_q, d)
+            value, grad = self._objective(model_q, d, problem, model, batch)
             theta = jax.tree.map(jnp.add, params, d)
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
             rate = self._rate(step, k, num_steps)
@@ -269,7 +278,7 @@ class InnerOptimizer(_AbstractInnerLoop):
     ``learning_rate`` defaults to 1 with it and to $10^{-2}$ without.
     """
 
-    def _objective(self, model_q, d):
+    def _objective(self, model_q, d, problem, model, batch):
         return model_q.value_and_grad(d)
 
 
@@ -283,5 +292,57 @@ class ProxLinear(_AbstractInnerLoop):
     the update, the linearized loss's second-order expansion at $d$ = 0).
     """
 
-    def _objective(self, model_q, d):
+    def _objective(self, model_q, d, problem, model, batch):
         return model_q.linearized_loss_value_and_grad(d)
+
+
+@final
+class TrueLossInner(_AbstractInnerLoop):
+    r"""Like [`eqx_gn.InnerOptimizer`][], on the true loss: the ablation with no
+    curvature model.
+
+    Step $k$ takes the gradient of the loss itself,
+    $\nabla_d\, L_k(f(\theta_0 + d, x_k), y_k)$, on the $k$-th micro-batch, where
+    [`eqx_gn.InnerOptimizer`][] takes $g_k + G_k d$ of the quadratic model and
+    [`eqx_gn.ProxLinear`][] the gradient of the linearized model's loss. Everything
+    else is the same: the optimizer, the K fresh micro-batches, the schedule, the
+    warm start, the trust scale and the outer line search. So GN against this
+    solver separates what the curvature model contributes from what K sequential
+    small-batch steps, searched along as one outer step, do alone. Where the loss
+    is quadratic in the parameters (mean squared error of a linear model) the GN
+    model is exact and this equals [`eqx_gn.InnerOptimizer`][] step for step.
+
+    ``blocks`` do not change it: the loss has no block structure to drop. Its
+    statistics mirror the other inner loops': ``model_start`` and ``model_end``
+    are the true loss of the first and last iterate evaluated, each on its
+    micro-batch, and ``predicted_decrease`` is the last micro-batch's loss at
+    $d = 0$ minus its loss at the last iterate evaluated (the one before the last
+    update; no extra forward pass), where the other loops put their model's value.
+    Each step also runs the model forward at $\theta_0$ on its micro-batch (the
+    loss at $d = 0$ that the statistics read), on top of a forward and backward
+    pass at $\theta_0 + d$.
+    """
+
+    def __check_init__(self):
+        # (Equinox runs the base class's checks too.)
+        if self.step_length != "learning_rate":
+            raise ValueError(
+                "TrueLossInner: step_length must be 'learning_rate' (a model step "
+                "would bring back the curvature model the ablation removes)."
+            )
+
+    def _objective(self, model_q, d, problem, model, batch):
+        inputs, targets = batch
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        # Cast to device-varying as `QuadraticModel.gradient` does, so that the
+        # pull-back inserts no implicit sum and the one `psum` below is the only one.
+        theta = as_varying(jax.tree.map(jnp.add, params, d), problem.axis_name)
+
+        def apply(p):
+            return problem.fn(eqx.combine(p, static), inputs)
+
+        outputs, pullback = jax.vjp(apply, theta)
+        axis = problem.axis_name
+        value = problem.loss.value(outputs, targets, axis_name=axis)
+        (grad,) = pullback(problem.loss.grad(outputs, targets, axis_name=axis))
+        return value, psum(grad, axis)

@@ -66,8 +66,8 @@ same --out on a shared file system."""
 
 _METHODS_HELP = (
     "comma-separated methods: adamw, muon, soap, shampoo, psgd, or gn followed by "
-    "its non-default settings (gn-layerwise, gn-prox, gn-cg, gn-layerwise-prox, "
-    "gn-soap, ...)"
+    "its non-default settings (gn-layerwise, gn-prox, gn-trueloss, gn-cg, "
+    "gn-layerwise-prox, gn-soap, ...)"
 )
 
 

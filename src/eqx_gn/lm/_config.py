@@ -191,7 +191,7 @@ class _Optimization:
     lr: float | None = _setting(
         None,
         "peak learning rate of a first-order optimizer, or GN's inner learning rate "
-        "(solvers inner and prox); cosine decay to 0; None: "
+        "(solvers inner, prox and trueloss); cosine decay to 0; None: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items()),
         check=check_positive,
     )
@@ -227,22 +227,24 @@ class _GaussNewton:
     solver: Solver = _setting(
         "inner",
         "GN: the subproblem solver: inner Muon/AdamW steps on the quadratic model "
-        "(the paper's), the same on the linearized loss (prox-linear), or conjugate "
-        "gradient with Levenberg-Marquardt damping",
+        "(the paper's), the same on the linearized loss (prox-linear), the same on "
+        "the true loss (trueloss: the ablation with no curvature model; blocks full "
+        "only), or conjugate gradient with Levenberg-Marquardt damping",
     )
     inner: Inner = _setting(
         "muon",
-        "GN with the inner or prox solver: the optimizer its inner steps run on "
-        "the quadratic model: Muon for hidden matrices with AdamW for the rest (the "
+        "GN with the inner, prox or trueloss solver: the optimizer its inner steps "
+        "run on its model: Muon for hidden matrices with AdamW for the rest (the "
         "paper's), AdamW, SOAP, Shampoo or PSGD-Kron, each built as its first-order "
         "method is",
     )
-    inner_step: InnerStep = _setting(
-        "model",
+    inner_step: InnerStep | None = _setting(
+        None,
         "GN with the inner or prox solver: the length of each inner update: "
         "'model' takes the minimiser of its micro-batch's quadratic model along it, "
         "times --lr (default 1: no learning rate to tune, at any K); 'lr' the "
-        "learning rate alone (the paper's, --lr default by inner optimizer)",
+        "learning rate alone (the paper's, --lr default by inner optimizer); "
+        "None: model, or lr with solver trueloss (the ablation has no model)",
     )
     micro_batches: int = _setting(
         8,
@@ -522,6 +524,12 @@ class TrainConfig(
         return self.line_search or default_line_search(self.solver)
 
     @property
+    def inner_step_rule(self) -> str | None:
+        """GN's inner step length, ``inner_step`` or its default: ``"model"``, or
+        ``"lr"`` with solver trueloss; ``None`` for CG and the other optimizers."""
+        return self.gn.inner_step if self.is_gn else None
+
+    @property
     def trust_rule(self) -> str | None:
         """GN's trust rule, ``trust`` or its default: ``"fixed"``, or
         ``"levenberg-marquardt"`` with solver cg; ``None`` for the other
@@ -635,6 +643,7 @@ _RESOLVED = {
     "lr": "learning_rate",
     "line_search": "line_search_rule",
     "trust": "trust_rule",
+    "inner_step": "inner_step_rule",
     "ls_batch_size": "line_search_batch_size",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

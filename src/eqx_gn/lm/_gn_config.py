@@ -19,6 +19,7 @@ from .. import (
     InnerOptimizer,
     LevenbergMarquardt,
     ProxLinear,
+    TrueLossInner,
     UnitStep,
 )
 from ._checks import (
@@ -44,6 +45,7 @@ from ._methods import (
     LineSearch,
     Solver,
     TrustRule,
+    default_inner_step,
     default_line_search,
     default_trust,
     method_name,
@@ -74,7 +76,9 @@ class GNConfig:
     `build` gives an `eqx_gn.GaussNewton` on next-token cross-entropy: the
     ``blocks`` partition (`eqx_gn.Blocks.full`, or one block per layer,
     `eqx_gn.lm.layerwise_blocks`); the ``solver``: `eqx_gn.InnerOptimizer` (the
-    paper's) or `eqx_gn.ProxLinear`, each running the ``inner`` optimizer (built as
+    paper's), `eqx_gn.ProxLinear` or `eqx_gn.TrueLossInner` (the ablation: the
+    same inner steps on the true loss, no curvature model; full blocks only), each
+    running the ``inner`` optimizer (built as
     its first-order method is, $\beta_2$ = ``b2``, weight decay, clipping to
     ``max_grad_norm``) at inner learning rate ``lr`` on one global cosine over
     the inner steps of ``steps`` outer steps, warm-started; or `eqx_gn.CG` with
@@ -103,7 +107,7 @@ class GNConfig:
     blocks: BlockPartition = "full"
     solver: Solver = "inner"
     inner: Inner = "muon"
-    inner_step: InnerStep = "model"
+    inner_step: InnerStep | None = None
     lr: float | None = None
     ls_grid: int = 8
     line_search: LineSearch | None = None
@@ -119,15 +123,24 @@ class GNConfig:
         check_choice("blocks", self.blocks, BLOCKS)
         check_choice("solver", self.solver, SOLVERS)
         check_choice("inner", self.inner, INNERS)
-        check_choice("inner_step", self.inner_step, INNER_STEPS)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         # The defaults of the search and the trust rule depend on the solver.
         if self.line_search is None:
             object.__setattr__(self, "line_search", default_line_search(self.solver))
         if self.trust is None:
             object.__setattr__(self, "trust", default_trust(self.solver))
+        if self.inner_step is None and self.solver != "cg":
+            step = default_inner_step(self.solver)
+            object.__setattr__(self, "inner_step", step)
+        if self.inner_step is not None:
+            check_choice("inner_step", self.inner_step, INNER_STEPS)
         check_choice("line_search", self.line_search, LINE_SEARCHES)
         check_choice("trust", self.trust, TRUST_RULES)
+        if self.solver == "trueloss" and self.blocks != "full":
+            raise ConfigError(
+                "blocks applies to GN's curvature model, which solver 'trueloss' "
+                "does not have: it needs blocks 'full'"
+            )
         check_gn_settings(
             self.solver,
             inner=self.inner,
@@ -174,7 +187,11 @@ class GNConfig:
             inner = first_order(
                 self.inner, 1.0, model, self.b2, self.weight_decay, self.max_grad_norm
             )
-            solver_cls = ProxLinear if self.solver == "prox" else InnerOptimizer
+            solver_cls = {
+                "inner": InnerOptimizer,
+                "prox": ProxLinear,
+                "trueloss": TrueLossInner,
+            }[self.solver]
             solver = solver_cls(
                 inner,
                 learning_rate=self.learning_rate,
@@ -213,17 +230,18 @@ def check_gn_settings(
     lr: float | None,
     cg_damping: float,
     cg_iterations: int,
-    inner_step: str = "model",
+    inner_step: str | None = None,
 ) -> None:
     """The settings that depend on GN's solver: CG has no inner optimizer and no
     learning rate, and only CG has a damping and an iteration count."""
     if solver == "cg":
         if inner != "muon":
             raise ConfigError(
-                "inner applies to GN's inner and prox solvers, not 'cg' (CG has no "
+                "inner applies to GN's inner, prox and trueloss solvers, not 'cg' "
+                "(CG has no "
                 "inner optimizer)"
             )
-        if inner_step != "model":
+        if inner_step is not None:
             raise ConfigError(
                 "inner_step applies to GN's inner and prox solvers, not 'cg' (CG "
                 "chooses its own step lengths)"
@@ -236,6 +254,11 @@ def check_gn_settings(
         check_positive("cg_damping", cg_damping)
         check_integer("cg_iterations", cg_iterations)
         return
+    if solver == "trueloss" and inner_step == "model":
+        raise ConfigError(
+            "inner_step 'model' needs GN's curvature model, which solver 'trueloss' "
+            "does not have (the ablation takes its steps from lr)"
+        )
     for name, value in (("cg_damping", cg_damping), ("cg_iterations", cg_iterations)):
         if value != CG_DEFAULTS[name]:
             raise ConfigError(f"{name} applies to solver 'cg' only")

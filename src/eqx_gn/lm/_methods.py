@@ -2,11 +2,13 @@
 settings, named in one word.
 
 ``optimizer="gn"`` chooses Gauss-Newton; ``blocks`` (``"full"`` or ``"layerwise"``)
-chooses the partition of the parameters and ``solver`` (``"inner"``, ``"prox"`` or
-``"cg"``) the subproblem solver, and ``inner`` (``"muon"``, ``"adamw"``, ``"soap"``,
-``"shampoo"`` or ``"psgd"``) the optax optimizer the inner and prox solvers run on the quadratic
-model. Every combination trains. A *method* names a combination in one word for
-comparisons and studies: ``gn``, ``gn-layerwise``, ``gn-prox``, ``gn-layerwise-cg``,
+chooses the partition of the parameters and ``solver`` (``"inner"``, ``"prox"``,
+``"trueloss"`` or ``"cg"``) the subproblem solver, and ``inner`` (``"muon"``,
+``"adamw"``, ``"soap"``, ``"shampoo"`` or ``"psgd"``) the optax optimizer the inner,
+prox and trueloss solvers run. Every combination trains, except ``trueloss`` with
+``layerwise`` (the true loss has no curvature to split into blocks). A *method*
+names a combination in one word for comparisons and studies: ``gn``,
+``gn-layerwise``, ``gn-prox``, ``gn-trueloss``, ``gn-layerwise-cg``,
 ``gn-layerwise-soap``, ... (the non-default settings after ``gn``, joined by
 ``-``); its *label* is the same with spaces (``"gn layerwise soap"``).
 """
@@ -20,9 +22,10 @@ Optimizer = Literal["adamw", "muon", "soap", "shampoo", "psgd", "gn"]
 #: The block partitions of GN: one block, or one block per layer.
 BlockPartition = Literal["full", "layerwise"]
 #: The solvers of the GN subproblem: `eqx_gn.InnerOptimizer` (the paper's),
-#: `eqx_gn.ProxLinear` and `eqx_gn.CG`.
-Solver = Literal["inner", "prox", "cg"]
-#: The optimizers GN's inner and prox solvers run on the quadratic model: the
+#: `eqx_gn.ProxLinear`, `eqx_gn.CG`, and the ablation with no curvature model,
+#: `eqx_gn.TrueLossInner` (the same inner steps on the true loss).
+Solver = Literal["inner", "prox", "cg", "trueloss"]
+#: The optimizers GN's inner, prox and trueloss solvers run on their model: the
 #: paper's Muon for hidden matrices with AdamW for the rest (the default), AdamW,
 #: SOAP, Shampoo or PSGD-Kron, each as its first-order method is built.
 Inner = Literal["muon", "adamw", "soap", "shampoo", "psgd"]
@@ -82,6 +85,13 @@ GN_INNER_LEARNING_RATES: dict[str, float] = {
 }
 
 
+def default_inner_step(solver: str) -> str | None:
+    """GN's inner step length when none is given: ``"model"``, ``"lr"`` for the
+    true-loss ablation (no model to take it from), ``None`` for CG (no inner
+    steps)."""
+    return {"cg": None, "trueloss": "lr"}.get(solver, "model")
+
+
 def default_line_search(solver: str) -> str:
     """GN's line search when none is given: ``"warm"``, or ``"grid"`` with solver
     ``cg`` (the paper's search, as the runs CG's defaults were measured with)."""
@@ -112,7 +122,8 @@ def parse_method(method: str) -> dict[str, str]:
     """``optimizer``, ``blocks``, ``solver`` and ``inner`` of a method name.
 
     ``"adamw"``, ``"muon"``, ``"soap"``, ``"shampoo"``, ``"psgd"``, or ``"gn"``
-    followed by any of ``-layerwise``/``-full``, ``-inner``/``-prox``/``-cg`` and
+    followed by any of ``-layerwise``/``-full``, ``-inner``/``-prox``/``-cg``/
+    ``-trueloss`` and
     an inner optimizer ``-muon``/``-adamw``/``-soap``/``-shampoo``/``-psgd``
     (``"gn-layerwise-soap"``).
     """
@@ -152,6 +163,6 @@ def parse_method(method: str) -> dict[str, str]:
     if values["solver"] == "cg" and values["inner"] != "muon":
         raise ConfigError(
             f"unknown method {method!r}: CG has no inner optimizer (the inner "
-            "optimizer is for the inner and prox solvers)"
+            "optimizer is for the inner, prox and trueloss solvers)"
         )
     return values

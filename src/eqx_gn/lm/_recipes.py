@@ -23,7 +23,7 @@ import dataclasses
 import equinox as eqx
 import optax
 
-from .. import GaussNewton, InnerOptimizer, ProxLinear, cosine_decay
+from .. import GaussNewton, InnerOptimizer, ProxLinear, TrueLossInner, cosine_decay
 from ._config import TrainConfig
 from ._gn_config import GNConfig
 from ._model import Transformer
@@ -84,7 +84,7 @@ def compile_key(recipe: Recipe) -> Recipe:
 def with_learning_rate(gn: GaussNewton, lr) -> GaussNewton:
     """``gn`` with its inner solver's learning rate set to ``lr`` (an array, traced
     under ``jit``); unchanged for a solver without one (CG)."""
-    if not isinstance(gn.solver, InnerOptimizer | ProxLinear):
+    if not isinstance(gn.solver, InnerOptimizer | ProxLinear | TrueLossInner):
         return gn
     return eqx.tree_at(lambda g: g.solver.learning_rate, gn, lr)
 

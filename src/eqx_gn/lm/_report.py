@@ -146,8 +146,10 @@ def rejection_advice(summary: Mapping[str, Any]) -> str:
     long for the true loss at every step size the line search tried."""
     if summary.get("trust") == "fixed":
         return (
-            "many steps rejected: the GN directions were too long for the loss; "
-            "drop --trust fixed (the adaptive rule shortens them) or lower --lr"
+            "many steps rejected: the GN directions were too long for the loss at "
+            "every step size the search tried; lower --lr (the fraction of the "
+            "model's inner step with --inner-step model, else GN's inner learning "
+            "rate)"
         )
     return (
         "many steps rejected: the GN directions were too long for the loss even "

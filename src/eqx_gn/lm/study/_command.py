@@ -4,10 +4,12 @@ for every method at every batch size, every method tuned by the same rule.
 **The target.** ``--target``, or set from the first-order baselines (AdamW, Muon,
 SOAP, PSGD-Kron among ``--methods``) at the largest batch: each is tuned with no
 target over the full ``--steps`` budget (evaluated every ``--eval-every`` steps);
-the target is the best one's validation loss at the evaluation nearest below
-80% of the budget (`TARGET_AT`), so the best baseline needs most of a long
-budget and its seeds have headroom. study.json records the rule, the value and
-the run and step it came from.
+the best one's configuration runs on 3 seeds (`TARGET_SEEDS`) over the whole
+budget, and the target is the median of their validation losses at the
+evaluation nearest below 80% of the budget (`TARGET_AT`), so the best baseline
+needs most of a long budget, its seeds have headroom, and one seed's luck does
+not set it. study.json records the rule, the value, the runs and step it came
+from and the seeds' curves (``target_source``).
 
 **The budget.** A run at batch ``b`` has ``--steps * largest / b`` steps (the
 same tokens at every batch size), warm-up included; it stops at the target.
@@ -15,13 +17,16 @@ same tokens at every batch size), warm-up included; it stops at the target.
 **Tuning, one rule for all** (`next_point`): at each batch size, largest first,
 each method's learning rate is tried at its start (the declared centre at the
 largest batch, the rate chosen at the next larger batch below it), x3 and /3;
-while the best run lies at an end of what was tried, one more x3 step beyond;
-once it has worse runs on both sides, half a step toward the better neighbour;
-at most ``--max-runs`` runs. A tuning run gives up at the step where the best run
-so far reached the target. A choice still at an edge is reported as a tuning
-failure. GN's ``K`` is not searched: the micro-batch is fixed at
-``--gn-micro-batch`` sequences and ``K = b / micro-batch``, the paper's rule
-(its inner steps grow with the batch).
+while every run has missed the target, one more x3 step beyond the end nearer
+the start (runs that all missed bracket nothing: a plateau cannot stop the
+walk); while the best run lies at an end of what was tried, one more x3 step
+beyond; once it has worse runs on both sides, half a step toward the better
+neighbour; at most ``--max-runs`` runs (default 12, study.json's
+``max_runs``). A tuning run gives up at the step where the best run so far
+reached the target. A choice still at an edge, or among runs that all missed,
+is reported as a tuning failure. GN's ``K`` is not searched: the micro-batch is
+fixed at ``--gn-micro-batch`` sequences and ``K = b / micro-batch``, the
+paper's rule (its inner steps grow with the batch).
 
 **Resolution.** Runs with a target are evaluated on a schedule at most
 ``--eval-resolution`` of the step apart, and at every step once the last two
@@ -58,6 +63,7 @@ from pathlib import Path
 from .._config import ConfigError
 from ._protocol import DEFAULT_METHODS, MAX_RUNS, centre, micro_batches
 from ._records import Settings
+from ._result import FORMAT, READABLE_FORMATS
 from ._runs import Study
 
 
@@ -91,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=",".join(DEFAULT_METHODS),
         help="comma-separated: adamw, muon, soap, shampoo, psgd, "
-        "gn[-layerwise][-prox][-INNER]",
+        "gn[-layerwise][-prox|-trueloss][-INNER]",
     )
     a("--batch-sizes", default="8,16,32,64,128,256", help="sequences per step")
     a(
@@ -212,14 +218,34 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**given, methods=methods, batch_sizes=batches)
 
 
+def _report_as_written(result: dict, out: Path, args: argparse.Namespace) -> int:
+    from ._report import print_tables, write_report
+
+    print(f"{out / 'study.json'} is of format {result['format']!r}, an earlier "
+          "edition: reported as written, nothing re-walked")  # fmt: skip
+    print_tables(result)
+    if args.report:
+        write_report([out, *map(Path, args.report_with)], Path(args.report))
+        print(f"wrote {args.report}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``eqx-gn study``."""
     out = Path(args.out)
     settings = settings_from(args)
     saved = out / "study.json"
     if args.report_only and saved.exists():
+        study_json = json.loads(saved.read_text())
+        if study_json.get("format") != FORMAT and (
+            study_json.get("format") in READABLE_FORMATS
+        ):
+            # An earlier edition's runs followed its own rule: walking them by
+            # this one would ask for runs it never had. Its tables and page come
+            # from its study.json as written.
+            return _report_as_written(study_json, out, args)
         # The study's own settings: a report needs no repeat of its command line.
-        recorded = json.loads(saved.read_text())["settings"]
+        recorded = study_json["settings"]
         settings = Settings(
             **{
                 **recorded,

@@ -67,6 +67,21 @@ def _median_cell(e: dict | None) -> str:
     return f"{e['median_steps']:g}{spread}"
 
 
+def _target_seeds(source: dict) -> str:
+    """How a third-edition target came from its seeds (nothing for earlier ones,
+    whose target was one run's loss)."""
+    if "seed_runs" not in source:
+        return ""
+    losses = ", ".join(
+        f"`{name}` {loss:.4f}"
+        for name, loss in zip(source["seed_runs"], source["seed_losses"], strict=True)
+    )
+    return (
+        f", the median over {len(source['seed_runs'])} seeds of that configuration "
+        f"(`target_source.seed_runs`, `seed_losses`, `seed_curves`): {losses}"
+    )
+
+
 def _study_section(result: dict, file: str, assets: str) -> list[str]:
 
     s = result["settings"]
@@ -96,7 +111,9 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
         f"**Target:** validation loss **{result['target']:.4f}** (`target`), "
         + (
             f"{source['method']}'s loss at step {source['step']} of "
-            f"{source['budget']} in run `{source['run']}` (`target_source`)."
+            f"{source['budget']} in run `{source['run']}` (`target_source`)"
+            + _target_seeds(source)
+            + "."
             if source
             else "given with --target."
         ),

@@ -13,7 +13,7 @@ from typing import Any
 from ._model_section import _fmt, _median_cell, _study_section
 from ._plots import copy_plots
 from ._protocol import BASELINES
-from ._result import FORMAT
+from ._result import READABLE_FORMATS
 
 #: The paper's figure: GN's steps to the target against the best baseline's.
 PAPER_STEP_RATIO = 5.4
@@ -229,7 +229,17 @@ def _claims_section(studies: list[tuple[dict, str]]) -> list[str]:
     return lines
 
 
-def _protocol(result: dict) -> list[str]:
+def _caps(caps: list[tuple[dict, str]]) -> str:
+    """The studies' caps in words: one number, or each study's with its file."""
+    values = {max_runs(r) for r, _ in caps}
+    if len(values) == 1:
+        return f"{values.pop()} runs"
+    return ", ".join(
+        f"{max_runs(r)} runs ({r['settings']['model']}, `{f}`)" for r, f in caps
+    )
+
+
+def _protocol(result: dict, caps: list[tuple[dict, str]]) -> list[str]:
     s = result["settings"]
     largest = max(s["batch_sizes"])
     lines = [
@@ -242,6 +252,11 @@ def _protocol(result: dict) -> list[str]:
         f"- **Budget** (`budgets`): {s['steps']} steps at batch {largest}, the same "
         "tokens at every other batch size; a run stops at the target.",
         f"- **Tuning, one rule for every method** (`rule`): {result['rule']}.",
+        f"- **The cap** (`max_runs`): at most {_caps(caps)} tune one method at "
+        "one batch size, the same for every method; a choice not bracketed by "
+        "worse runs when the cap is reached (still at an edge of what was tried, "
+        "or every run missed the target) is a tuning failure, marked \\* in the "
+        "tables below.",
         "- **Learning-rate centres at the largest batch** (`centres`): "
         + ", ".join(f"{m} {v:g}" for m, v in result["centres"].items()) + ".",
         f"- **GN's K** (`gn_micro_batches`): not searched; a fixed micro-batch of "
@@ -263,6 +278,12 @@ def _protocol(result: dict) -> list[str]:
         "",
     ]  # fmt: skip
     return lines
+
+
+def max_runs(result: dict) -> int:
+    """The study's declared cap on the runs that tune one method at one batch
+    size: ``max_runs``, or in a second-edition study.json its settings'."""
+    return result.get("max_runs", result["settings"]["max_runs"])
 
 
 def _gn_line_search(result: dict) -> str:
@@ -364,13 +385,13 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
 
             raise ConfigError(f"no study.json in {d}")
         result = json.loads(file.read_text())
-        if result.get("format") != FORMAT:
+        if result.get("format") not in READABLE_FORMATS:
             from .._config import ConfigError
 
             raise ConfigError(
                 f"{file} is a study of format {result.get('format')!r}; this page "
-                f"reports {FORMAT!r} (the second edition's protocol): run the study "
-                "again"
+                f"reports {' or '.join(map(repr, READABLE_FORMATS))} (the second "
+                "and third editions' protocols): run the study again"
             )
         studies.append((result, _display(file)))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,7 +409,7 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
     claimed = [study for study in studies if _makes_claims(study[0])]
     if claimed:
         lines += _claims_section(claimed)
-    lines += _protocol(studies[0][0])
+    lines += _protocol(studies[0][0], studies)
     lines += _commands(studies, study_dirs, path)
     for (result, file), d in zip(studies, study_dirs, strict=True):
         assets = path.parent / "assets" / Path(d).name

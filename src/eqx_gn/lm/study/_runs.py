@@ -16,6 +16,7 @@ from ._plots import draw_plots
 from ._protocol import (
     BASELINES,
     TARGET_AT,
+    TARGET_SEEDS,
     Point,
     _point_of,
     bracketed,
@@ -37,6 +38,15 @@ from ._result import FORMAT, build_result, dumps, timed_claims
 
 #: Main-phase steps of each timing run.
 TIMING_STEPS = 10
+
+
+def _evaluations(curve: dict[str, list[Any]]) -> list[list[Any]]:
+    """``[step, validation loss]`` at each evaluation of a run's curve."""
+    return [
+        [step, loss]
+        for step, loss in zip(curve["step"], curve["val_loss"], strict=True)
+        if loss is not None
+    ]
 
 
 def _usable(
@@ -146,7 +156,10 @@ class Study:
         s = self.settings
         k = micro_batches(method, batch, s.gn_micro_batch)
         tried: list[tuple[Point, dict]] = []
-        while (point := next_point(start, tried, k, s.max_runs)) is not None:
+        has_target = target is not None
+        while (
+            point := next_point(start, tried, k, s.max_runs, has_target)
+        ) is not None:
             reached = [o["steps_to_target"] for _, o in tried
                        if o["steps_to_target"] is not None]  # fmt: skip
             give_up = min(reached, default=None) if target is not None else None
@@ -158,7 +171,7 @@ class Study:
         record = {
             "start_lr": start,
             "runs": [r["name"] for _, r in tried],
-            "bracketed": bracketed(tried),
+            "bracketed": bracketed(tried, has_target),
             "complete": point is None,
         }
         if target is None:  # the runs that set the target, ranked by their loss
@@ -168,8 +181,10 @@ class Study:
         return [r for _, r in tried]
 
     def _set_target(self, largest: int) -> None:
-        """The target: the best tuned first-order baseline's validation loss at
-        `TARGET_AT` of the budget, at the largest batch (runs with no target)."""
+        """The target: the median over `TARGET_SEEDS` seeds of the best tuned
+        first-order baseline's configuration of their validation losses at the
+        evaluation nearest below `TARGET_AT` of the budget, at the largest batch
+        (runs with no target, over the whole budget)."""
         s = self.settings
         baselines = [m for m in s.methods if m in BASELINES]
         if not baselines:
@@ -191,24 +206,41 @@ class Study:
             chosen.append(best)
         best = min(chosen, key=rank)
         at = round(TARGET_AT * s.budget(largest))
-        curve = best["curve"]
-        points = [(st, v) for st, v in zip(curve["step"], curve["val_loss"],
-                                           strict=True) if v is not None and st <= at]  # fmt: skip
-        if not points:
-            raise ConfigError(f"run {best['name']} has no evaluation by step {at}")
-        step, loss = points[-1]
-        self.target = loss
+        seeds = [best]
+        for seed in range(1, TARGET_SEEDS):
+            record = self.run(best["method"], largest, _point_of(best),
+                              "target-seed", seed)  # fmt: skip
+            if record is None:
+                raise ConfigError(
+                    f"{best['method']}'s seed {seed} at batch {largest} is not "
+                    "finished; cannot set the target"
+                )
+            seeds.append(record)
+        at_step = []
+        for run in seeds:
+            points = [(st, v) for st, v in _evaluations(run["curve"]) if st <= at]
+            if not points:
+                raise ConfigError(f"run {run['name']} has no evaluation by step {at}")
+            at_step.append(points[-1])
+        self.target = statistics.median(loss for _, loss in at_step)
         self.target_source = {
             "run": best["name"],
             "method": best["method"],
-            "step": step,
+            "step": at_step[0][0],
             "budget": s.budget(largest),
             "batch_size": largest,
+            # The median of these seeds' losses at their evaluation nearest
+            # below TARGET_AT of the budget, with their validation curves.
+            "seed_runs": [r["name"] for r in seeds],
+            "seed_steps": [st for st, _ in at_step],
+            "seed_losses": [v for _, v in at_step],
+            "seed_curves": {r["name"]: _evaluations(r["curve"]) for r in seeds},
             # Each baseline tuned with no target, by its lowest validation loss.
             "tuning": self.target_tuning,
         }
-        self.log(f"target: {best['method']}'s validation loss at step {step} of "
-                 f"{s.budget(largest)} at batch {largest}: {loss:.4f}")  # fmt: skip
+        self.log(f"target: the median of {best['method']}'s {len(seeds)} seeds' "
+                 f"validation losses at step {at_step[0][0]} of {s.budget(largest)} "
+                 f"at batch {largest}: {self.target:.4f}")  # fmt: skip
 
     def execute(self) -> dict[str, Any]:
         s = self.settings

@@ -264,3 +264,24 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(env, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["study", "--runs", "2"], "--runs"),
+        (["train", "--step", "5"], "--step"),
+        (["compare", "--methods", "adamw", "--batch", "8"], "--batch"),
+        (["plot", "run", "--log"], "--log"),
+    ],
+)
+def test_abbreviated_flags_are_refused_in_one_line(capsys, args, flag):
+    # Before, argparse took a prefix: `study --runs 2` was `--runs-dir 2`, and
+    # wrote its runs into ./2.
+    from eqx_gn.lm._cli import _parser
+
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args(args)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"unrecognized arguments: {flag}" in lines[0]

@@ -72,7 +72,12 @@ _METHODS_HELP = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr, exit status 2."""
+    """An ArgumentParser whose errors are one line on stderr, exit status 2, and
+    that takes no abbreviated flag (``--runs`` must not mean ``--runs-dir``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

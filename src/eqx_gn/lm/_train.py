@@ -385,11 +385,14 @@ class _Training:
 
     def _loop(self) -> dict[str, Any]:
         config = self.config
+        if config.resume:
+            # Before restoring: a checkpoint of another vocabulary would fail on
+            # an array's shape without naming the tokenizer.
+            self._check_data()
         self._restore_or_start()
         counters = self.counters
         resolved = self._resolved()
         if config.resume:
-            self._check_corpus(resolved)
             finished = self._finished_summary()
             if finished is not None:
                 return finished
@@ -501,17 +504,39 @@ class _Training:
             raise diverged
         return summary
 
-    def _check_corpus(self, resolved: dict[str, Any]) -> None:
-        """Refuse to resume on a corpus other than the one the run trained on."""
-        saved = read_run_config(self.run_dir.path)
-        before = ((saved or {}).get("resolved") or {}).get("corpus_hash")
-        if before is not None and before != resolved["corpus_hash"]:
+    def _check_data(self) -> None:
+        """Refuse to resume on a corpus or a tokenizer other than the ones the run
+        trained on (config.json is left as it is)."""
+        saved = (read_run_config(self.run_dir.path) or {}).get("resolved") or {}
+        where = f"cannot resume the run in {self.run_dir.path}"
+        before = saved.get("corpus_hash")
+        now = self.splits.corpus_hash
+        if before is not None and before != now:
             raise ConfigError(
-                f"cannot resume the run in {self.run_dir.path}: its corpus changed "
-                f"since it was trained (digest {before[:12]} -> "
-                f"{resolved['corpus_hash'][:12]}); restore the corpus or start a "
-                "new run"
+                f"{where}: its corpus changed since it was trained (digest "
+                f"{before[:12]} -> {now[:12]}); restore the corpus or start a new run"
             )
+        tokenizer = self.splits.tokenizer
+        source = self.config.tokenizer
+        vocab = (saved.get("model_config") or {}).get("vocab_size")
+        if vocab is not None and vocab != tokenizer.vocab_size:
+            raise ConfigError(
+                f"{where}: its tokenizer changed since it was trained ({source}: "
+                f"{vocab} -> {tokenizer.vocab_size} ids); restore the tokenizer or "
+                "start a new run"
+            )
+        digest = getattr(tokenizer, "digest", None)
+        before = saved.get("tokenizer_sha256")
+        if before is not None and digest is not None and before != digest:
+            changed = f"digest {before[:12]} -> {digest[:12]}"
+        elif saved.get("tokenizer") not in (None, tokenizer.name):
+            changed = f"{saved['tokenizer']} -> {tokenizer.name}"
+        else:
+            return
+        raise ConfigError(
+            f"{where}: its tokenizer changed since it was trained ({source}: "
+            f"{changed}); restore the tokenizer or start a new run"
+        )
 
     def _finished_summary(self) -> dict[str, Any] | None:
         """The summary of a run that resume finds finished (its last step or its

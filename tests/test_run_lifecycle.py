@@ -16,6 +16,7 @@ import pytest
 from eqx_gn.lm import Checkpointer, ConfigError, Diverged, TrainConfig, train
 from eqx_gn.lm._cli import main as cli
 from eqx_gn.lm._run_dir import LOCK_FILE
+from eqx_gn.lm.study._records import read_run_dir
 
 SMALL = dict(
     model="tiny",
@@ -112,6 +113,11 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(
     assert all(math.isfinite(r["train_loss"]) for r in metrics[:-1])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged_at"] == step
+    # Not a completed run, and no final loss (before, its last evaluation's, from
+    # before the divergence, and "completed": true); the study reads it so too.
+    assert summary["completed"] is False and summary["final_val_loss"] is None
+    record = read_run_dir(out, "tune", None)
+    assert record is not None and record["final_val_loss"] is None
     checkpointer = Checkpointer(str(out / "checkpoints"))
     try:
         last = checkpointer.latest_step()

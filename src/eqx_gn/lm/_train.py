@@ -495,9 +495,11 @@ class _Training:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
-        summary = self._summary(completed=not stopped_early)
+        summary = self._summary(completed=not stopped_early and diverged is None)
         if diverged is not None:
+            # Not a finished run: its last evaluation came before the divergence.
             summary["diverged_at"] = counters.step
+            summary["final_val_loss"] = None
         if not stopped_early:
             self.run_dir.write_json("summary.json", summary)
         if diverged is not None:

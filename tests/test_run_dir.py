@@ -106,3 +106,23 @@ def test_resume_without_a_checkpoint_starts_at_step_zero_and_says_so(tmp_path, c
     err = capsys.readouterr().err
     assert "no checkpoint in" in err and "starting at step 0" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_run_whose_config_json_is_broken_is_named_so_and_kept(tmp_path, flags):
+    # Before: "holds config.json, metrics.jsonl, checkpoints but is not an eqx-gn
+    # run", as if the directory were another tool's.
+    run = tmp_path / "run"
+    _fake_run(run)
+    text = (run / "config.json").read_text()
+    (run / "config.json").write_text(text[: len(text) // 2])  # a half-written edit
+    before = {p: p.stat().st_size for p in run.rglob("*")}
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, **flags)
+    message = str(info.value)
+    assert "\n" not in message and "is not an eqx-gn run" not in message
+    assert "config.json is not valid JSON (line 1, column " in message
+    assert "repair config.json" in message
+    assert {
+        p: p.stat().st_size for p in run.rglob("*") if p.name != ".eqx-gn.lock"
+    } == {p: size for p, size in before.items() if p.name != ".eqx-gn.lock"}

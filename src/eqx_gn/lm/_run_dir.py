@@ -63,6 +63,18 @@ def read_run_config(path: Path) -> dict[str, Any] | None:
     return saved
 
 
+def _json_damage(path: Path) -> str | None:
+    """Where the JSON file ``path`` stops being valid JSON (``line L, column C:
+    reason``); ``None`` for a valid or unreadable one."""
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class RunDirectory:
     """The directory of one run; only the primary process writes into it."""
 
@@ -92,6 +104,16 @@ class RunDirectory:
         present = [name for name in RUN_FILES if (path / name).exists()]
         if present:
             saved = read_run_config(path)
+            damage = _json_damage(path / CONFIG_FILE)
+            if damage is not None:
+                # A run whose config.json a half-written edit broke: not a foreign
+                # directory, and not one to delete unread.
+                raise ConfigError(
+                    f"out={path} holds {', '.join(present)}, but its {CONFIG_FILE} "
+                    f"is not valid JSON ({damage}); repair {CONFIG_FILE} to resume "
+                    "or overwrite the run, remove the run's files yourself, or "
+                    "choose another output directory"
+                )
             if saved is None:
                 raise ConfigError(
                     f"out={path} holds {', '.join(present)} but is not an eqx-gn run; "

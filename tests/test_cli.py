@@ -266,6 +266,50 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(env, tmp_path):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1
 
 
+def test_ctrl_c_checkpoints_the_step_it_stops_at(env, tmp_path):
+    # With the default --checkpoint-every 50, Ctrl-C at step ~5 left no
+    # checkpoint: --resume said "no checkpoint ... starting at step 0".
+    import signal
+
+    from eqx_gn.lm import Checkpointer
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "eqx_gn.lm._cli", "train", "--out", str(out)]
+    args += ["--optimizer", "adamw", "--model", "tiny", "--seq-len", "32"]
+    args += ["--steps", "1000", "--batch-size", "8", "--no-progress"]
+    args += ["--eval-every", "2", "--eval-batches", "1", "--eval-batch-size", "8"]
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    while not process.stdout.readline().startswith("step"):
+        assert process.poll() is None, process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == [
+        f"eqx-gn train: interrupted; continue with --resume --out {out}"
+    ]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, len(steps) + 1)) and 2 <= len(steps) < 50
+    checkpointer = Checkpointer(out / "checkpoints")
+    try:
+        assert checkpointer.all_steps() == [steps[-1]]
+    finally:
+        checkpointer.close()
+    stop = steps[-1] + 2
+    resumed = eqx_gn(env, *args[3:], "--resume", "--stop-after", stop)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "no checkpoint" not in resumed.stderr
+    again = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert again == list(range(1, stop + 1))
+
+
 @pytest.mark.parametrize(
     "args, flag",
     [

@@ -414,7 +414,13 @@ class _Training:
                 and counters.gave_up_at is None
             ):
                 if STOP_REQUESTED.is_set():  # Ctrl-C, seen between two steps
-                    raise KeyboardInterrupt
+                    # Checkpoint here, so that --resume continues from this step
+                    # rather than from the last scheduled checkpoint (or step 0).
+                    if counters.step > 0:
+                        diverged = self._save()
+                    if diverged is None:
+                        raise KeyboardInterrupt
+                    break
                 step = counters.step + 1
                 if self.phase == "warmup" and step > config.warmup_steps:
                     self._enter_phase("main")

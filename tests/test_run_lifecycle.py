@@ -187,3 +187,30 @@ def test_resume_compares_resolved_settings_and_the_corpus(tmp_path, cache_dir):
     saved = json.loads((tmp_path / "gn" / "config.json").read_text())
     assert saved["resolved"]["corpus_hash"] == digest
     assert os.path.exists(tmp_path / "gn" / "checkpoints")
+
+
+@pytest.mark.parametrize("cut", ["mid-line", "at a record"])
+def test_a_cut_metrics_file_keeps_its_records_and_names_the_gap(
+    tmp_path, cache_dir, cut
+):
+    # Before, resume padded a shortened metrics.jsonl with NUL bytes up to the
+    # checkpoint's offset, silently; eqx-gn plot then failed on it.
+    from eqx_gn.lm._plot import plot_runs
+
+    config = small(tmp_path, cache_dir, "run", optimizer="adamw", checkpoint_every=2)
+    train(config.replace(stop_after=4))
+    path = tmp_path / "run" / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    size = sum(map(len, lines[:2])) + (10 if cut == "mid-line" else 0)
+    os.truncate(path, size)
+    with pytest.warns(UserWarning) as caught:
+        train(config.replace(resume=True))
+    assert [w.category.__name__ for w in caught] == ["MetricsWarning"]
+    message = str(caught[0].message)
+    assert "\n" not in message and f"{path} is damaged" in message
+    assert "the records of steps 3-4 are lost" in message
+    data = path.read_bytes()
+    assert b"\0" not in data
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 5, 6]
+    assert data.startswith(b"".join(lines[:2]))
+    assert plot_runs([tmp_path / "run"], tmp_path / "plots")

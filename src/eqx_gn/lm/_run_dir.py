@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -192,13 +193,81 @@ class RunDirectory:
             CONFIG_FILE, {_MARK: 1, "config": config.to_dict(), "resolved": resolved}
         )
 
-    def open_metrics(self, offset: int) -> TextIO | None:
+    def open_metrics(self, offset: int, step: int) -> TextIO | None:
         """``metrics.jsonl`` for appending, cut back to ``offset`` bytes (the length
-        it had at the checkpoint the run continues from); ``None`` off the primary
-        process."""
+        it had at the checkpoint of ``step``, the one the run continues from);
+        ``None`` off the primary process.
+
+        A file shorter than ``offset``, or with a line that is not a record (cut
+        mid-line, garbled), keeps its intact records of steps up to ``step``; one
+        `MetricsWarning` line names the damage and the steps whose records are
+        lost (the resumed run writes the steps after ``step``).
+        """
         if not self.primary:
             return None
         target = self.path / METRICS_FILE
-        with open(target, "a") as f:
-            f.truncate(offset)
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        kept, damage = _intact_records(data[:offset], step)
+        if len(data) < offset:
+            damage = f"{len(data)} bytes where step {step} had written {offset}"
+        if damage is None:
+            with open(target, "a") as f:
+                f.truncate(offset)
+        else:
+            tmp = target.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_bytes(b"".join(line for _, line in kept))
+            tmp.replace(target)
+            steps = {s for s, _ in kept}
+            lost = _ranges([s for s in range(1, step + 1) if s not in steps])
+            gap = f"the records of steps {lost} are lost" if lost else "none is lost"
+            warnings.warn_explicit(
+                f"{target} is damaged ({damage}); kept its {len(kept)} intact "
+                f"records up to step {step}, {gap}",
+                MetricsWarning,
+                "eqx_gn.lm",
+                0,
+                module="eqx_gn.lm._run_dir",
+            )
         return open(target, "a")
+
+
+class MetricsWarning(UserWarning):
+    """A damaged ``metrics.jsonl`` was repaired on resume (one line: the damage and
+    the steps whose records are lost)."""
+
+
+def _intact_records(
+    data: bytes, step: int
+) -> tuple[list[tuple[int, bytes]], str | None]:
+    """The records of ``data`` (``metrics.jsonl``'s bytes) of steps up to ``step``
+    that read back as JSON records, each ``(step, line)``, and what is wrong with
+    the others (``None`` if nothing)."""
+    kept: list[tuple[int, bytes]] = []
+    damage = None
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError
+            record = json.loads(line)
+            at = record["step"]
+            if not (isinstance(at, int) and 1 <= at <= step):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            damage = damage or f"line {number} is not a whole record"
+            continue
+        kept.append((at, line))
+    return kept, damage
+
+
+def _ranges(steps: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    parts: list[tuple[int, int]] = []
+    for s in steps:
+        if parts and parts[-1][1] == s - 1:
+            parts[-1] = (parts[-1][0], s)
+        else:
+            parts.append((s, s))
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in parts)

@@ -397,7 +397,7 @@ class _Training:
             if finished is not None:
                 return finished
         self.run_dir.write_config(config, resolved)
-        metrics_file = self.run_dir.open_metrics(counters.metrics_offset)
+        metrics_file = self.run_dir.open_metrics(counters.metrics_offset, counters.step)
         tokens_per_step = config.batch_size * self.seq_len
         ls_tokens_per_step = (
             config.ls_batches * config.line_search_batch_size * self.seq_len

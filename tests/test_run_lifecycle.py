@@ -214,3 +214,22 @@ def test_a_cut_metrics_file_keeps_its_records_and_names_the_gap(
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 5, 6]
     assert data.startswith(b"".join(lines[:2]))
     assert plot_runs([tmp_path / "run"], tmp_path / "plots")
+
+
+def test_progress_in_a_log_is_a_line_per_evaluation(tmp_path, cache_dir, capsys):
+    # stderr not a terminal (a job log): before, the bar's carriage-return frames,
+    # one long line per run; now the lines of --no-progress.
+    from eqx_gn.lm._config import describe
+
+    train(small(tmp_path, cache_dir, "log", optimizer="adamw", progress=True))
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "\r" not in out
+    assert [
+        line.split("/")[0] for line in out.splitlines() if line.startswith("step")
+    ] == [
+        "step 2",
+        "step 4",
+        "step 6",
+    ]
+    help_text, _ = describe(TrainConfig.__dataclass_fields__["progress"])
+    assert "True:" not in help_text and "--no-progress" in help_text

@@ -193,6 +193,8 @@ class _Training:
         self.process_count = jax.process_count()
         self.primary = jax.process_index() == 0
         self.run_dir = RunDirectory(config.out, primary=self.primary)
+        # A bar's carriage-return frames belong on a terminal, not in a job log.
+        self.show_progress = config.progress and self.primary and _on_terminal()
         self.mesh = make_mesh(config)
         self.layout = StateLayout(self.mesh)
         self.batches = GlobalBatches(
@@ -202,7 +204,7 @@ class _Training:
             self.splits = cached_splits(
                 config.text,
                 text_field=config.text_field,
-                progress=config.progress and self.primary,
+                progress=self.show_progress,
                 tokenizer=config.tokenizer,
                 vocab_size=config.vocab_size,
                 val_fraction=config.val_fraction,
@@ -596,7 +598,7 @@ class _Training:
             "devices": resolved["devices"],
         }
         print(start_line(info), flush=True)
-        if not config.progress:
+        if not self.show_progress:
             return None
         from tqdm.auto import tqdm
 
@@ -683,6 +685,13 @@ class _Training:
             "metrics": str(self.run_dir.path / "metrics.jsonl"),
             "checkpoints": str(self.run_dir.checkpoints),
         }
+
+
+def _on_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _json_line(record: dict[str, Any]) -> str:

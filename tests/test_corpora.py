@@ -223,6 +223,21 @@ def test_resume_refuses_a_swapped_tokenizer_file(
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
 
 
+def test_shards_behind_symbolic_links_are_read(tmp_path, documents, shards):
+    # Before, a directory of links to shard directories "contains no corpus shards".
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "c4").symlink_to(shards, target_is_directory=True)
+    (linked / "self").symlink_to(linked, target_is_directory=True)
+    assert load_text(linked) == documents
+    # Broken links are named.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    with pytest.raises(ValueError, match=r"contains no corpus shards .*broken links: "):
+        load_text(empty)
+
+
 # -- bad input: one line naming the file (and the line) ----------------------------
 
 

@@ -81,6 +81,18 @@ def test_resume_needs_the_same_configuration(tmp_path):
     _prepare(run, steps=10, resume=True, progress=False)  # execution may change
     with pytest.raises(ConfigError, match=r"different configuration \(steps: 10 -> 9"):
         _prepare(run, steps=9, resume=True)
+    # Extending a run: the message says why not, and what to do instead.
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, steps=20, resume=True)
+    assert "(steps: 10 -> 20); steps is the length of the run's learning-rate" in str(
+        info.value
+    )
+    assert "train --steps 20 as a new run in another output directory" in str(
+        info.value
+    )
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, steps=10, lr=0.5, resume=True)
+    assert "cannot be extended" not in str(info.value)
 
 
 def test_a_file_or_an_uncreatable_path_is_refused(tmp_path):

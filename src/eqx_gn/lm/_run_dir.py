@@ -166,9 +166,18 @@ class RunDirectory:
             details = ", ".join(
                 f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items()
             )
+            advice = ""
+            if "steps" in changed:
+                # The schedule is part of the run: a longer one is another run.
+                advice = (
+                    f"; steps is the length of the run's learning-rate schedule "
+                    "(its warm-up and cosine decay), so a run cannot be extended: "
+                    f"train --steps {changed['steps'][1]} as a new run in another "
+                    "output directory"
+                )
             raise ConfigError(
                 f"cannot resume the run in {self.path} with a different "
-                f"configuration ({details})"
+                f"configuration ({details}){advice}"
             )
 
     def _remove_run_files(self) -> None:

@@ -329,3 +329,17 @@ def test_abbreviated_flags_are_refused_in_one_line(capsys, args, flag):
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"unrecognized arguments: {flag}" in lines[0]
+
+
+def test_study_help_shows_defaults_and_takes_a_tokenizer_file(capsys):
+    # Before: no defaults, and --tokenizer offered byte|bpe only.
+    from eqx_gn.lm._cli import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 150)", "(default: 3)", "(default: 8,16,32,64,128,256)"):
+        assert default in text, default
+    assert "tokenizer.json" in text and "(default: byte)" in text
+    args = _parser().parse_args(["study", "--tokenizer", "my/tokenizer.json"])
+    assert args.tokenizer == "my/tokenizer.json"

@@ -138,3 +138,19 @@ def test_a_run_whose_config_json_is_broken_is_named_so_and_kept(tmp_path, flags)
     assert {
         p: p.stat().st_size for p in run.rglob("*") if p.name != ".eqx-gn.lock"
     } == {p: size for p, size in before.items() if p.name != ".eqx-gn.lock"}
+
+
+@pytest.mark.parametrize("visible", [1, 2])
+def test_too_few_devices_are_counted_in_good_english(monkeypatch, visible):
+    # Before: "needs 4 devices but only 1 are visible".
+    import jax
+
+    from eqx_gn.lm._parallel import make_mesh
+
+    devices = jax.devices()[:visible]
+    monkeypatch.setattr(jax, "devices", lambda: devices)
+    verb = "is" if visible == 1 else "are"
+    with pytest.raises(
+        ConfigError, match=f"needs 4 devices but only {visible} {verb} visible"
+    ):
+        make_mesh(TrainConfig(data_parallel=4))

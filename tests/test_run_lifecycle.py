@@ -68,7 +68,9 @@ def test_one_run_per_directory_and_a_killed_holder_leaves_no_lock(tmp_path, cach
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        for flags in ({}, {"resume": True}, {"overwrite": True}):
+        # A missing corpus too: the lock is taken before the corpus is read.
+        bad_text = {"text": str(tmp_path / "no-such-corpus.txt")}
+        for flags in ({}, {"resume": True}, {"overwrite": True}, bad_text):
             config = small(tmp_path, cache_dir, "run", **flags)
             with pytest.raises(
                 ConfigError,
@@ -84,6 +86,10 @@ def test_one_run_per_directory_and_a_killed_holder_leaves_no_lock(tmp_path, cach
     assert summary["completed"] and summary["steps"] == 6
     # A finished run released its own lock: a resume may take it.
     assert train(small(tmp_path, cache_dir, "run", resume=True))["steps"] == 6
+    # An overwrite that cannot read its corpus deletes nothing.
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(small(tmp_path, cache_dir, "run", overwrite=True, **bad_text))
+    assert (out / "summary.json").exists() and (out / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, 1])

@@ -83,14 +83,17 @@ class RunDirectory:
         self.path = Path(out).expanduser().absolute()
         self.primary = primary
         self._lock: int | None = None
+        # Whether the run in the directory is to be removed (overwrite).
+        self._overwrite = False
 
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
-    def prepare(self, config: TrainConfig) -> None:
+    def prepare(self, config: TrainConfig, *, clear: bool = True) -> None:
         """Check the directory against the rules above, then create it, or (with
-        ``overwrite``) empty it of the previous run's files."""
+        ``overwrite``) empty it of the previous run's files (with ``clear=False``,
+        left to `clear`)."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"out={path} is a file, not a directory")
@@ -123,8 +126,9 @@ class RunDirectory:
             if config.resume:
                 self._check_same_run(config, saved)
             elif config.overwrite:
-                if self.primary:
-                    self._remove_run_files()
+                self._overwrite = True
+                if clear:
+                    self.clear()
             else:
                 raise ConfigError(
                     f"{path} already holds a run; pass resume to continue it, "
@@ -180,7 +184,11 @@ class RunDirectory:
                 f"configuration ({details}){advice}"
             )
 
-    def _remove_run_files(self) -> None:
+    def clear(self) -> None:
+        """Remove the files of the run that ``overwrite`` replaces (if any)."""
+        if not (self.primary and self._overwrite):
+            return
+        self._overwrite = False
         for name in RUN_FILES:
             target = self.path / name
             if target.is_dir() and not target.is_symlink():

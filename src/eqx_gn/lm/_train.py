@@ -200,6 +200,17 @@ class _Training:
         self.batches = GlobalBatches(
             self.mesh, BATCH_AXES, process_count=self.process_count
         )
+        self.compile_s = self.eval_s = self.checkpoint_s = 0.0
+        self.compiled: dict[str, Callable] = {}
+        self.counters = _Counters()
+
+    # -- data ---------------------------------------------------------------
+
+    def _load_data(self) -> None:
+        """Tokenize the corpus (or read its tokens from the cache) and set up the
+        iterators: under the run lock, so that a run refused for its directory
+        tokenizes nothing."""
+        config = self.config
         try:
             self.splits = cached_splits(
                 config.text,
@@ -223,11 +234,6 @@ class _Training:
             self.eval_batches = self.batches.fixed(validation, config.eval_batches)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(" ".join(str(e).split())) from e
-        self.compile_s = self.eval_s = self.checkpoint_s = 0.0
-        self.compiled: dict[str, Callable] = {}
-        self.counters = _Counters()
-
-    # -- data ---------------------------------------------------------------
 
     def _iterator(self, tokens, batch_size: int, seed: int = 0):
         return batch_iterator(
@@ -374,8 +380,12 @@ class _Training:
 
     def run(self) -> dict[str, Any]:
         try:
-            self.run_dir.prepare(self.config)
+            # The old run's files go only once the data is known to load.
+            self.run_dir.prepare(self.config, clear=False)
             sync("eqx_gn_run_dir")
+            self._load_data()
+            if self.config.overwrite:
+                self.run_dir.clear()
             self._init_model()
             self.checkpointer = Checkpointer(self.run_dir.checkpoints)
             try:

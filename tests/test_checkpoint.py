@@ -420,3 +420,75 @@ def test_iterators_untouched_when_nothing_is_intact(two_checkpoints):
         checkpointer.restore_latest(_state(0.0), iterators)
     np.testing.assert_array_equal(next(iterators["train"]), next(_iterators()["train"]))
     checkpointer.close()
+
+
+# ENOSPC at orbax's writer, as tensorstore reports it, for the checkpoint of step 4.
+_FULL_DISK = """
+import sys
+from orbax.checkpoint._src.serialization import serialization
+
+write = serialization.async_serialize_from_host
+
+async def full_at_step_4(*args, **kwargs):
+    if "/checkpoints/4.orbax-checkpoint-tmp" in repr((args, kwargs)):
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "0/0.0" in OCDBT database: Failed to '
+            "write 377103 bytes to file 21: No space left on device "
+            "[os_error_code='28']"
+        )
+    return await write(*args, **kwargs)
+
+serialization.async_serialize_from_host = full_at_step_4
+from eqx_gn.lm._cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_is_one_line_and_resume_ends_bit_exact(tmp_path, uninterrupted):
+    # Before: a 269-line traceback from orbax's writer threads, and a temporary
+    # directory left behind.
+    import subprocess
+    import sys
+
+    from eqx_gn.lm import TrainConfig, train
+
+    cache, summary, arrays = uninterrupted
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--cache-dir", cache, "--seed", "0"]
+    for name in ("optimizer", "steps", "batch_size", "eval_every", "model"):
+        argv += ["--" + name.replace("_", "-"), str(_RUN[name])]
+    argv += ["--checkpoint-every", "2", "--seq-len", "32", "--eval-batches", "1"]
+    argv += ["--eval-batch-size", "8", "--no-progress"]
+    # As this process runs (conftest.py): float64 on, 8 simulated devices.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(
+        f"eqx-gn train: error: no space left on the device of {out / 'checkpoints'}"
+        " to write checkpoint step 4 (it needs about "
+    )
+    assert "the last good checkpoint, step 2, is untouched" in lines[0]
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]  # no temporary left
+    # Space freed: the run resumes from step 2 and ends as if never stopped.
+    config = TrainConfig(**_RUN, out=str(out), cache_dir=cache)
+    resumed = train(config.replace(resume=True))
+    checkpointer = Checkpointer(out / "checkpoints")
+    final = checkpointer.restore_arrays()
+    checkpointer.close()
+    assert len(final) == len(arrays)
+    for a, b in zip(final, arrays, strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert resumed["final_val_loss"] == summary["final_val_loss"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 7))

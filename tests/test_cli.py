@@ -264,3 +264,82 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(env, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 1
+
+
+def test_ctrl_c_checkpoints_the_step_it_stops_at(env, tmp_path):
+    # With the default --checkpoint-every 50, Ctrl-C at step ~5 left no
+    # checkpoint: --resume said "no checkpoint ... starting at step 0".
+    import signal
+
+    from eqx_gn.lm import Checkpointer
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "eqx_gn.lm._cli", "train", "--out", str(out)]
+    args += ["--optimizer", "adamw", "--model", "tiny", "--seq-len", "32"]
+    args += ["--steps", "1000", "--batch-size", "8", "--no-progress"]
+    args += ["--eval-every", "2", "--eval-batches", "1", "--eval-batch-size", "8"]
+    process = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    while not process.stdout.readline().startswith("step"):
+        assert process.poll() is None, process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == [
+        f"eqx-gn train: interrupted; continue with --resume --out {out}"
+    ]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, len(steps) + 1)) and 2 <= len(steps) < 50
+    checkpointer = Checkpointer(out / "checkpoints")
+    try:
+        assert checkpointer.all_steps() == [steps[-1]]
+    finally:
+        checkpointer.close()
+    stop = steps[-1] + 2
+    resumed = eqx_gn(env, *args[3:], "--resume", "--stop-after", stop)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "no checkpoint" not in resumed.stderr
+    again = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert again == list(range(1, stop + 1))
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["study", "--runs", "2"], "--runs"),
+        (["train", "--step", "5"], "--step"),
+        (["compare", "--methods", "adamw", "--batch", "8"], "--batch"),
+        (["plot", "run", "--log"], "--log"),
+    ],
+)
+def test_abbreviated_flags_are_refused_in_one_line(capsys, args, flag):
+    # Before, argparse took a prefix: `study --runs 2` was `--runs-dir 2`, and
+    # wrote its runs into ./2.
+    from eqx_gn.lm._cli import _parser
+
+    with pytest.raises(SystemExit) as info:
+        _parser().parse_args(args)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"unrecognized arguments: {flag}" in lines[0]
+
+
+def test_study_help_shows_defaults_and_takes_a_tokenizer_file(capsys):
+    # Before: no defaults, and --tokenizer offered byte|bpe only.
+    from eqx_gn.lm._cli import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 150)", "(default: 3)", "(default: 8,16,32,64,128,256)"):
+        assert default in text, default
+    assert "tokenizer.json" in text and "(default: byte)" in text
+    args = _parser().parse_args(["study", "--tokenizer", "my/tokenizer.json"])
+    assert args.tokenizer == "my/tokenizer.json"

@@ -20,6 +20,7 @@ import pytest
 import tokenizers
 
 from eqx_gn.lm import (
+    ConfigError,
     FileTokenizer,
     TrainConfig,
     corpus_hash,
@@ -91,23 +92,29 @@ def shards(tmp_path_factory, documents):
     return folder
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory, documents):
-    """A BPE tokenizer.json with an end-of-document token, trained and saved
-    outside the project as a user's own would be."""
+def make_tokenizer_file(path, documents, vocab_size=600):
+    """A BPE tokenizer.json with an end-of-document token, trained on
+    ``documents`` and saved at ``path``."""
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=["<pad>", "</s>"],
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(documents[::3], trainer=trainer)
-    path = tmp_path_factory.mktemp("user_tokenizer") / "tokenizer.json"
+    tok.train_from_iterator(documents, trainer=trainer)
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory, documents):
+    """A BPE tokenizer.json with an end-of-document token, trained and saved
+    outside the project as a user's own would be."""
+    path = tmp_path_factory.mktemp("user_tokenizer") / "tokenizer.json"
+    return make_tokenizer_file(path, documents[::3])
 
 
 def test_shards_give_the_documents_and_tokens_of_the_same_text(
@@ -187,6 +194,48 @@ def test_training_on_shards_with_a_tokenizer_file(tmp_path, shards, tokenizer_fi
     )
     assert resolved["model_config"]["vocab_size"] == 600
     assert summary["final_val_loss"] == losses[-1]
+
+
+@pytest.mark.parametrize("vocab_size", [600, 500])
+def test_resume_refuses_a_swapped_tokenizer_file(
+    tmp_path, shards, documents, tokenizer_file, vocab_size
+):
+    # Before, a swapped tokenizer of the same vocabulary was taken (the run went on
+    # with other token ids, and config.json took the new digest); one of another
+    # vocabulary failed on an array's shape without naming the tokenizer.
+    tok = tmp_path / "tok.json"
+    tok.write_bytes(tokenizer_file.read_bytes())
+    config = TrainConfig(
+        text=str(shards), tokenizer=str(tok), model="tiny", seq_len=32, steps=4,
+        batch_size=8, optimizer="adamw", warmup_fraction=0.0, eval_every=2,
+        eval_batches=1, eval_batch_size=8, progress=False, stop_after=2,
+        checkpoint_every=1, cache_dir=str(tmp_path / "cache"),
+        out=str(tmp_path / "run"),
+    )  # fmt: skip
+    train(config)
+    saved = (tmp_path / "run" / "config.json").read_bytes()
+    make_tokenizer_file(tok, documents[1::3], vocab_size)
+    assert FileTokenizer(tok).vocab_size == vocab_size
+    with pytest.raises(ConfigError, match="its tokenizer changed") as info:
+        train(config.replace(stop_after=None, resume=True))
+    assert str(tok) in str(info.value) and "\n" not in str(info.value)
+    assert (tmp_path / "run" / "config.json").read_bytes() == saved
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1", "2"]
+
+
+def test_shards_behind_symbolic_links_are_read(tmp_path, documents, shards):
+    # Before, a directory of links to shard directories "contains no corpus shards".
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "c4").symlink_to(shards, target_is_directory=True)
+    (linked / "self").symlink_to(linked, target_is_directory=True)
+    assert load_text(linked) == documents
+    # Broken links are named.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    with pytest.raises(ValueError, match=r"contains no corpus shards .*broken links: "):
+        load_text(empty)
 
 
 # -- bad input: one line naming the file (and the line) ----------------------------

@@ -351,3 +351,22 @@ def test_the_readme_tour_runs_as_written():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_readme_lists_the_lm_extra_and_every_module():
+    # Before, the lm extra's list left out pyarrow and the Layout five modules.
+    import tomllib
+
+    readme = (REPO / "README.md").read_text()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["lm"]
+    listed = readme.split("the `lm` extra adds", 1)[1].split(").", 1)[0]
+    for requirement in extra:
+        name = re.split(r"[<>=\[ ]", requirement, maxsplit=1)[0]
+        assert name in listed, name
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    package = REPO / "src" / "eqx_gn"
+    for module in package.rglob("_*.py"):
+        if module.parent.name not in ("eqx_gn", "lm") or module.name == "__init__.py":
+            continue  # the folders' own lines describe theirs
+        assert module.name in layout, module.relative_to(package)

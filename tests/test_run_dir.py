@@ -81,6 +81,18 @@ def test_resume_needs_the_same_configuration(tmp_path):
     _prepare(run, steps=10, resume=True, progress=False)  # execution may change
     with pytest.raises(ConfigError, match=r"different configuration \(steps: 10 -> 9"):
         _prepare(run, steps=9, resume=True)
+    # Extending a run: the message says why not, and what to do instead.
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, steps=20, resume=True)
+    assert "(steps: 10 -> 20); steps is the length of the run's learning-rate" in str(
+        info.value
+    )
+    assert "train --steps 20 as a new run in another output directory" in str(
+        info.value
+    )
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, steps=10, lr=0.5, resume=True)
+    assert "cannot be extended" not in str(info.value)
 
 
 def test_a_file_or_an_uncreatable_path_is_refused(tmp_path):
@@ -106,3 +118,39 @@ def test_resume_without_a_checkpoint_starts_at_step_zero_and_says_so(tmp_path, c
     err = capsys.readouterr().err
     assert "no checkpoint in" in err and "starting at step 0" in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_a_run_whose_config_json_is_broken_is_named_so_and_kept(tmp_path, flags):
+    # Before: "holds config.json, metrics.jsonl, checkpoints but is not an eqx-gn
+    # run", as if the directory were another tool's.
+    run = tmp_path / "run"
+    _fake_run(run)
+    text = (run / "config.json").read_text()
+    (run / "config.json").write_text(text[: len(text) // 2])  # a half-written edit
+    before = {p: p.stat().st_size for p in run.rglob("*")}
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, **flags)
+    message = str(info.value)
+    assert "\n" not in message and "is not an eqx-gn run" not in message
+    assert "config.json is not valid JSON (line 1, column " in message
+    assert "repair config.json" in message
+    assert {
+        p: p.stat().st_size for p in run.rglob("*") if p.name != ".eqx-gn.lock"
+    } == {p: size for p, size in before.items() if p.name != ".eqx-gn.lock"}
+
+
+@pytest.mark.parametrize("visible", [1, 2])
+def test_too_few_devices_are_counted_in_good_english(monkeypatch, visible):
+    # Before: "needs 4 devices but only 1 are visible".
+    import jax
+
+    from eqx_gn.lm._parallel import make_mesh
+
+    devices = jax.devices()[:visible]
+    monkeypatch.setattr(jax, "devices", lambda: devices)
+    verb = "is" if visible == 1 else "are"
+    with pytest.raises(
+        ConfigError, match=f"needs 4 devices but only {visible} {verb} visible"
+    ):
+        make_mesh(TrainConfig(data_parallel=4))

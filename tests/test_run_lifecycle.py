@@ -16,6 +16,7 @@ import pytest
 from eqx_gn.lm import Checkpointer, ConfigError, Diverged, TrainConfig, train
 from eqx_gn.lm._cli import main as cli
 from eqx_gn.lm._run_dir import LOCK_FILE
+from eqx_gn.lm.study._records import read_run_dir
 
 SMALL = dict(
     model="tiny",
@@ -67,7 +68,9 @@ def test_one_run_per_directory_and_a_killed_holder_leaves_no_lock(tmp_path, cach
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        for flags in ({}, {"resume": True}, {"overwrite": True}):
+        # A missing corpus too: the lock is taken before the corpus is read.
+        bad_text = {"text": str(tmp_path / "no-such-corpus.txt")}
+        for flags in ({}, {"resume": True}, {"overwrite": True}, bad_text):
             config = small(tmp_path, cache_dir, "run", **flags)
             with pytest.raises(
                 ConfigError,
@@ -83,6 +86,10 @@ def test_one_run_per_directory_and_a_killed_holder_leaves_no_lock(tmp_path, cach
     assert summary["completed"] and summary["steps"] == 6
     # A finished run released its own lock: a resume may take it.
     assert train(small(tmp_path, cache_dir, "run", resume=True))["steps"] == 6
+    # An overwrite that cannot read its corpus deletes nothing.
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(small(tmp_path, cache_dir, "run", overwrite=True, **bad_text))
+    assert (out / "summary.json").exists() and (out / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("checkpoint_every", [0, 1])
@@ -112,6 +119,11 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(
     assert all(math.isfinite(r["train_loss"]) for r in metrics[:-1])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged_at"] == step
+    # Not a completed run, and no final loss (before, its last evaluation's, from
+    # before the divergence, and "completed": true); the study reads it so too.
+    assert summary["completed"] is False and summary["final_val_loss"] is None
+    record = read_run_dir(out, "tune", None)
+    assert record is not None and record["final_val_loss"] is None
     checkpointer = Checkpointer(str(out / "checkpoints"))
     try:
         last = checkpointer.latest_step()
@@ -181,3 +193,49 @@ def test_resume_compares_resolved_settings_and_the_corpus(tmp_path, cache_dir):
     saved = json.loads((tmp_path / "gn" / "config.json").read_text())
     assert saved["resolved"]["corpus_hash"] == digest
     assert os.path.exists(tmp_path / "gn" / "checkpoints")
+
+
+@pytest.mark.parametrize("cut", ["mid-line", "at a record"])
+def test_a_cut_metrics_file_keeps_its_records_and_names_the_gap(
+    tmp_path, cache_dir, cut
+):
+    # Before, resume padded a shortened metrics.jsonl with NUL bytes up to the
+    # checkpoint's offset, silently; eqx-gn plot then failed on it.
+    from eqx_gn.lm._plot import plot_runs
+
+    config = small(tmp_path, cache_dir, "run", optimizer="adamw", checkpoint_every=2)
+    train(config.replace(stop_after=4))
+    path = tmp_path / "run" / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    size = sum(map(len, lines[:2])) + (10 if cut == "mid-line" else 0)
+    os.truncate(path, size)
+    with pytest.warns(UserWarning) as caught:
+        train(config.replace(resume=True))
+    assert [w.category.__name__ for w in caught] == ["MetricsWarning"]
+    message = str(caught[0].message)
+    assert "\n" not in message and f"{path} is damaged" in message
+    assert "the records of steps 3-4 are lost" in message
+    data = path.read_bytes()
+    assert b"\0" not in data
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 5, 6]
+    assert data.startswith(b"".join(lines[:2]))
+    assert plot_runs([tmp_path / "run"], tmp_path / "plots")
+
+
+def test_progress_in_a_log_is_a_line_per_evaluation(tmp_path, cache_dir, capsys):
+    # stderr not a terminal (a job log): before, the bar's carriage-return frames,
+    # one long line per run; now the lines of --no-progress.
+    from eqx_gn.lm._config import describe
+
+    train(small(tmp_path, cache_dir, "log", optimizer="adamw", progress=True))
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "\r" not in out
+    assert [
+        line.split("/")[0] for line in out.splitlines() if line.startswith("step")
+    ] == [
+        "step 2",
+        "step 4",
+        "step 6",
+    ]
+    help_text, _ = describe(TrainConfig.__dataclass_fields__["progress"])
+    assert "True:" not in help_text and "--no-progress" in help_text

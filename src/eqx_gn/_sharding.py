@@ -95,7 +95,8 @@ def data_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(
-            f"num_devices={n} but only {len(devices)} devices are visible "
+            f"num_devices={n} but only {len(devices)} "
+            f"{'device is' if len(devices) == 1 else 'devices are'} visible "
             f"({jax.default_backend()} backend)."
         )
     return Mesh(np.asarray(devices[:n]), (axis,))

@@ -36,12 +36,16 @@ Saves are synchronous and atomic (orbax writes to a temporary directory and rena
 it), so a run killed at any moment leaves only complete checkpoints behind.
 """
 
+import contextlib
+import errno
 import gc
 import json
+import logging
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import equinox as eqx
 import grain
@@ -69,6 +73,10 @@ _RECORD = "_checkpoint"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or that no run can continue from."""
+
+
+class NoSpaceError(CheckpointError):
+    """A checkpoint that did not fit on its device (nothing of it is left)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -100,6 +108,36 @@ def _read(what: str, read: Callable[[], Any]) -> Any:
         reason = f"{what}: {_short(error)}"
     gc.collect()
     raise _Damaged(reason)
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it came from) is a full device: ENOSPC, as
+    Python's ``OSError`` or as tensorstore's ``RESOURCE_EXHAUSTED`` message."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"
+
+
+@contextlib.contextmanager
+def _quiet_writers():
+    """Orbax's writer threads log each failed write at ERROR level; the failure
+    itself reaches the caller, which says it in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.ERROR))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _warn(message: str) -> None:
@@ -192,8 +230,14 @@ class Checkpointer:
         }
         for name, iterator in iterators.items():
             items[name] = grain.checkpoint.CheckpointSave(iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._manager.wait_until_finished()
+        try:
+            with _quiet_writers():
+                self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+                self._manager.wait_until_finished()
+        except Exception as error:
+            if not _no_space(error):
+                raise
+            self._no_space(step, leaves)
         if self.verify_saves:
             try:
                 reason = None
@@ -209,6 +253,29 @@ class Checkpointer:
                 return
             self.verified_step = step
         self._prune()
+
+    def _no_space(self, step: int, leaves: Sequence[jax.Array]) -> NoReturn:
+        """Remove what the failed save of ``step`` left, then raise `NoSpaceError`
+        naming the space it needs and the last good checkpoint."""
+        sync("eqx_gn_checkpoint_no_space")
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        sync("eqx_gn_checkpoint_no_space_done")
+        self._manager.reload()
+        last = self.latest_step()
+        kept = (
+            f"the last good checkpoint, step {last}, is untouched"
+            if last is not None
+            else "no checkpoint was written before"
+        )
+        need = sum(leaf.nbytes for leaf in leaves)
+        free = shutil.disk_usage(self.directory).free
+        raise NoSpaceError(
+            f"no space left on the device of {self.directory} to write checkpoint "
+            f"step {step} (it needs about {_megabytes(need)}, {_megabytes(free)} "
+            f"free); {kept}; free space and continue with --resume"
+        )
 
     def _prune(self) -> None:
         if self.max_to_keep is None:

@@ -9,6 +9,7 @@ reported as one line on stderr with exit status 2.
 
 import argparse
 import datetime
+import errno
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._checkpoint import CheckpointError
+from ._checkpoint import CheckpointError, NoSpaceError
 from ._config import (
     TrainConfig,
     choices_of,
@@ -72,7 +73,12 @@ _METHODS_HELP = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr, exit status 2."""
+    """An ArgumentParser whose errors are one line on stderr, exit status 2, and
+    that takes no abbreviated flag (``--runs`` must not mean ``--runs-dir``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -342,15 +348,31 @@ def _train(args: argparse.Namespace) -> int:
         # cut short) print tracebacks at interpreter shutdown or keep the process
         # waiting on them. A checkpoint cut short is never committed, so --resume
         # ignores it; the lock goes with the process.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-        os._exit(130)
+        _exit_quietly(130)
+    except NoSpaceError as e:
+        # The failed write's threads would print the same at shutdown.
+        sys.stderr.write(f"eqx-gn train: error: {e}\n")
+        _exit_quietly(2)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise _UsageError(
+            f"no space left on the device of {e.filename or config.out}; the last "
+            "checkpoint is untouched; free space and continue with --resume"
+        ) from None
     finally:
         signal.signal(signal.SIGINT, previous)
     if _is_primary():
         print(summary_text(summary), flush=True)
     return 0
+
+
+def _exit_quietly(status: int) -> NoReturn:
+    """Exit at once, with nothing more on stderr (what is written is flushed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os._exit(status)
 
 
 def _quiet_interrupt(signum, frame) -> None:

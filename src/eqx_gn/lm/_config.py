@@ -359,7 +359,8 @@ class _Run:
     )
     progress: bool = _setting(
         True,
-        "True: a progress bar; False (--no-progress): a line per evaluation",
+        "a progress bar while stderr is a terminal; with --no-progress (False), "
+        "or in a log, a line per evaluation instead",
         role=EXECUTION,
         flag="--no-progress",
     )

@@ -112,7 +112,7 @@ def _is_shard(path: Path) -> bool:
 def corpus_files(path: PathLike) -> list[Path]:
     """The files of a corpus: ``path`` itself, the shards found recursively in a
     directory, or the shards a glob pattern matches (``"c4/en/c4-train.*.json.gz"``),
-    in sorted-path order. A shard is a file named ``*.txt``, ``*.jsonl``,
+    in sorted-path order (symbolic links followed). A shard is a file named ``*.txt``, ``*.jsonl``,
     ``*.jsonl.gz``, ``*.json.gz`` or ``*.parquet``; a single file of another name
     is read as UTF-8 text.
 
@@ -131,14 +131,34 @@ def corpus_files(path: PathLike) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"Text path does not exist: {path}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_shard(p))
+        files, broken = _shards_in(path)
         if not files:
+            links = f"; broken links: {', '.join(map(str, broken))}" if broken else ""
             raise ValueError(
                 f"Directory {path} contains no corpus shards "
-                f"({', '.join(SHARD_SUFFIXES)})"
+                f"({', '.join(SHARD_SUFFIXES)}){links}"
             )
         return files
     return [path]
+
+
+def _shards_in(directory: Path) -> tuple[list[Path], list[Path]]:
+    """The shards under ``directory``, symbolic links to files and directories
+    followed (each directory once), sorted; and the broken links named as shards."""
+    files, broken, seen = [], [], set()
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one place
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            file = Path(root) / name
+            if _is_shard(file):
+                files.append(file)
+            elif name.endswith(SHARD_SUFFIXES) and not file.exists():
+                broken.append(file)
+    return sorted(files), sorted(broken)
 
 
 def _json_lines(file: Path, text_field: str) -> Iterator[str]:

@@ -74,7 +74,8 @@ def make_mesh(config: TrainConfig) -> Mesh:
             )
         raise ConfigError(
             f"the mesh data={data},fsdp={fsdp} needs {n} devices but only "
-            f"{len(devices)} are visible ({jax.default_backend()} backend){hint}"
+            f"{len(devices)} {'is' if len(devices) == 1 else 'are'} visible "
+            f"({jax.default_backend()} backend){hint}"
         )
     if jax.process_count() > 1 and n != len(devices):
         raise ConfigError(

@@ -215,7 +215,9 @@ def summary_text(summary: Mapping[str, Any]) -> str:
             )
         else:
             lines.append(f"  target {target:<16g}not reached")
-    if s.get("completed") is False:
+    if s.get("diverged_at") is not None:
+        lines.append(f"  diverged at step {s['diverged_at']:,}")
+    elif s.get("completed") is False:
         lines.append("  stopped early (--stop-after); continue with --resume")
     if s.get("out"):
         lines.append(

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -63,6 +64,18 @@ def read_run_config(path: Path) -> dict[str, Any] | None:
     return saved
 
 
+def _json_damage(path: Path) -> str | None:
+    """Where the JSON file ``path`` stops being valid JSON (``line L, column C:
+    reason``); ``None`` for a valid or unreadable one."""
+    try:
+        json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class RunDirectory:
     """The directory of one run; only the primary process writes into it."""
 
@@ -70,14 +83,17 @@ class RunDirectory:
         self.path = Path(out).expanduser().absolute()
         self.primary = primary
         self._lock: int | None = None
+        # Whether the run in the directory is to be removed (overwrite).
+        self._overwrite = False
 
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
-    def prepare(self, config: TrainConfig) -> None:
+    def prepare(self, config: TrainConfig, *, clear: bool = True) -> None:
         """Check the directory against the rules above, then create it, or (with
-        ``overwrite``) empty it of the previous run's files."""
+        ``overwrite``) empty it of the previous run's files (with ``clear=False``,
+        left to `clear`)."""
         path = self.path
         if path.exists() and not path.is_dir():
             raise ConfigError(f"out={path} is a file, not a directory")
@@ -92,6 +108,16 @@ class RunDirectory:
         present = [name for name in RUN_FILES if (path / name).exists()]
         if present:
             saved = read_run_config(path)
+            damage = _json_damage(path / CONFIG_FILE)
+            if damage is not None:
+                # A run whose config.json a half-written edit broke: not a foreign
+                # directory, and not one to delete unread.
+                raise ConfigError(
+                    f"out={path} holds {', '.join(present)}, but its {CONFIG_FILE} "
+                    f"is not valid JSON ({damage}); repair {CONFIG_FILE} to resume "
+                    "or overwrite the run, remove the run's files yourself, or "
+                    "choose another output directory"
+                )
             if saved is None:
                 raise ConfigError(
                     f"out={path} holds {', '.join(present)} but is not an eqx-gn run; "
@@ -100,8 +126,9 @@ class RunDirectory:
             if config.resume:
                 self._check_same_run(config, saved)
             elif config.overwrite:
-                if self.primary:
-                    self._remove_run_files()
+                self._overwrite = True
+                if clear:
+                    self.clear()
             else:
                 raise ConfigError(
                     f"{path} already holds a run; pass resume to continue it, "
@@ -143,12 +170,25 @@ class RunDirectory:
             details = ", ".join(
                 f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items()
             )
+            advice = ""
+            if "steps" in changed:
+                # The schedule is part of the run: a longer one is another run.
+                advice = (
+                    f"; steps is the length of the run's learning-rate schedule "
+                    "(its warm-up and cosine decay), so a run cannot be extended: "
+                    f"train --steps {changed['steps'][1]} as a new run in another "
+                    "output directory"
+                )
             raise ConfigError(
                 f"cannot resume the run in {self.path} with a different "
-                f"configuration ({details})"
+                f"configuration ({details}){advice}"
             )
 
-    def _remove_run_files(self) -> None:
+    def clear(self) -> None:
+        """Remove the files of the run that ``overwrite`` replaces (if any)."""
+        if not (self.primary and self._overwrite):
+            return
+        self._overwrite = False
         for name in RUN_FILES:
             target = self.path / name
             if target.is_dir() and not target.is_symlink():
@@ -170,13 +210,81 @@ class RunDirectory:
             CONFIG_FILE, {_MARK: 1, "config": config.to_dict(), "resolved": resolved}
         )
 
-    def open_metrics(self, offset: int) -> TextIO | None:
+    def open_metrics(self, offset: int, step: int) -> TextIO | None:
         """``metrics.jsonl`` for appending, cut back to ``offset`` bytes (the length
-        it had at the checkpoint the run continues from); ``None`` off the primary
-        process."""
+        it had at the checkpoint of ``step``, the one the run continues from);
+        ``None`` off the primary process.
+
+        A file shorter than ``offset``, or with a line that is not a record (cut
+        mid-line, garbled), keeps its intact records of steps up to ``step``; one
+        `MetricsWarning` line names the damage and the steps whose records are
+        lost (the resumed run writes the steps after ``step``).
+        """
         if not self.primary:
             return None
         target = self.path / METRICS_FILE
-        with open(target, "a") as f:
-            f.truncate(offset)
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        kept, damage = _intact_records(data[:offset], step)
+        if len(data) < offset:
+            damage = f"{len(data)} bytes where step {step} had written {offset}"
+        if damage is None:
+            with open(target, "a") as f:
+                f.truncate(offset)
+        else:
+            tmp = target.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_bytes(b"".join(line for _, line in kept))
+            tmp.replace(target)
+            steps = {s for s, _ in kept}
+            lost = _ranges([s for s in range(1, step + 1) if s not in steps])
+            gap = f"the records of steps {lost} are lost" if lost else "none is lost"
+            warnings.warn_explicit(
+                f"{target} is damaged ({damage}); kept its {len(kept)} intact "
+                f"records up to step {step}, {gap}",
+                MetricsWarning,
+                "eqx_gn.lm",
+                0,
+                module="eqx_gn.lm._run_dir",
+            )
         return open(target, "a")
+
+
+class MetricsWarning(UserWarning):
+    """A damaged ``metrics.jsonl`` was repaired on resume (one line: the damage and
+    the steps whose records are lost)."""
+
+
+def _intact_records(
+    data: bytes, step: int
+) -> tuple[list[tuple[int, bytes]], str | None]:
+    """The records of ``data`` (``metrics.jsonl``'s bytes) of steps up to ``step``
+    that read back as JSON records, each ``(step, line)``, and what is wrong with
+    the others (``None`` if nothing)."""
+    kept: list[tuple[int, bytes]] = []
+    damage = None
+    for number, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError
+            record = json.loads(line)
+            at = record["step"]
+            if not (isinstance(at, int) and 1 <= at <= step):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            damage = damage or f"line {number} is not a whole record"
+            continue
+        kept.append((at, line))
+    return kept, damage
+
+
+def _ranges(steps: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    parts: list[tuple[int, int]] = []
+    for s in steps:
+        if parts and parts[-1][1] == s - 1:
+            parts[-1] = (parts[-1][0], s)
+        else:
+            parts.append((s, s))
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in parts)

@@ -193,16 +193,29 @@ class _Training:
         self.process_count = jax.process_count()
         self.primary = jax.process_index() == 0
         self.run_dir = RunDirectory(config.out, primary=self.primary)
+        # A bar's carriage-return frames belong on a terminal, not in a job log.
+        self.show_progress = config.progress and self.primary and _on_terminal()
         self.mesh = make_mesh(config)
         self.layout = StateLayout(self.mesh)
         self.batches = GlobalBatches(
             self.mesh, BATCH_AXES, process_count=self.process_count
         )
+        self.compile_s = self.eval_s = self.checkpoint_s = 0.0
+        self.compiled: dict[str, Callable] = {}
+        self.counters = _Counters()
+
+    # -- data ---------------------------------------------------------------
+
+    def _load_data(self) -> None:
+        """Tokenize the corpus (or read its tokens from the cache) and set up the
+        iterators: under the run lock, so that a run refused for its directory
+        tokenizes nothing."""
+        config = self.config
         try:
             self.splits = cached_splits(
                 config.text,
                 text_field=config.text_field,
-                progress=config.progress and self.primary,
+                progress=self.show_progress,
                 tokenizer=config.tokenizer,
                 vocab_size=config.vocab_size,
                 val_fraction=config.val_fraction,
@@ -221,11 +234,6 @@ class _Training:
             self.eval_batches = self.batches.fixed(validation, config.eval_batches)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(" ".join(str(e).split())) from e
-        self.compile_s = self.eval_s = self.checkpoint_s = 0.0
-        self.compiled: dict[str, Callable] = {}
-        self.counters = _Counters()
-
-    # -- data ---------------------------------------------------------------
 
     def _iterator(self, tokens, batch_size: int, seed: int = 0):
         return batch_iterator(
@@ -372,8 +380,12 @@ class _Training:
 
     def run(self) -> dict[str, Any]:
         try:
-            self.run_dir.prepare(self.config)
+            # The old run's files go only once the data is known to load.
+            self.run_dir.prepare(self.config, clear=False)
             sync("eqx_gn_run_dir")
+            self._load_data()
+            if self.config.overwrite:
+                self.run_dir.clear()
             self._init_model()
             self.checkpointer = Checkpointer(self.run_dir.checkpoints)
             try:
@@ -385,16 +397,19 @@ class _Training:
 
     def _loop(self) -> dict[str, Any]:
         config = self.config
+        if config.resume:
+            # Before restoring: a checkpoint of another vocabulary would fail on
+            # an array's shape without naming the tokenizer.
+            self._check_data()
         self._restore_or_start()
         counters = self.counters
         resolved = self._resolved()
         if config.resume:
-            self._check_corpus(resolved)
             finished = self._finished_summary()
             if finished is not None:
                 return finished
         self.run_dir.write_config(config, resolved)
-        metrics_file = self.run_dir.open_metrics(counters.metrics_offset)
+        metrics_file = self.run_dir.open_metrics(counters.metrics_offset, counters.step)
         tokens_per_step = config.batch_size * self.seq_len
         ls_tokens_per_step = (
             config.ls_batches * config.line_search_batch_size * self.seq_len
@@ -411,7 +426,13 @@ class _Training:
                 and counters.gave_up_at is None
             ):
                 if STOP_REQUESTED.is_set():  # Ctrl-C, seen between two steps
-                    raise KeyboardInterrupt
+                    # Checkpoint here, so that --resume continues from this step
+                    # rather than from the last scheduled checkpoint (or step 0).
+                    if counters.step > 0:
+                        diverged = self._save()
+                    if diverged is None:
+                        raise KeyboardInterrupt
+                    break
                 step = counters.step + 1
                 if self.phase == "warmup" and step > config.warmup_steps:
                     self._enter_phase("main")
@@ -492,26 +513,50 @@ class _Training:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
-        summary = self._summary(completed=not stopped_early)
+        summary = self._summary(completed=not stopped_early and diverged is None)
         if diverged is not None:
+            # Not a finished run: its last evaluation came before the divergence.
             summary["diverged_at"] = counters.step
+            summary["final_val_loss"] = None
         if not stopped_early:
             self.run_dir.write_json("summary.json", summary)
         if diverged is not None:
             raise diverged
         return summary
 
-    def _check_corpus(self, resolved: dict[str, Any]) -> None:
-        """Refuse to resume on a corpus other than the one the run trained on."""
-        saved = read_run_config(self.run_dir.path)
-        before = ((saved or {}).get("resolved") or {}).get("corpus_hash")
-        if before is not None and before != resolved["corpus_hash"]:
+    def _check_data(self) -> None:
+        """Refuse to resume on a corpus or a tokenizer other than the ones the run
+        trained on (config.json is left as it is)."""
+        saved = (read_run_config(self.run_dir.path) or {}).get("resolved") or {}
+        where = f"cannot resume the run in {self.run_dir.path}"
+        before = saved.get("corpus_hash")
+        now = self.splits.corpus_hash
+        if before is not None and before != now:
             raise ConfigError(
-                f"cannot resume the run in {self.run_dir.path}: its corpus changed "
-                f"since it was trained (digest {before[:12]} -> "
-                f"{resolved['corpus_hash'][:12]}); restore the corpus or start a "
-                "new run"
+                f"{where}: its corpus changed since it was trained (digest "
+                f"{before[:12]} -> {now[:12]}); restore the corpus or start a new run"
             )
+        tokenizer = self.splits.tokenizer
+        source = self.config.tokenizer
+        vocab = (saved.get("model_config") or {}).get("vocab_size")
+        if vocab is not None and vocab != tokenizer.vocab_size:
+            raise ConfigError(
+                f"{where}: its tokenizer changed since it was trained ({source}: "
+                f"{vocab} -> {tokenizer.vocab_size} ids); restore the tokenizer or "
+                "start a new run"
+            )
+        digest = getattr(tokenizer, "digest", None)
+        before = saved.get("tokenizer_sha256")
+        if before is not None and digest is not None and before != digest:
+            changed = f"digest {before[:12]} -> {digest[:12]}"
+        elif saved.get("tokenizer") not in (None, tokenizer.name):
+            changed = f"{saved['tokenizer']} -> {tokenizer.name}"
+        else:
+            return
+        raise ConfigError(
+            f"{where}: its tokenizer changed since it was trained ({source}: "
+            f"{changed}); restore the tokenizer or start a new run"
+        )
 
     def _finished_summary(self) -> dict[str, Any] | None:
         """The summary of a run that resume finds finished (its last step or its
@@ -563,7 +608,7 @@ class _Training:
             "devices": resolved["devices"],
         }
         print(start_line(info), flush=True)
-        if not config.progress:
+        if not self.show_progress:
             return None
         from tqdm.auto import tqdm
 
@@ -650,6 +695,13 @@ class _Training:
             "metrics": str(self.run_dir.path / "metrics.jsonl"),
             "checkpoints": str(self.run_dir.checkpoints),
         }
+
+
+def _on_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _json_line(record: dict[str, Any]) -> str:

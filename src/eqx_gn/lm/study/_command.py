@@ -89,7 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a UTF-8 text file or a directory of .txt files (default: Shakespeare)",
     )
-    a("--tokenizer", default="byte", choices=("byte", "bpe"))
+    a(
+        "--tokenizer",
+        default="byte",
+        metavar="byte|bpe|PATH",
+        help="byte, bpe (trained on the training split) or the path of a Hugging "
+        "Face tokenizer.json, as train's --tokenizer",
+    )
     a("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     a("--model", default="tiny", help="a name of eqx_gn.lm.CONFIGS")
     a("--seq-len", type=int, default=None, help="default: the model's")
@@ -181,6 +187,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--report-with", action="append", default=[], metavar="DIR",
       help="another study directory whose study.json the page also reports "
       "(repeatable)")  # fmt: skip
+    # Each option's help says its default (but where it explains its own).
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default in (None, False, [], argparse.SUPPRESS):
+            continue
+        text = action.help or ""
+        if "default" not in text:
+            shown = f"default: {default}".replace("%", "%%")
+            action.help = f"{text} ({shown})" if text else shown
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

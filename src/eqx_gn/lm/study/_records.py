@@ -135,14 +135,18 @@ def read_run_dir(path: Path, role: str, target: float | None) -> dict | None:
     if not summary_file.exists():
         return None
     summary = json.loads(summary_file.read_text())
-    if not summary.get("completed", True):
+    diverged = summary.get("diverged_at") is not None
+    if not (summary.get("completed", True) or diverged):
         return None
     config = json.loads((path / "config.json").read_text())
     lines = (path / "metrics.jsonl").read_text().splitlines()
     curve = curve_of([json.loads(line) for line in lines if line.strip()])
-    return make_record(
+    record = make_record(
         path.name, role, config["config"], config["resolved"], summary, curve, target
     )
+    if diverged:  # its losses before the divergence are no final loss
+        record["final_val_loss"] = None
+    return record
 
 
 @dataclass

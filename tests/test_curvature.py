@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
 import eqx_gn
 from eqx_gn.lm import Transformer, apply_lm, get_config, layerwise_blocks
@@ -146,6 +147,20 @@ def test_top_eigenpairs_of_an_mlp_match_the_dense_gn(seed):
     assert np.all(np.asarray(pairs.residual_norms) < 1e-6 * scale)
     vectors = np.asarray(jax.vmap(lambda v: ravel_pytree(v)[0])(pairs.eigenvectors))
     np.testing.assert_allclose(vectors @ vectors.T, np.eye(5), atol=1e-10)
+    # Six steps do not converge: the reported residual norms are the true ones.
+    early = eqx_gn.eigenpairs(
+        problem.fn,
+        problem.model,
+        problem.batch,
+        loss=problem.loss,
+        key=jax.random.key(seed),
+        num_iterations=6,
+    )
+    residuals = lanczos_residuals(dense, early)
+    assert residuals.max() > 1e-4 * scale
+    np.testing.assert_allclose(
+        early.residual_norms, residuals, rtol=1e-6, atol=1e-10 * scale
+    )
 
 
 @pytest.mark.parametrize(
@@ -246,6 +261,17 @@ def test_trace_and_diagonal_are_within_standard_errors_of_the_exact_ones():
     )
     assert np.all(np.abs(z) < 4), z
     assert abs(float(est.trace) - np.trace(dense)) < 4 * float(est.trace_stderr)
+    # The standard errors are the Rademacher ones: a block's trace has variance
+    # 2 sum_{i != j} G_ij^2 over its entries, an entry G_ii has sum_{j != i} G_ij^2.
+    off = dense - np.diag(np.diag(dense))
+    same = ids[:, None] == ids[None, :]
+    exact_block_se = np.sqrt(
+        [
+            2 * np.sum((off**2)[same & (ids == b)[:, None]]) / 400
+            for b in range(blocks.num_blocks)
+        ]
+    )
+    np.testing.assert_allclose(est.block_trace_stderrs, exact_block_se, rtol=0.3)
     np.testing.assert_allclose(est.trace, np.sum(est.block_traces), rtol=1e-12)
     # The diagonal: per entry, a standard normal's share within 3 and 4 errors
     # (entries with zero variance are exact).
@@ -254,6 +280,8 @@ def test_trace_and_diagonal_are_within_standard_errors_of_the_exact_ones():
     noisy = stderr > 1e-12
     assert np.all(error[~noisy] < 1e-10)
     z = error[noisy] / stderr[noisy]
+    exact_se = np.sqrt(np.sum(np.where(same, off, 0) ** 2, axis=1) / 400)
+    assert 0.9 < np.median(stderr[noisy] / exact_se[noisy]) < 1.1
     assert np.mean(z < 3) > 0.98 and np.mean(z < 4.5) > 0.999, np.sort(z)[-10:]
 
 
@@ -454,3 +482,61 @@ def test_errors_are_one_line():
             num_iterations=5,
             num_eigenvalues=6,
         )
+
+
+# ----------------------------------------------------------------- multi-device
+@pytest.mark.multidevice
+@pytest.mark.parametrize("mode", ["jit", "shard_map"])
+def test_the_tools_on_a_sharded_batch_give_the_single_device_values(mode):
+    """8 simulated devices, the batch split over a ``data`` axis: under ``jit`` on a
+    sharded batch (XLA's collectives) or in ``shard_map`` with ``axis_name``, every
+    tool gives the single-device numbers (the MC Fisher under ``jit`` only: inside
+    ``shard_map`` each shard draws its own labels)."""
+    problem = make_mlp_problem(
+        11, "ce", batch_size=16, in_size=3, out_size=4, width=5, weighted=True
+    )
+    blocks = eqx_gn.Blocks.from_layers(problem.model, lambda m: m.layers)
+    key = jax.random.key(0)
+
+    def tools(model, batch, axis_name=None):
+        common = dict(loss=problem.loss, key=key, axis_name=axis_name)
+        out = {
+            "pairs": eqx_gn.eigenpairs(
+                problem.fn, model, batch, num_iterations=12, **common
+            ),
+            "trace": eqx_gn.trace_estimate(
+                problem.fn, model, batch, num_probes=8, blocks=blocks, **common
+            ),
+            "density": eqx_gn.spectral_density(
+                problem.fn, model, batch, num_probes=3, num_iterations=6, **common
+            ),
+        }
+        if axis_name is None:
+            out["mc_fisher"] = eqx_gn.trace_estimate(
+                problem.fn,
+                model,
+                batch,
+                num_probes=4,
+                curvature="mc_fisher",
+                fisher_samples=3,
+                **common,
+            )
+        return out
+
+    single = tools(problem.model, problem.batch)
+    mesh = eqx_gn.data_mesh(8)
+    batch = eqx_gn.shard_batch(problem.batch, mesh)
+    if mode == "jit":
+        many = tools(eqx_gn.replicate(problem.model, mesh), batch)
+    else:
+        arrays, static = eqx.partition(problem.model, eqx.is_array)
+        body = jax.shard_map(
+            lambda arrays, batch: tools(eqx.combine(arrays, static), batch, "data"),
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=P(),
+        )
+        many = jax.jit(body)(arrays, batch)
+        del single["mc_fisher"]
+    for a, b in zip(jax.tree.leaves(many), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)

@@ -233,9 +233,14 @@ def _tridiagonal_eigh(alpha, beta):
     return jnp.linalg.eigh(t)
 
 
-def _flat_operator(op: CurvatureOperator):
-    """``(matvec on flat vectors, flat params, unravel)``."""
-    flat, unravel = ravel_pytree(op.quadratic.params)
+def _flat_operator(op: CurvatureOperator, model: Model):
+    """``(matvec on flat vectors, flat params, unravel)``.
+
+    The flat parameters come from ``model``, not from the quadratic model, whose
+    copy is cast to varying over ``axis_name``: the products are summed over the
+    axis, so everything built here stays replicated inside ``shard_map``.
+    """
+    flat, unravel = ravel_pytree(eqx.filter(model, eqx.is_inexact_array))
 
     def matvec(x):
         return ravel_pytree(op.mv(unravel(x.astype(flat.dtype))))[0]
@@ -330,7 +335,7 @@ def eigenpairs(
         fisher_samples=fisher_samples,
         axis_name=axis_name,
     )
-    matvec, flat, unravel = _flat_operator(op)
+    matvec, flat, unravel = _flat_operator(op, model)
     if num_iterations > flat.size:
         raise ValueError(
             f"num_iterations ({num_iterations}) must be at most the number of "
@@ -429,7 +434,7 @@ def spectral_density(
         fisher_samples=fisher_samples,
         axis_name=axis_name,
     )
-    matvec, flat, _ = _flat_operator(op)
+    matvec, flat, _ = _flat_operator(op, model)
     if num_iterations > flat.size:
         raise ValueError(
             f"num_iterations ({num_iterations}) must be at most the number of "
@@ -523,8 +528,8 @@ def trace_estimate(
         axis_name=axis_name,
     )
     blocks = op.quadratic.blocks
-    matvec, flat, unravel = _flat_operator(op)
-    ids = jnp.asarray(_flat_block_ids(blocks, op.quadratic.params))
+    matvec, flat, unravel = _flat_operator(op, model)
+    ids = jnp.asarray(_flat_block_ids(blocks, eqx.filter(model, eqx.is_inexact_array)))
     num_blocks = blocks.num_blocks
 
     def one_probe(carry, k):

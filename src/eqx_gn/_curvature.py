@@ -211,14 +211,17 @@ def _lanczos(matvec, start, key, num_iterations: int):
         beta = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(alpha), beta))
         key, sub = jax.random.split(key)
-        fresh = _orthogonalize(jax.random.rademacher(sub, (n,), dtype), basis, mask)
         broke = beta <= tolerance * scale
-        fresh_norm = jnp.linalg.norm(fresh)
-        nxt = jnp.where(
-            broke,
-            fresh / jnp.where(fresh_norm > 0, fresh_norm, 1),
-            w / jnp.where(broke, 1, beta),
-        )
+
+        def fresh():
+            r = jax.random.rademacher(sub, (n,), dtype)
+            r = _orthogonalize(r, basis, mask)
+            norm = jnp.linalg.norm(r)
+            return r / jnp.where(norm > 0, norm, 1)
+
+        # Only on a breakdown: a second orthogonalization every step cost a third
+        # of a Lanczos step beside a product (benchmarks/curvature_cost.py).
+        nxt = jax.lax.cond(broke, fresh, lambda: w / jnp.where(broke, 1, beta))
         beta = jnp.where(broke, 0, beta)
         return (basis.at[i + 1].set(nxt), scale, key), (alpha, beta)
 

@@ -308,7 +308,8 @@ def test_getting_started_patterns_train(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["quickstart.py", "gauss_newton_check.py", "lm_quickstart.py"]
+    "name",
+    ["quickstart.py", "gauss_newton_check.py", "lm_quickstart.py", "curvature.py"],
 )
 def test_other_included_snippets_run(name):
     """The home page's and the guides' examples run as written (the GN check asserts

@@ -2,6 +2,16 @@
 
 from ._batches import mean_loss as mean_loss
 from ._blocks import Blocks as Blocks
+from ._curvature import (
+    CurvatureOperator as CurvatureOperator,
+    Eigenpairs as Eigenpairs,
+    SpectralDensity as SpectralDensity,
+    TraceEstimate as TraceEstimate,
+    curvature_operator as curvature_operator,
+    eigenpairs as eigenpairs,
+    spectral_density as spectral_density,
+    trace_estimate as trace_estimate,
+)
 from ._gauss_newton import (
     GaussNewton as GaussNewton,
     GNState as GNState,

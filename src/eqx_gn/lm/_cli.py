@@ -349,10 +349,6 @@ def _train(args: argparse.Namespace) -> int:
         # waiting on them. A checkpoint cut short is never committed, so --resume
         # ignores it; the lock goes with the process.
         _exit_quietly(130)
-    except NoSpaceError as e:
-        # The failed write's threads would print the same at shutdown.
-        sys.stderr.write(f"eqx-gn train: error: {e}\n")
-        _exit_quietly(2)
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise
@@ -497,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         return command(args)
+    except NoSpaceError as e:
+        # The failed write's threads would print the same at shutdown.
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        _exit_quietly(2)
     except (ConfigError, CheckpointError, _UsageError, FileNotFoundError) as e:
         _fail(prog, str(e))
     except Diverged as e:

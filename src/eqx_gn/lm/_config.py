@@ -359,8 +359,8 @@ class _Run:
     )
     progress: bool = _setting(
         True,
-        "a progress bar while stderr is a terminal; with --no-progress (False), "
-        "or in a log, a line per evaluation instead",
+        "a line per evaluation instead of a progress bar (--no-progress, "
+        "progress=False); without a terminal (a job log) there is no bar either",
         role=EXECUTION,
         flag="--no-progress",
     )

@@ -62,8 +62,15 @@ def parse():
     p.add_argument(
         "--run",
         action="append",
-        required=True,
+        default=[],
         help="NAME:key=value,... (GNConfig settings)",
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        help="instead of running: join the runs of these result files (same batch "
+        "size and K) into one result file and figure named by --tag",
     )
     p.add_argument("--tag", default=None)
     return p.parse_args()
@@ -291,8 +298,32 @@ def figure(result: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def combine(paths: list[Path], tag: str) -> None:
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    for r in results[1:]:
+        if (r["batch_size"], r["micro_batches"]) != (
+            first["batch_size"],
+            first["micro_batches"],
+        ):
+            raise SystemExit(f"--combine: {paths} differ in batch size or K")
+    result = dict(first)
+    result["command"] = [r["command"] for r in results]
+    result["combined_from"] = [p.name for p in paths]
+    result["runs"] = {n: run for r in results for n, run in r["runs"].items()}
+    out = RESULTS / f"step_scale_{tag}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    figure(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 def main():
     args = parse()
+    if args.combine:
+        combine(args.combine, args.tag or "combined")
+        return
+    if not args.run:
+        raise SystemExit("give at least one --run NAME:settings (or --combine)")
     splits = cached_splits(None)
     model_config = lm.get_config("tiny", vocab_size=splits.tokenizer.vocab_size)
     seq_len = model_config.seq_len

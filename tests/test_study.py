@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from eqx_gn.lm import ConfigError
+from eqx_gn.lm import ConfigError, TrainConfig
 from eqx_gn.lm.study import _command as study
 from eqx_gn.lm.study._plots import _color, curves_figure, steps_figure
 from eqx_gn.lm.study._protocol import (
@@ -723,10 +723,14 @@ def test_one_line_errors(argv, message):
 
 
 def test_the_true_loss_ablation_is_a_study_method():
-    """gn-trueloss (`eqx_gn.TrueLossInner`) is tuned as GN is: GN's centre, GN's
-    K, and its runs configured with solver trueloss (the runner's oracle)."""
+    """gn-trueloss (`eqx_gn.TrueLossInner`) is tuned as GN is, from its runner
+    default (an inner learning rate: it has no model to take a step length from,
+    where GN's centre is the fraction 1 of the model's step), with GN's K, and its
+    runs configured with solver trueloss (the runner's oracle)."""
     settings = study.settings_from(parse("--methods", "adamw,gn,gn-trueloss"))
-    assert centre("gn-trueloss") == centre("gn")
+    assert centre("gn") == TrainConfig().learning_rate == 1.0
+    assert centre("gn-trueloss") == TrainConfig(solver="trueloss").learning_rate
+    assert centre("gn-trueloss") == 0.03
     config = settings.train_config("gn-trueloss", 32, Point(0.1, 8), Path("x"))
     assert (config.solver, config.blocks, config.micro_batches) == (
         "trueloss",

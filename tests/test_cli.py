@@ -56,6 +56,7 @@ def test_help_lists_commands_and_options(env):
         "--lr",
         "--warmup-fraction",
         "--eval-every",
+        "--curvature-every",
         "--checkpoint-every",
         "--target-loss",
         "--seed",

@@ -242,7 +242,7 @@ def test_every_setting_is_checked_where_it_is_declared():
             integers += 1
     assert choices == 9  # model, compute_dtype, optimizer, blocks, solver, inner,
     # inner_step, line_search, trust
-    assert integers == 21
+    assert integers == 22
     assert choices_of(dataclasses.fields(TrainConfig)[0]) is None
     assert choices_of(TrainConfig.__dataclass_fields__["blocks"]) == BLOCKS
     assert choices_of(TrainConfig.__dataclass_fields__["solver"]) == SOLVERS

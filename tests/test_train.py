@@ -809,3 +809,55 @@ def test_every_inner_optimizer_trains_full_and_layerwise(
                 inner == "muon" or inner in summary["label"]
             )
             assert summary["final_val_loss"] < adamw, (name, summary, adamw)
+
+
+def test_curvature_every_records_the_tools_numbers(tmp_path, cache_dir, monkeypatch):
+    """With curvature_every=2 the steps 2 and 4 (and no other) record the top 3 GN
+    eigenvalues and the Hutchinson trace: those of eqx_gn.eigenpairs and
+    eqx_gn.trace_estimate at that step's parameters on the first validation batch,
+    with the runner's fixed keys."""
+    import jax
+
+    import eqx_gn
+    from eqx_gn.lm import _train as train_module, apply_lm
+    from eqx_gn.lm._pipeline import inputs_and_targets
+
+    seen = []
+    original = train_module._Training._curvature
+
+    def spy(self):
+        seen.append((self.model, self.eval_batches))
+        return original(self)
+
+    monkeypatch.setattr(train_module._Training, "_curvature", spy)
+    config = small(
+        tmp_path, cache_dir, "curvature", optimizer="adamw", steps=4, curvature_every=2
+    )
+    train(config)
+    rows = records(config.out)
+    assert [r["step"] for r in rows if "curvature_top" in r] == [2, 4]
+    assert len(seen) == 2
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    for row, (model, batches) in zip(
+        [r for r in rows if "curvature_top" in r], seen, strict=True
+    ):
+        batch = inputs_and_targets(batches[0])
+        k1, k2 = jax.random.split(jax.random.key(0))
+        pairs = eqx_gn.eigenpairs(
+            apply_lm,
+            model,
+            batch,
+            loss=loss,
+            key=k1,
+            num_iterations=20,
+            num_eigenvalues=3,
+        )
+        trace = eqx_gn.trace_estimate(
+            apply_lm, model, batch, loss=loss, key=k2, num_probes=8
+        )
+        np.testing.assert_allclose(row["curvature_top"], pairs.eigenvalues, rtol=1e-5)
+        np.testing.assert_allclose(row["curvature_trace"], trace.trace, rtol=1e-5)
+        top = row["curvature_top"]
+        assert top[0] >= top[1] >= top[2] > 0
+        # G is positive semi-definite: its largest eigenvalue is below its trace.
+        assert top[0] < row["curvature_trace"] + 4 * row["curvature_trace_stderr"]

@@ -318,6 +318,13 @@ class _Evaluation:
         metavar="R",
         check=check_nonnegative,
     )
+    curvature_every: int = _setting(
+        0,
+        "steps between curvature records in metrics.jsonl: the 3 largest "
+        "eigenvalues of the full GN matrix (20 Lanczos steps) and its trace "
+        "(8 Hutchinson probes) on the first validation batch; 0: off",
+        minimum=0,
+    )
     give_up_after: int | None = _setting(
         None,
         "with target_loss: end the run at this step if the target is not reached "

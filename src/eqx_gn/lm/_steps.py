@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import GaussNewton, GNStats, mean_loss
+from .. import GaussNewton, GNStats, eigenpairs, mean_loss, trace_estimate
 from ._optimizers import LM_LOSS
 from ._pipeline import inputs_and_targets
 from ._recipes import with_learning_rate
@@ -108,6 +108,37 @@ def eval_loss(apply, model, batches, layout):
     """The mean loss over stacked validation batches."""
     loss = mean_loss(apply, LM_LOSS, model, inputs_and_targets(batches))
     return layout.constrain(loss)
+
+
+#: What ``curvature_every`` records: Lanczos steps, eigenvalues and Hutchinson probes.
+CURVATURE_ITERATIONS, CURVATURE_TOP, CURVATURE_PROBES = 20, 3, 8
+
+
+@eqx.filter_jit
+def curvature_record(apply, model, batches, layout):
+    """The top eigenvalues and the trace (with its standard error) of the full GN
+    matrix of the mean loss on the first of the stacked validation batches, with
+    fixed keys (so that a resumed run records the same numbers)."""
+    batch = inputs_and_targets(batches[0])
+    key_lanczos, key_trace = jax.random.split(jax.random.key(0))
+    pairs = eigenpairs(
+        apply,
+        model,
+        batch,
+        loss=LM_LOSS,
+        key=key_lanczos,
+        num_iterations=CURVATURE_ITERATIONS,
+        num_eigenvalues=CURVATURE_TOP,
+    )
+    trace = trace_estimate(
+        apply, model, batch, loss=LM_LOSS, key=key_trace, num_probes=CURVATURE_PROBES
+    )
+    record = {
+        "curvature_top": pairs.eigenvalues,
+        "curvature_trace": trace.trace,
+        "curvature_trace_stderr": trace.trace_stderr,
+    }
+    return jax.lax.with_sharding_constraint(record, layout.replicated)
 
 
 assert set(GN_METRICS) <= {f.name for f in GNStats.__dataclass_fields__.values()}

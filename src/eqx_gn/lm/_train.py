@@ -37,7 +37,11 @@ start) and ``ls_tokens`` (line-search tokens so far); ``actual_decrease`` is NaN
 when the line search did not evaluate step size 1 (the warm walk). Evaluation
 steps (every ``eval_every`` steps, the last warm-up step and the last step) add
 ``val_loss``, the mean loss over ``eval_batches`` fixed validation batches of
-``eval_batch_size`` sequences.
+``eval_batch_size`` sequences. With ``curvature_every = N``, every ``N``-th step
+adds ``curvature_top`` (the 3 largest eigenvalues of the full GN matrix, by 20
+Lanczos steps, `eqx_gn.eigenpairs`), ``curvature_trace`` and
+``curvature_trace_stderr`` (8 Hutchinson probes, `eqx_gn.trace_estimate`), at the
+step's new parameters on the first validation batch (timed with the evaluations).
 
 **Steps to a target.** With ``target_loss``, the run stops at the first evaluation
 that reaches it. ``eval_resolution = R`` adds evaluations whenever ``R`` times the
@@ -91,6 +95,7 @@ from ._run_dir import RunDirectory, read_run_config
 from ._steps import (
     COMPILED,
     GN_METRICS,
+    curvature_record,
     eval_loss,
     first_order_step,
     gn_step,
@@ -376,6 +381,15 @@ class _Training:
         self.eval_s += time.perf_counter() - start
         return loss
 
+    def _curvature(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        args = (self.apply, self.model, self.eval_batches, self.layout)
+        compiled = self._compiled("curvature", curvature_record, "curvature", args)
+        record = dict(compiled(*args))
+        top = [float(x) for x in jax.device_get(record.pop("curvature_top"))]
+        self.eval_s += time.perf_counter() - start
+        return {"curvature_top": top, **json_ready(record)}
+
     # -- the loop -----------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -473,6 +487,8 @@ class _Training:
                         )
                         print(line, flush=True)
                     rejected_since_eval = 0
+                if config.curvature_every and step % config.curvature_every == 0:
+                    record |= self._curvature()
                 if metrics_file is not None:
                     metrics_file.write(_json_line(record))
                     metrics_file.flush()

@@ -252,6 +252,38 @@ def test_bpe_properties_and_cache(bpe, plays, monkeypatch):
     np.testing.assert_array_equal(again.encode(text), tok.encode(text))
 
 
+def _without_eos(tokenizer_json: str) -> str:
+    """A BPE ``tokenizer.json`` as eqx_gn cached it before it held its EOS."""
+    data = json.loads(tokenizer_json)
+    del data["model"]["vocab"]["<|endoftext|>"]
+    data["added_tokens"] = [
+        t for t in data["added_tokens"] if t["content"] != "<|endoftext|>"
+    ]
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("vocab_size", [512, 5000])
+def test_a_cached_bpe_tokenizer_reads_back_as_a_tokenizer_file(
+    plays, tmp_path, vocab_size
+):
+    # 5000 is more than two short documents can learn: EOS still gets id V - 1.
+    docs = plays[:3] if vocab_size == 512 else ["to be or not to be", "that is"]
+    tok = make_tokenizer("bpe", docs, vocab_size=vocab_size, cache_dir=tmp_path)
+    cached = tmp_path / "tokenizers" / f"{tok.name}.json"
+    text = ["to be, or not <|endoftext|> to be", plays[0][:3000], "\x00"]
+    for _ in range(2):  # as cached now, then as cached before (no EOS in it)
+        again = make_tokenizer("bpe", docs, vocab_size=vocab_size, cache_dir=tmp_path)
+        as_file = make_tokenizer(cached)  # refused while the file had no EOS
+        assert (as_file.vocab_size, as_file.eos_id) == (vocab_size, vocab_size - 1)
+        for t in (again, as_file):
+            ids = t.encode_documents(text)
+            np.testing.assert_array_equal(ids, tok.encode_documents(text))
+            assert list(ids).count(vocab_size - 1) == len(text)
+        cached.write_text(_without_eos(cached.read_text()))
+        with pytest.raises(ValueError, match="no end-of-document token"):
+            make_tokenizer(cached)
+
+
 # ---------------------------------------------------------------------------
 # Splits and token files
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ or GPT-2's) brings its own vocabulary and its own end-of-document token instead.
 
 import abc
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -100,24 +101,71 @@ class ByteTokenizer(AbstractTokenizer):
         )
 
 
+#: The end-of-document token a BPE tokenizer's ``tokenizer.json`` holds, at id
+#: ``vocab_size - 1`` (never produced by `BPETokenizer.encode`).
+BPE_EOS_TOKEN = "<|endoftext|>"
+
+
+def _with_eos_token(
+    tokenizer: tokenizers.Tokenizer, eos_id: int
+) -> tokenizers.Tokenizer:
+    """``tokenizer`` with `BPE_EOS_TOKEN` as a special token at ``eos_id``, in the
+    BPE model's vocabulary and among its added tokens (so that it keeps that id
+    even when fewer than ``eos_id`` tokens were learned); the other ids unchanged."""
+    data = json.loads(tokenizer.to_str())
+    data["model"]["vocab"][BPE_EOS_TOKEN] = eos_id
+    data["added_tokens"].append(
+        {
+            "id": eos_id,
+            "content": BPE_EOS_TOKEN,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
+    return tokenizers.Tokenizer.from_str(json.dumps(data))
+
+
 @final
 class BPETokenizer(AbstractTokenizer):
     """Byte-level BPE (GPT-2 style) from the `tokenizers` library.
 
     Byte-level pre-tokenization and decoding make ``decode(encode(s)) == s`` for
     every string. Ids ``0 .. vocab_size - 2`` are the learned vocabulary (the
-    256 byte symbols, then merges); ``vocab_size - 1`` is EOS.
+    256 byte symbols, then merges); ``vocab_size - 1`` is EOS, held in the
+    tokenizer as the special token `BPE_EOS_TOKEN` (a ``tokenizer.json`` without
+    it, as cached by eqx_gn before it held one, gets it on loading).
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, vocab_size: int, name: str):
-        if tokenizer.get_vocab_size() > vocab_size - 1:
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        eos = vocab.pop(BPE_EOS_TOKEN, None)
+        learned = max(vocab.values(), default=-1) + 1
+        if learned > vocab_size - 1:
             raise ValueError(
-                f"BPE vocabulary of {tokenizer.get_vocab_size()} tokens does not fit "
+                f"BPE vocabulary of {learned} tokens does not fit "
                 f"vocab_size={vocab_size} (which includes EOS)"
             )
+        if eos not in (None, vocab_size - 1):
+            raise ValueError(
+                f"BPE tokenizer's {BPE_EOS_TOKEN} has id {eos}, not the "
+                f"end-of-document id {vocab_size - 1}"
+            )
+        if eos is None:
+            tokenizer = _with_eos_token(tokenizer, vocab_size - 1)
+        # Text is text: a literal "<|endoftext|>" is encoded as its bytes.
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.name = name
+
+    def to_str(self) -> str:
+        """The tokenizer as a Hugging Face ``tokenizer.json``, its end-of-document
+        token ``<|endoftext|>`` at id ``vocab_size - 1``: `FileTokenizer` reads
+        it back with the same ids and ``vocab_size``."""
+        return self.tokenizer.to_str()
 
     @classmethod
     def train(

@@ -40,7 +40,13 @@ from ._corpus import (
     split_documents,
     validation_mask,
 )
-from ._tokenizers import AbstractTokenizer, BPETokenizer, ByteTokenizer, FileTokenizer
+from ._tokenizers import (
+    BPE_EOS_TOKEN,
+    AbstractTokenizer,
+    BPETokenizer,
+    ByteTokenizer,
+    FileTokenizer,
+)
 
 #: Environment variable naming the cache directory.
 CACHE_ENV_VAR = "EQX_GN_CACHE"
@@ -97,12 +103,23 @@ def _cached_bpe(
     cached."""
     path = _cache_root(cache_dir) / "tokenizers" / f"{name}.json"
     if path.exists():
-        return BPETokenizer(tokenizers.Tokenizer.from_file(str(path)), vocab_size, name)
+        cached = tokenizers.Tokenizer.from_file(str(path))
+        tokenizer = BPETokenizer(cached, vocab_size, name)
+        if cached.token_to_id(BPE_EOS_TOKEN) is None:
+            # Cached before the file held its end-of-document token: the same ids,
+            # now with EOS, so that the file can be passed back as --tokenizer PATH.
+            _write_text(path, tokenizer.to_str())
+        return tokenizer
     tokenizer = BPETokenizer.train(documents, vocab_size, name)
-    tmp = _atomic_path(path)
-    tokenizer.tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    _write_text(path, tokenizer.to_str())
     return tokenizer
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``text`` into ``path``, atomically."""
+    tmp = _atomic_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def tokenize_to_file(

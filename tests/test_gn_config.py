@@ -203,7 +203,7 @@ def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
         (dict(cg_iterations=5), "cg_iterations applies to solver 'cg' only"),
         (dict(solver="cg", inner="soap"), "inner applies to GN's inner, prox and"),
         (dict(solver="cg", inner_step="lr"), "inner_step applies to GN's inner and"),
-        (dict(solver="trueloss", inner_step="model"), "inner_step 'model' needs"),
+        (dict(solver="trueloss", inner_step="model"), "inner_step='model' needs"),
         (dict(inner_step="exact"), "unknown inner_step 'exact'"),
         (
             dict(solver="trueloss", blocks="layerwise"),

@@ -1,6 +1,7 @@
 """The output directory of a run never clobbers what is not the run's own."""
 
 import json
+import re
 
 import pytest
 
@@ -87,7 +88,7 @@ def test_resume_needs_the_same_configuration(tmp_path):
     assert "(steps: 10 -> 20); steps is the length of the run's learning-rate" in str(
         info.value
     )
-    assert "train --steps 20 as a new run in another output directory" in str(
+    assert "train steps=20 as a new run in another output directory" in str(
         info.value
     )
     with pytest.raises(ConfigError) as info:
@@ -154,3 +155,66 @@ def test_too_few_devices_are_counted_in_good_english(monkeypatch, visible):
         ConfigError, match=f"needs 4 devices but only {visible} {verb} visible"
     ):
         make_mesh(TrainConfig(data_parallel=4))
+
+
+#: (TrainConfig settings, the same as eqx-gn train flags, the error in Python's
+#: words, the error in the command line's words).
+_NAMED = [
+    (
+        dict(batch_size=10, micro_batches=3),
+        ["--batch-size", "10", "--micro-batches", "3"],
+        "batch_size=10 is not divisible by micro_batches=3",
+        "--batch-size 10 is not divisible by --micro-batches 3",
+    ),
+    (
+        dict(solver="cg", lr=0.1),
+        ["--solver", "cg", "--lr", "0.1"],
+        "lr does not apply to solver 'cg' (CG has no learning rate; its step comes "
+        "from the damped GN system: set cg_damping)",
+        "--lr does not apply to solver 'cg' (CG has no learning rate; its step "
+        "comes from the damped GN system: set --cg-damping)",
+    ),
+    (
+        dict(optimizer="adamw", trust="fixed"),
+        ["--optimizer", "adamw", "--trust", "fixed"],
+        "trust applies to optimizer 'gn' only",
+        "--trust applies to optimizer 'gn' only",
+    ),
+    (
+        dict(eval_resolution=0.1),
+        ["--eval-resolution", "0.1"],
+        "eval_resolution needs a target_loss",
+        "--eval-resolution needs a --target-loss",
+    ),
+    (
+        dict(optimizer="adamw", batch_size=10, grad_accumulation=3),
+        ["--optimizer", "adamw", "--batch-size", "10", "--grad-accumulation", "3"],
+        "batch_size=10 is not divisible by grad_accumulation=3",
+        "--batch-size 10 is not divisible by --grad-accumulation 3",
+    ),
+    (
+        dict(resume=True, overwrite=True, out="somewhere"),
+        ["--resume", "--overwrite", "--out", "somewhere"],
+        "resume and overwrite exclude each other",
+        "--resume and --overwrite exclude each other",
+    ),
+]
+
+
+@pytest.mark.parametrize("settings, flags, in_python, on_the_command_line", _NAMED)
+def test_errors_name_settings_the_way_they_were_set(
+    capsys, settings, flags, in_python, on_the_command_line
+):
+    # Before: the command line's errors named settings by their Python names
+    # ("batch_size=10 ... micro_batches=3") beside flags elsewhere ("--lr").
+    from eqx_gn.lm import _cli
+
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**settings)
+    assert in_python in str(info.value) and "--" not in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        _cli.main(["train", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("eqx-gn train: error: ") and on_the_command_line in err
+    assert not re.search(r"\b[a-z]+_[a-z_]+\b", err), err  # no setting's own name

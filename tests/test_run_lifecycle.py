@@ -109,7 +109,7 @@ def test_a_diverged_run_stops_with_one_line_and_saves_nothing_non_finite(
     with pytest.raises(Diverged, match="training diverged at step") as info:
         train(config)
     message = str(info.value)
-    assert "\n" not in message and "lower --lr" in message
+    assert "\n" not in message and "lower lr" in message  # lm.train: setting names
     out = tmp_path / f"nan{checkpoint_every}"
     metrics = records(out)
     step = metrics[-1]["step"]

@@ -54,6 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from ._errors import setting
 from ._integrity import (
     KIND_NAMES,
     digest_table,
@@ -274,7 +275,7 @@ class Checkpointer:
         raise NoSpaceError(
             f"no space left on the device of {self.directory} to write checkpoint "
             f"step {step} (it needs about {_megabytes(need)}, {_megabytes(free)} "
-            f"free); {kept}; free space and continue with --resume"
+            f"free); {kept}; free space and continue with {setting('resume', True)}"
         )
 
     def _prune(self) -> None:

@@ -4,33 +4,33 @@ setting's name, what it must be and what it got."""
 import math
 from typing import Any
 
-from ._errors import ConfigError
+from ._errors import ConfigError, setting
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(
-            f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
+            f"unknown {setting(name)} {value!r}; choose one of {', '.join(choices)}"
         )
 
 
 def check_integer(name: str, value: Any, low: int = 1) -> None:
     """``value`` is an integer (not a bool) of at least ``low``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise ConfigError(f"{setting(name)} must be an integer >= {low}, got {value!r}")
 
 
 def check_positive(name: str, value: Any) -> None:
     """``value`` is a finite number > 0."""
     if not _is_number(value) or not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be > 0, got {value!r}")
+        raise ConfigError(f"{setting(name)} must be > 0, got {value!r}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
     """``value`` is a finite number >= 0."""
     if not _is_number(value) or not (math.isfinite(value) and value >= 0):
-        raise ConfigError(f"{name} must be >= 0, got {value!r}")
+        raise ConfigError(f"{setting(name)} must be >= 0, got {value!r}")
 
 
 def check_range(name: str, value: Any, low: float, high: float, closed: str) -> None:
@@ -43,7 +43,7 @@ def check_range(name: str, value: Any, low: float, high: float, closed: str) -> 
         )
     if not ok:
         raise ConfigError(
-            f"{name} must be in {closed[0]}{low:g}, {high:g}{closed[1]}, got {value!r}"
+            f"{setting(name)} must be in {closed[0]}{low:g}, {high:g}{closed[1]}, got {value!r}"
         )
 
 

@@ -30,7 +30,7 @@ from ._config import (
     settings,
     value_type,
 )
-from ._errors import ConfigError, Diverged
+from ._errors import ConfigError, Diverged, flag_names
 from ._methods import method_name, parse_method
 
 _DESCRIPTION = """\
@@ -157,6 +157,11 @@ def _add_settings(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]) -> 
                 options["choices"] = choices
                 options["help"] += f"; one of {', '.join(choices)}"
         group.add_argument(flag, **options)
+
+
+#: The flags spelled otherwise than ``--`` and the setting's name with dashes, by
+#: setting: errors name settings by these under the command line.
+_FLAGS = {f.name: f.metadata["flag"] for f in settings() if f.metadata["flag"]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -492,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         "plot": _plot,
     }[args.command]
     try:
-        return command(args)
+        with flag_names(_FLAGS):
+            return command(args)
     except NoSpaceError as e:
         # The failed write's threads would print the same at shutdown.
         sys.stderr.write(f"{prog}: error: {e}\n")

@@ -29,7 +29,7 @@ from ._checks import (
     check_positive,
     check_range,
 )
-from ._errors import ConfigError
+from ._errors import ConfigError, setting
 from ._gn_config import CG_DEFAULTS, GNConfig
 from ._methods import (
     DEFAULT_LEARNING_RATES,
@@ -89,23 +89,23 @@ def _in(low: float, high: float, closed: str) -> Check:
 
 def _finite(name: str, value: Any) -> None:
     if not math.isfinite(value):
-        raise ConfigError(f"{name} must be finite, got {value}")
+        raise ConfigError(f"{setting(name)} must be finite, got {value}")
 
 
 def _below_2_31(name: str, value: Any) -> None:
     if value >= 2**31:
-        raise ConfigError(f"{name} must be < 2**31, got {value}")
+        raise ConfigError(f"{setting(name)} must be < 2**31, got {value}")
 
 
 def _not_empty(name: str, value: Any) -> None:
     if not value:
-        raise ConfigError(f"{name} must name a field, got ''")
+        raise ConfigError(f"{setting(name)} must name a field, got ''")
 
 
 def _tokenizer(name: str, value: Any) -> None:
     if value not in ("byte", "bpe") and not Path(value).expanduser().is_file():
         raise ConfigError(
-            f"{name} {value!r} is neither byte, bpe nor a tokenizer.json file"
+            f"{setting(name)} {value!r} is neither byte, bpe nor a tokenizer.json file"
         )
 
 
@@ -149,10 +149,13 @@ class _Data:
 
     def _check_group(self) -> None:
         if self.tokenizer == "bpe" and self.vocab_size is None:
-            raise ConfigError("the 'bpe' tokenizer needs a vocab_size (e.g. 1024)")
+            raise ConfigError(
+                f"the 'bpe' tokenizer needs a {setting('vocab_size')} (e.g. 1024)"
+            )
         if self.tokenizer not in ("byte", "bpe") and self.vocab_size is not None:
             raise ConfigError(
-                "vocab_size does not apply to a tokenizer file (its vocabulary "
+                f"{setting('vocab_size')} does not apply to a tokenizer file (its "
+                "vocabulary "
                 "comes from the file)"
             )
 
@@ -212,8 +215,8 @@ class _Optimization:
     def _check_group(self) -> None:
         if self.batch_size % self.grad_accumulation:
             raise ConfigError(
-                f"batch_size={self.batch_size} is not divisible by "
-                f"grad_accumulation={self.grad_accumulation}"
+                f"{setting('batch_size', self.batch_size)} is not divisible by "
+                f"{setting('grad_accumulation', self.grad_accumulation)}"
             )
 
 
@@ -336,7 +339,7 @@ class _Evaluation:
     def _check_group(self) -> None:
         for name in ("eval_resolution", "give_up_after"):
             if getattr(self, name) and self.target_loss is None:
-                raise ConfigError(f"{name} needs a target_loss")
+                raise ConfigError(f"{setting(name)} needs a {setting('target_loss')}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +383,9 @@ class _Run:
 
     def _check_group(self) -> None:
         if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite exclude each other")
+            raise ConfigError(
+                f"{setting('resume')} and {setting('overwrite')} exclude each other"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,20 +482,21 @@ class TrainConfig(
             for name in _GN_ONLY:
                 if getattr(self, name) != _DEFAULTS[name]:
                     raise ConfigError(
-                        f"{name} applies to optimizer 'gn' only, not {self.optimizer!r}"
+                        f"{setting(name)} applies to optimizer 'gn' only, not "
+                        f"{self.optimizer!r}"
                     )
             return
         self.gn  # noqa: B018 - GNConfig checks the settings that depend on the solver
         if self.batch_size % self.micro_batches:
             raise ConfigError(
-                f"batch_size={self.batch_size} is not divisible by micro_batches="
-                f"{self.micro_batches}: GN splits each step's batch into "
-                "micro_batches equal micro-batches"
+                f"{setting('batch_size', self.batch_size)} is not divisible by "
+                f"{setting('micro_batches', self.micro_batches)}: GN splits each "
+                f"step's batch into {setting('micro_batches')} equal micro-batches"
             )
         if self.grad_accumulation != 1:
             raise ConfigError(
-                "grad_accumulation applies to first-order optimizers; GN splits its "
-                "batch into micro_batches"
+                f"{setting('grad_accumulation')} applies to first-order optimizers; "
+                f"GN splits its batch into {setting('micro_batches')}"
             )
 
     # -- derived values
@@ -728,11 +734,12 @@ def _check_value(field: dataclasses.Field, value: Any) -> None:
             if field.name == "optimizer" and str(value).startswith("gn-"):
                 method = parse_method(value)
                 hint = (
-                    f" ({value} is optimizer='gn' with blocks="
-                    f"{method['blocks']!r}, solver={method['solver']!r})"
+                    f" ({value} is {setting('optimizer', 'gn')} with "
+                    f"{setting('blocks', method['blocks'])}, "
+                    f"{setting('solver', method['solver'])})"
                 )
             raise ConfigError(
-                f"unknown {field.name} {value!r}; choose one of "
+                f"unknown {setting(field.name)} {value!r}; choose one of "
                 f"{', '.join(choices)}{hint}"
             )
     elif value_type(field) is int:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._errors import setting
+
 PathLike = str | os.PathLike
 
 # ---------------------------------------------------------------------------
@@ -183,7 +185,11 @@ def _json_lines(file: Path, text_field: str) -> Iterator[str]:
                     )
                     raise ValueError(
                         f"{where} has no {text_field!r} field"
-                        + (f" (its fields: {keys}); set --text-field" if keys else "")
+                        + (
+                            f" (its fields: {keys}); set {setting('text_field')}"
+                            if keys
+                            else ""
+                        )
                     )
                 value = record[text_field]
                 if not isinstance(value, str):
@@ -209,7 +215,7 @@ def _parquet_rows(file: Path, text_field: str) -> Iterator[str]:
     if text_field not in columns:
         raise ValueError(
             f"{file} has no column {text_field!r} (its columns: "
-            f"{', '.join(columns)}); set --text-field"
+            f"{', '.join(columns)}); set {setting('text_field')}"
         )
     kind = parquet.schema_arrow.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):

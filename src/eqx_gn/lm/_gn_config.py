@@ -29,7 +29,7 @@ from ._checks import (
     check_positive,
     check_range,
 )
-from ._errors import ConfigError
+from ._errors import ConfigError, setting
 from ._methods import (
     BLOCKS,
     GN_INNER_LEARNING_RATES,
@@ -138,8 +138,8 @@ class GNConfig:
         check_choice("trust", self.trust, TRUST_RULES)
         if self.solver == "trueloss" and self.blocks != "full":
             raise ConfigError(
-                "blocks applies to GN's curvature model, which solver 'trueloss' "
-                "does not have: it needs blocks 'full'"
+                f"{setting('blocks')} applies to GN's curvature model, which solver "
+                f"'trueloss' does not have: it needs {setting('blocks', 'full')}"
             )
         check_gn_settings(
             self.solver,
@@ -237,30 +237,31 @@ def check_gn_settings(
     if solver == "cg":
         if inner != "muon":
             raise ConfigError(
-                "inner applies to GN's inner, prox and trueloss solvers, not 'cg' "
-                "(CG has no "
-                "inner optimizer)"
+                f"{setting('inner')} applies to GN's inner, prox and trueloss "
+                "solvers, not 'cg' (CG has no inner optimizer)"
             )
         if inner_step is not None:
             raise ConfigError(
-                "inner_step applies to GN's inner and prox solvers, not 'cg' (CG "
-                "chooses its own step lengths)"
+                f"{setting('inner_step')} applies to GN's inner and prox solvers, "
+                "not 'cg' (CG chooses its own step lengths)"
             )
         if lr is not None:
             raise ConfigError(
-                "lr does not apply to solver 'cg' (CG has no learning rate; its "
-                "step comes from the damped GN system: set cg_damping)"
+                f"{setting('lr')} does not apply to solver 'cg' (CG has no learning "
+                f"rate; its step comes from the damped GN system: set "
+                f"{setting('cg_damping')})"
             )
         check_positive("cg_damping", cg_damping)
         check_integer("cg_iterations", cg_iterations)
         return
     if solver == "trueloss" and inner_step == "model":
         raise ConfigError(
-            "inner_step 'model' needs GN's curvature model, which solver 'trueloss' "
-            "does not have (the ablation takes its steps from lr)"
+            f"{setting('inner_step', 'model')} needs GN's curvature model, which "
+            "solver 'trueloss' does not have (the ablation takes its steps from "
+            f"{setting('lr')})"
         )
     for name, value in (("cg_damping", cg_damping), ("cg_iterations", cg_iterations)):
         if value != CG_DEFAULTS[name]:
-            raise ConfigError(f"{name} applies to solver 'cg' only")
+            raise ConfigError(f"{setting(name)} applies to solver 'cg' only")
     if lr is not None:
         check_positive("lr", lr)

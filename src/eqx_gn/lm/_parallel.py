@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._config import TrainConfig
-from ._errors import ConfigError
+from ._errors import ConfigError, setting
 
 #: The mesh axis of data parallelism.
 DATA_AXIS = "data"
@@ -142,18 +142,22 @@ class StateLayout(eqx.Module):
 
 
 def _check_divisible(config: TrainConfig, devices: int) -> None:
-    sizes = {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size}
+    batch, accumulation = setting("batch_size"), setting("grad_accumulation")
+    sizes = {
+        batch: config.batch_size,
+        setting("eval_batch_size"): config.eval_batch_size,
+    }
     if config.grad_accumulation > 1:
-        sizes["batch_size / grad_accumulation"] = (
+        sizes[f"{batch} / {accumulation}"] = (
             config.batch_size // config.grad_accumulation
         )
     if config.is_gn:
-        sizes["batch_size / micro_batches"] = config.micro_batch_size
-        sizes["ls_batch_size"] = config.line_search_batch_size
+        sizes[f"{batch} / {setting('micro_batches')}"] = config.micro_batch_size
+        sizes[setting("ls_batch_size")] = config.line_search_batch_size
     for name, size in sizes.items():
         if size % devices:
             raise ConfigError(
-                f"{name}={size} is not divisible by the {devices} devices of the "
+                f"{name} ({size}) is not divisible by the {devices} devices of the "
                 "mesh (data x fsdp)"
             )
 

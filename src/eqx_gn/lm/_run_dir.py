@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ._config import TrainConfig
-from ._errors import ConfigError
+from ._errors import ConfigError, setting
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -96,14 +96,16 @@ class RunDirectory:
         left to `clear`)."""
         path = self.path
         if path.exists() and not path.is_dir():
-            raise ConfigError(f"out={path} is a file, not a directory")
+            raise ConfigError(f"{setting('out', str(path))} is a file, not a directory")
         if self.primary:
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise ConfigError(f"cannot create out={path}: {e.strerror}") from None
+                raise ConfigError(
+                    f"cannot create {setting('out', str(path))}: {e.strerror}"
+                ) from None
             if not os.access(path, os.W_OK | os.X_OK):
-                raise ConfigError(f"out={path} is not writable")
+                raise ConfigError(f"{setting('out', str(path))} is not writable")
             self._acquire()
         present = [name for name in RUN_FILES if (path / name).exists()]
         if present:
@@ -113,14 +115,16 @@ class RunDirectory:
                 # A run whose config.json a half-written edit broke: not a foreign
                 # directory, and not one to delete unread.
                 raise ConfigError(
-                    f"out={path} holds {', '.join(present)}, but its {CONFIG_FILE} "
+                    f"{setting('out', str(path))} holds {', '.join(present)}, but its "
+                    f"{CONFIG_FILE} "
                     f"is not valid JSON ({damage}); repair {CONFIG_FILE} to resume "
                     "or overwrite the run, remove the run's files yourself, or "
                     "choose another output directory"
                 )
             if saved is None:
                 raise ConfigError(
-                    f"out={path} holds {', '.join(present)} but is not an eqx-gn run; "
+                    f"{setting('out', str(path))} holds {', '.join(present)} but is "
+                    "not an eqx-gn run; "
                     "choose another output directory"
                 )
             if config.resume:
@@ -131,8 +135,9 @@ class RunDirectory:
                     self.clear()
             else:
                 raise ConfigError(
-                    f"{path} already holds a run; pass resume to continue it, "
-                    "overwrite to start over, or choose another output directory"
+                    f"{path} already holds a run; pass {setting('resume', True)} to "
+                    f"continue it, {setting('overwrite', True)} to start over, or "
+                    "choose another output directory"
                 )
 
     def _acquire(self) -> None:
@@ -144,7 +149,8 @@ class RunDirectory:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(
-                f"out={self.path} is in use by another eqx-gn run ({holder}); wait "
+                f"{setting('out', str(self.path))} is in use by another eqx-gn run "
+                f"({holder}); wait "
                 "for it to end or choose another output directory"
             ) from None
         os.ftruncate(fd, 0)
@@ -168,16 +174,17 @@ class RunDirectory:
         changed = config.differences(previous)
         if changed:
             details = ", ".join(
-                f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items()
+                f"{setting(name)}: {old!r} -> {new!r}"
+                for name, (old, new) in changed.items()
             )
             advice = ""
             if "steps" in changed:
                 # The schedule is part of the run: a longer one is another run.
                 advice = (
-                    f"; steps is the length of the run's learning-rate schedule "
-                    "(its warm-up and cosine decay), so a run cannot be extended: "
-                    f"train --steps {changed['steps'][1]} as a new run in another "
-                    "output directory"
+                    f"; {setting('steps')} is the length of the run's learning-rate "
+                    "schedule (its warm-up and cosine decay), so a run cannot be "
+                    f"extended: train {setting('steps', changed['steps'][1])} as a "
+                    "new run in another output directory"
                 )
             raise ConfigError(
                 f"cannot resume the run in {self.path} with a different "

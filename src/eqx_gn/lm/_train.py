@@ -79,7 +79,7 @@ import jax.numpy as jnp
 
 from ._checkpoint import Checkpointer
 from ._config import TrainConfig
-from ._errors import ConfigError, Diverged
+from ._errors import ConfigError, Diverged, setting
 from ._model import LMConfig, Transformer, apply_lm_in, count_params, get_config
 from ._parallel import (
     BATCH_AXES,
@@ -332,7 +332,8 @@ class _Training:
             if last is not None
             else "no checkpoint was written"
         )
-        lr = "inner learning rate (--lr)" if self.config.is_gn else "--lr"
+        lr = setting("lr")
+        lr = f"inner learning rate ({lr})" if self.config.is_gn else lr
         return Diverged(
             f"training diverged at step {step}: {what}; {where} in "
             f"{self.run_dir.path}; start a new run with a lower {lr}"

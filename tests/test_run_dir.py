@@ -88,9 +88,10 @@ def test_resume_needs_the_same_configuration(tmp_path):
     assert "(steps: 10 -> 20); steps is the length of the run's learning-rate" in str(
         info.value
     )
-    assert "train steps=20 as a new run in another output directory" in str(
-        info.value
-    )
+    assert (
+        "to train on from its final parameters, start a new run in another output "
+        f"directory with init_from='{run}'"
+    ) in str(info.value)
     with pytest.raises(ConfigError) as info:
         _prepare(run, steps=10, lr=0.5, resume=True)
     assert "cannot be extended" not in str(info.value)

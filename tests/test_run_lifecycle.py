@@ -239,3 +239,73 @@ def test_progress_in_a_log_is_a_line_per_evaluation(tmp_path, cache_dir, capsys)
     ]
     help_text, _ = describe(TrainConfig.__dataclass_fields__["progress"])
     assert "True:" not in help_text and "--no-progress" in help_text
+
+
+def _params(path, config):
+    """The model parameters of the newest checkpoint in the run ``path`` (a run's
+    state begins with them), as NumPy arrays."""
+    import equinox as eqx
+    import jax
+
+    from eqx_gn.lm import LMConfig, Transformer
+
+    saved = json.loads((path / "config.json").read_text())["resolved"]
+    model = eqx.filter_eval_shape(
+        Transformer, LMConfig(**saved["model_config"]), jax.random.key(0)
+    )
+    count = len(jax.tree.leaves(model))  # its arrays (the rest is not a leaf)
+    assert count > 10
+    checkpointer = Checkpointer(str(path / "checkpoints"), read_only=True)
+    try:
+        return checkpointer.restore_arrays()[:count]
+    finally:
+        checkpointer.close()
+
+
+def test_a_finished_run_trains_on_in_a_new_run_from_its_final_parameters(
+    tmp_path, cache_dir
+):
+    first = small(tmp_path, cache_dir, "first", optimizer="adamw", steps=4)
+    train(first)
+    final = _params(tmp_path / "first", first)
+    # A run cannot be extended (its schedule is its length); the message says how
+    # to train on from its final parameters.
+    with pytest.raises(ConfigError) as info:
+        train(first.replace(steps=8, resume=True))
+    assert f"init_from='{tmp_path / 'first'}'" in str(info.value)
+    # With a learning rate too small to move float32 parameters of the tiny
+    # model's size (1e-30 x an Adam step of about 1), a run that starts from the
+    # first run's parameters ends with them bit for bit; one that does not, ends
+    # elsewhere. Its own optimizer and schedule start anew.
+    moved = dict(optimizer="adamw", steps=2, lr=1e-30, warmup_fraction=0.0)
+    on = small(tmp_path, cache_dir, "on", init_from=str(tmp_path / "first"), **moved)
+    train(on)
+    for mine, theirs in zip(_params(tmp_path / "on", on), final, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    resolved = json.loads((tmp_path / "on" / "config.json").read_text())["resolved"]
+    assert resolved["init_from_step"] == 4
+    fresh = small(tmp_path, cache_dir, "fresh", **moved)
+    train(fresh)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(_params(tmp_path / "fresh", fresh), final, strict=True)
+    )
+    # Resuming the new run keeps where it started from.
+    train(on.replace(resume=True))
+    resolved = json.loads((tmp_path / "on" / "config.json").read_text())["resolved"]
+    assert resolved["init_from_step"] == 4
+    # A directory without checkpoints, another model: one line each, nothing run.
+    for source, message in [
+        (tmp_path / "nothing", "is not a run directory with checkpoints"),
+        (tmp_path / "first", "was written by a different model: its parameter"),
+    ]:
+        (tmp_path / "nothing").mkdir(exist_ok=True)
+        other = dict(scan_layers=source.name == "first")
+        config = small(
+            tmp_path, cache_dir, "bad", init_from=str(source), overwrite=True,
+            **moved, **other,
+        )  # fmt: skip
+        with pytest.raises(ConfigError, match=message) as info:
+            train(config)
+        assert "\n" not in str(info.value)
+        assert str(info.value).startswith("init_from")

@@ -88,7 +88,7 @@ class _Damaged(Exception):
     """Internal: the checkpoint being read is damaged (the message says how)."""
 
 
-def _abstract(leaf: jax.Array) -> jax.ShapeDtypeStruct:
+def _abstract(leaf: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
 
 
@@ -158,6 +158,8 @@ class Checkpointer:
       the newest verified checkpoint is kept in any case.
     - ``verify_saves``: read each saved checkpoint's arrays back and check their
       digests before pruning older checkpoints.
+    - ``read_only``: only read (another run's checkpoints): nothing is created,
+      cleaned up or saved.
 
     Every process of a multi-process run must create it and call ``save``,
     ``restore`` and ``restore_latest`` together.
@@ -169,6 +171,7 @@ class Checkpointer:
         *,
         max_to_keep: int | None = 2,
         verify_saves: bool = True,
+        read_only: bool = False,
     ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
@@ -179,9 +182,11 @@ class Checkpointer:
         self.verified_step: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,
-            create=True,
+            create=not read_only,
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
+            # Another run's directory (read_only) may hold its save in progress.
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -537,6 +542,72 @@ class Checkpointer:
                 f"no intact checkpoint in {self.directory} to resume from ({reasons})"
             )
         return None
+
+    def restore_start(self, params: PyTree[jax.Array]) -> tuple[int, PyTree[jax.Array]]:
+        """``(step, params)``: the parameters of the newest intact checkpoint, for a
+        new run that starts from them (``TrainConfig.init_from``).
+
+        A run's state begins with its model's parameters; they are restored shaped
+        and sharded like ``params``, the rest of the state (the optimizer's, the
+        key) is read only to verify the checkpoint. Damaged checkpoints are skipped
+        (left in place). Raises `CheckpointError` (one line) if there is no
+        checkpoint, none is intact, or the saved parameters do not fit ``params``
+        (another model)."""
+        own, treedef = jax.tree.flatten(params)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        damaged: list[str] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            reason = None
+            try:
+                _, record = self._load_meta(step)
+                if record is None:
+                    saved = self._manager.item_metadata(step)[_STATE]
+                    shapes = [(m.shape, m.dtype) for m in saved]
+                else:
+                    shapes = [(x["shape"], x["dtype"]) for x in record["leaves"]]
+            except Exception as error:  # any unreadable record: damage
+                reason = str(error) if isinstance(error, _Damaged) else "unreadable"
+            if reason is None:
+                self._check_start(step, shapes, own)
+                rest = [
+                    jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=device)
+                    for shape, dtype in shapes[len(own) :]
+                ]
+                try:
+                    _, _, state = self._load_arrays(
+                        step, lambda meta, rest=rest: [*own, *rest]
+                    )
+                except _Damaged as error:
+                    reason = str(error)
+            if not everywhere(reason is None):
+                damaged.append(f"step {step}: {reason or 'damaged on another process'}")
+                continue
+            return step, jax.tree.unflatten(treedef, state[: len(own)])
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} ({'; '.join(damaged)})"
+            )
+        raise CheckpointError(f"no checkpoint in {self.directory}")
+
+    def _check_start(
+        self, step: int, shapes: Sequence[tuple[Sequence[int], Any]], own: list
+    ) -> None:
+        """A `CheckpointError` if the first saved arrays are not parameters of
+        the shapes and dtypes of ``own``."""
+        if len(shapes) < len(own):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds {len(shapes)} "
+                f"arrays, fewer than this run's {len(own)} parameters: it was written "
+                "by a different model"
+            )
+        for i, ((shape, dtype), new) in enumerate(zip(shapes, own, strict=False)):
+            if tuple(shape) != tuple(new.shape) or np.dtype(dtype) != new.dtype:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} was written by a "
+                    f"different model: its parameter {i} is "
+                    f"{np.dtype(dtype)}{list(shape)}, this run's is "
+                    f"{new.dtype}{list(new.shape)}"
+                )
 
     def restore_arrays(self, step: int | None = None) -> list[np.ndarray]:
         """The state's arrays saved at ``step`` (default: the latest) as NumPy

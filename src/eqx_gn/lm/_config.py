@@ -355,6 +355,14 @@ class _Run:
         role=EXECUTION,
         metavar="DIR",
     )
+    init_from: str | None = _setting(
+        None,
+        "start from the model parameters of the newest intact checkpoint in this "
+        "run directory (a finished run's final ones) instead of new ones; the "
+        "optimizer, its learning-rate schedule (warm-up included) and the data "
+        "order start anew: how to train a finished run for more steps",
+        metavar="DIR",
+    )
     checkpoint_every: int = _setting(
         50, "steps between checkpoints; 0: only at the end", role=EXECUTION, minimum=0
     )

@@ -183,8 +183,9 @@ class RunDirectory:
                 advice = (
                     f"; {setting('steps')} is the length of the run's learning-rate "
                     "schedule (its warm-up and cosine decay), so a run cannot be "
-                    f"extended: train {setting('steps', changed['steps'][1])} as a "
-                    "new run in another output directory"
+                    "extended: to train on from its final parameters, start a new "
+                    f"run in another output directory with "
+                    f"{setting('init_from', str(self.path))}"
                 )
             raise ConfigError(
                 f"cannot resume the run in {self.path} with a different "

@@ -71,13 +71,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._checkpoint import Checkpointer
+from ._checkpoint import Checkpointer, CheckpointError
 from ._config import TrainConfig
 from ._errors import ConfigError, Diverged, setting
 from ._model import LMConfig, Transformer, apply_lm_in, count_params, get_config
@@ -137,6 +138,11 @@ def _initializer(model_config: LMConfig, layout: StateLayout) -> Callable:
 
     shapes = jax.eval_shape(init, jnp.zeros((), jnp.int32))
     return jax.jit(init, out_shardings=layout.shardings(shapes))
+
+
+def _children(path: Path) -> list[Path]:
+    """The entries of the directory ``path`` (none if it does not exist)."""
+    return list(path.iterdir()) if path.is_dir() else []
 
 
 @dataclasses.dataclass
@@ -208,6 +214,8 @@ class _Training:
         self.compile_s = self.eval_s = self.checkpoint_s = 0.0
         self.compiled: dict[str, Callable] = {}
         self.counters = _Counters()
+        # The checkpoint step of init_from's run that the parameters came from.
+        self.init_from_step: int | None = None
 
     # -- data ---------------------------------------------------------------
 
@@ -274,6 +282,12 @@ class _Training:
         init = _initializer(self.model_config, self.layout)
         params, self.key_data = init(jnp.asarray(self.config.seed, jnp.int32))
         self.model = eqx.combine(params, self.static)
+        resuming = self.config.resume and any(
+            p.name.isdigit() for p in _children(self.run_dir.checkpoints)
+        )
+        if self.config.init_from is not None and not resuming:
+            # Before the run's checkpoint directory exists: a refusal leaves none.
+            self._start_from(self.config.init_from)
         # The first-order steps' and the evaluation's function (GN's recipe builds
         # its own, a LayerScan on a scanned model).
         self.apply = apply_lm_in(compute_dtype_of(self.config))
@@ -320,9 +334,32 @@ class _Training:
             self._enter_phase("warmup" if self.config.warmup_steps else "main")
             return
         _, meta, state = restored
+        if self.config.init_from is not None:
+            saved = (read_run_config(self.run_dir.path) or {}).get("resolved") or {}
+            self.init_from_step = saved.get("init_from_step")
         self.counters = _Counters(**meta["counters"])
         self._template(meta)
         params, self.opt_state, self.key_data = state
+        self.model = eqx.combine(params, self.static)
+
+    def _start_from(self, path: str) -> None:
+        """The model's parameters from the newest intact checkpoint of the run in
+        ``path`` (``init_from``); ``init_from_step`` says which."""
+        source = Path(path).expanduser().absolute()
+        directory = source / "checkpoints"
+        if not directory.is_dir():
+            raise ConfigError(
+                f"{setting('init_from', str(source))} is not a run directory with "
+                "checkpoints"
+            )
+        checkpointer = Checkpointer(directory, read_only=True)
+        try:
+            params = eqx.filter(self.model, eqx.is_array)
+            self.init_from_step, params = checkpointer.restore_start(params)
+        except CheckpointError as error:
+            raise ConfigError(f"{setting('init_from')}: {error}") from None
+        finally:
+            checkpointer.close()
         self.model = eqx.combine(params, self.static)
 
     def _diverged(self, step: int, what: str) -> Diverged:
@@ -668,6 +705,7 @@ class _Training:
             "processes": self.process_count,
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
+            "init_from_step": self.init_from_step,
         }
 
     def _summary(self, completed: bool) -> dict[str, Any]:

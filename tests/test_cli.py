@@ -34,8 +34,12 @@ def eqx_gn(env, *args, timeout=600):
 def test_help_lists_commands_and_options(env):
     top = eqx_gn(env, "--help")
     assert top.returncode == 0
-    for command in ("train", "compare", "plot"):
+    for command in ("train", "compare", "plot", "curvature"):
         assert command in top.stdout
+    curvature = eqx_gn(env, "curvature", "--help")
+    assert curvature.returncode == 0
+    for flag in ("RUN_DIR", "--matrix", "--probes", "--iterations", "--top", "--out"):
+        assert flag in curvature.stdout, flag
     train = eqx_gn(env, "train", "--help")
     assert train.returncode == 0
     for flag in (

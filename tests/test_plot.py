@@ -8,6 +8,8 @@ import pytest
 
 from eqx_gn.lm._plot import (
     WARMUP_LABEL,
+    curvature_figure,
+    curvature_series,
     default_title,
     gn_steps_figure,
     loss_figure,
@@ -412,3 +414,70 @@ def test_gn_steps_figure_when_a_run_recorded_its_trust_scale(tmp_path):
     assert list(rejected.get_xdata()) == [4]
     (scales,) = bottom.get_lines()
     assert list(scales.get_ydata()) == [1.0, 1.0, 1 / 16, 1.5 / 16]
+
+
+def _add_curvature(path: Path, every: int, blocks=None) -> list[dict]:
+    """Curvature records every ``every`` steps, as ``--curvature-every`` writes them
+    (with ``blocks``, per-block traces as a layerwise run's); returns them."""
+    records = [json.loads(line) for line in (path / "metrics.jsonl").open()]
+    added = []
+    for r in records:
+        if r["step"] % every:
+            continue
+        s = r["step"]
+        r["curvature_top"] = [100.0 / s, 50.0 / s, 20.0 / s]
+        r["curvature_trace"] = 1000.0 / s
+        r["curvature_trace_stderr"] = 10.0 / s
+        if blocks is not None:
+            r["curvature_blocks"] = list(blocks)
+            r["curvature_block_traces"] = [
+                (k + 1) * 1000.0 / s / 10 for k in range(len(blocks))
+            ]
+        added.append(r)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return added
+
+
+def test_curvature_figure_draws_the_records(tmp_path):
+    # Runs without curvature records get no curvature figure; with them, the
+    # figure's lines are the records: eigenvalues and trace against the step, and
+    # a layerwise run's block traces in a second panel, one line per block.
+    plain = write_run(tmp_path / "plain", steps=6)
+    out = tmp_path / "plots_plain"
+    assert not any("curvature" in p.name for p in plot_runs([plain], out))
+    full = write_run(tmp_path / "full", steps=6)
+    full_records = _add_curvature(full, 2)
+    out = tmp_path / "plots_full"
+    paths = plot_runs([plain, full], out, formats=("png", "svg"))
+    assert {out / "curvature.png", out / "curvature.svg"} <= set(paths)
+    assert (out / "curvature.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    (ax,) = curvature_figure(load_runs(full).runs, labels=["adamw"], title="t").axes
+    first, second, third, trace = ax.get_lines()
+    assert list(first.get_xdata()) == [2, 4, 6]
+    assert list(first.get_ydata()) == [r["curvature_top"][0] for r in full_records]
+    assert list(second.get_ydata()) == [r["curvature_top"][1] for r in full_records]
+    assert list(third.get_ydata()) == [r["curvature_top"][2] for r in full_records]
+    assert list(trace.get_ydata()) == [r["curvature_trace"] for r in full_records]
+
+    names = ["embedding", "block0", "block1", "head"]
+    layerwise = write_run(
+        tmp_path / "layerwise", "gn", blocks="layerwise", solver="inner", steps=6
+    )
+    records = _add_curvature(layerwise, 3, blocks=names)
+    runs = load_runs(layerwise).runs
+    data = curvature_series(runs[0])
+    assert data["step"] == [3, 6]
+    assert data["blocks"] == names
+    assert data["block_traces"]["head"] == [
+        r["curvature_block_traces"][3] for r in records
+    ]
+    top, bottom = curvature_figure(runs, labels=["gn"], title="t").axes
+    assert len(top.get_lines()) == 4  # three eigenvalues and the trace
+    assert [line.get_label() for line in bottom.get_lines()] == names
+    for line, k in zip(bottom.get_lines(), range(4), strict=True):
+        assert list(line.get_xdata()) == [3, 6]
+        assert list(line.get_ydata()) == [
+            r["curvature_block_traces"][k] for r in records
+        ]
+    out = tmp_path / "plots_layerwise"
+    assert out / "curvature.png" in plot_runs([layerwise], out)

@@ -861,3 +861,64 @@ def test_curvature_every_records_the_tools_numbers(tmp_path, cache_dir, monkeypa
         assert top[0] >= top[1] >= top[2] > 0
         # G is positive semi-definite: its largest eigenvalue is below its trace.
         assert top[0] < row["curvature_trace"] + 4 * row["curvature_trace_stderr"]
+
+
+def test_curvature_every_records_block_traces_of_a_layerwise_run(
+    tmp_path, cache_dir, monkeypatch
+):
+    """A layerwise GN run's curvature records (its warm-up step and its GN step)
+    add the trace of every layerwise block, named in the blocks' order (embedding,
+    block0, block1, head): eqx_gn.trace_estimate with eqx_gn.lm.layerwise_blocks at
+    that step's parameters on the first validation batch; they sum to the recorded
+    trace. The top eigenvalues stay those of the full GN matrix."""
+    import jax
+
+    import eqx_gn
+    from eqx_gn.lm import _train as train_module, apply_lm, layerwise_blocks
+    from eqx_gn.lm._pipeline import inputs_and_targets
+
+    seen = []
+    original = train_module._Training._curvature
+
+    def spy(self):
+        seen.append((self.model, self.eval_batches))
+        return original(self)
+
+    monkeypatch.setattr(train_module._Training, "_curvature", spy)
+    config = small(
+        tmp_path,
+        cache_dir,
+        "curvature-layerwise",
+        blocks="layerwise",
+        steps=2,
+        warmup_fraction=0.5,
+        curvature_every=1,
+    )
+    train(config)
+    rows = [r for r in records(config.out) if "curvature_top" in r]
+    assert [(r["step"], r["phase"]) for r in rows] == [(1, "warmup"), (2, "main")]
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    for row, (model, batches) in zip(rows, seen, strict=True):
+        batch = inputs_and_targets(batches[0])
+        k1, k2 = jax.random.split(jax.random.key(0))
+        blocks = layerwise_blocks(model)
+        assert row["curvature_blocks"] == ["embedding", "block0", "block1", "head"]
+        assert row["curvature_blocks"] == list(blocks.names)
+        trace = eqx_gn.trace_estimate(
+            apply_lm, model, batch, loss=loss, key=k2, num_probes=8, blocks=blocks
+        )
+        np.testing.assert_allclose(
+            row["curvature_block_traces"], trace.block_traces, rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            row["curvature_block_trace_stderrs"], trace.block_trace_stderrs, rtol=1e-5
+        )
+        assert min(row["curvature_block_traces"]) > 0
+        np.testing.assert_allclose(
+            sum(row["curvature_block_traces"]), row["curvature_trace"], rtol=1e-5
+        )
+        pairs = eqx_gn.eigenpairs(
+            apply_lm, model, batch, loss=loss, key=k1, num_iterations=20,
+            num_eigenvalues=3,
+        )  # fmt: skip
+        np.testing.assert_allclose(row["curvature_top"], pairs.eigenvalues, rtol=1e-5)

@@ -221,7 +221,9 @@ def _parser() -> argparse.ArgumentParser:
         "plot",
         help="plot loss curves of runs, comparisons and studies",
         description="Plot validation and training loss of runs against steps, "
-        "tokens read and training time into loss_vs_{steps,tokens,time}.FORMAT. "
+        "tokens read and training time into loss_vs_{steps,tokens,time}.FORMAT, "
+        "and for runs with curvature records (--curvature-every) their top GN "
+        "eigenvalues, trace and block traces against steps into curvature.FORMAT. "
         "Each DIR is a run, a compare output or a study output directory.",
     )
     plot.add_argument("runs", nargs="+", metavar="DIR", help="directories to plot")
@@ -251,6 +253,52 @@ def _parser() -> argparse.ArgumentParser:
         default="png",
         metavar="FORMATS",
         help="comma-separated figure formats among png, pdf, svg (default: png)",
+    )
+    curvature = commands.add_parser(
+        "curvature",
+        help="spectrum, top eigenvalues and trace of a saved run's curvature",
+        description="At the latest checkpoint of the run in RUN_DIR, on the first "
+        "of its fixed validation batches: the spectral density (stochastic Lanczos "
+        "quadrature), the largest eigenvalues and the trace (per layerwise block for "
+        "a layerwise GN run) of the full GN matrix or a Fisher. Writes a figure and "
+        "the numbers as JSON beside it, and prints one line.",
+    )
+    curvature.add_argument("run", metavar="RUN_DIR", help="the run's directory")
+    curvature.add_argument(
+        "--matrix",
+        choices=("ggn", "empirical-fisher", "mc-fisher"),
+        default="ggn",
+        help="the curvature matrix (default: ggn, the GN matrix)",
+    )
+    curvature.add_argument(
+        "--probes",
+        type=_number(int),
+        default=8,
+        metavar="P",
+        help="random probes of the density and the trace (default: 8)",
+    )
+    curvature.add_argument(
+        "--iterations",
+        type=_number(int),
+        default=40,
+        metavar="M",
+        help="Lanczos steps per probe and for the top eigenvalues (default: 40)",
+    )
+    curvature.add_argument(
+        "--top",
+        type=_number(int),
+        default=5,
+        metavar="K",
+        help="largest eigenvalues reported (default: 5)",
+    )
+    curvature.add_argument(
+        "--seed", type=_number(int), default=0, metavar="S", help="(default: 0)"
+    )
+    curvature.add_argument(
+        "--out",
+        metavar="FIGURE",
+        help="the figure, .png, .pdf or .svg (default: RUN_DIR/curvature.png); the "
+        "JSON goes beside it",
     )
     return parser
 
@@ -470,6 +518,22 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curvature(args: argparse.Namespace) -> int:
+    from ._inspect_curvature import run_curvature, summary_line
+
+    result = run_curvature(
+        args.run,
+        out=args.out,
+        probes=args.probes,
+        iterations=args.iterations,
+        top=args.top,
+        matrix=args.matrix,
+        seed=args.seed,
+    )
+    print(summary_line(result), flush=True)
+    return 0
+
+
 def _is_primary() -> bool:
     import jax
 
@@ -495,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _compare,
         "study": _study,
         "plot": _plot,
+        "curvature": _curvature,
     }[args.command]
     try:
         with flag_names(_FLAGS):

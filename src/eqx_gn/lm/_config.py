@@ -325,7 +325,8 @@ class _Evaluation:
         0,
         "steps between curvature records in metrics.jsonl: the 3 largest "
         "eigenvalues of the full GN matrix (20 Lanczos steps) and its trace "
-        "(8 Hutchinson probes) on the first validation batch; 0: off",
+        "(8 Hutchinson probes; per layerwise block with blocks layerwise) on the "
+        "first validation batch; 0: off",
         minimum=0,
     )
     give_up_after: int | None = _setting(

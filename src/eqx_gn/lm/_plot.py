@@ -165,6 +165,102 @@ def gn_steps_figure(runs: Sequence[Run], *, labels: Sequence[str], title: str):
     return fig
 
 
+def curvature_records(run: Run) -> list[dict[str, Any]]:
+    """The metrics records of ``run`` that carry a curvature record (``eqx-gn train
+    --curvature-every``); ``[]`` without a metrics file or without such records."""
+    if not (Path(run.path) / "metrics.jsonl").is_file():
+        return []
+    return [r for r in load_metrics(run.path) if r.get("curvature_top") is not None]
+
+
+def curvature_series(run: Run) -> dict[str, Any]:
+    """What `curvature_figure` draws of ``run``: ``step``, ``top`` (per record the
+    largest eigenvalues of the GN matrix, largest first), ``trace`` and
+    ``trace_stderr``, and for a layerwise run ``blocks`` (the block names) and
+    ``block_traces`` (``{name: [trace per record]}``; absent otherwise)."""
+    records = curvature_records(run)
+    out: dict[str, Any] = {
+        "step": [r["step"] for r in records],
+        "top": [list(r["curvature_top"]) for r in records],
+        "trace": [r["curvature_trace"] for r in records],
+        "trace_stderr": [r["curvature_trace_stderr"] for r in records],
+    }
+    names = [r.get("curvature_blocks") for r in records]
+    # A run's blocks are fixed by its model: every record names the same ones.
+    if names and names[0] and all(n == names[0] for n in names):
+        out["blocks"] = list(names[0])
+        out["block_traces"] = {
+            name: [r["curvature_block_traces"][k] for r in records]
+            for k, name in enumerate(names[0])
+        }
+    return out
+
+
+def curvature_figure(runs: Sequence[Run], *, labels: Sequence[str], title: str):
+    """The `matplotlib.figure.Figure` of the curvature records against the step,
+    log y axes: the largest eigenvalue of the GN matrix (solid, markers), the next
+    ones (thin) and the Hutchinson trace (dashed) in one panel, one colour per run;
+    with a layerwise run, a second panel of its blocks' traces (one colour per
+    block, one line style per run)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [
+        (curvature_series(run), label, color)
+        for run, label, color in zip(runs, labels, _colors(runs), strict=True)
+    ]
+    rows = [row for row in rows if row[0]["step"]]
+    with_blocks = [row for row in rows if "blocks" in row[0]]
+    fig = Figure(figsize=(7.0, 7.0 if with_blocks else 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2 if with_blocks else 1, 1, sharex=True, squeeze=False)[:, 0]
+    top = axes[0]
+    for data, label, color in rows:
+        steps = data["step"]
+        count = min(len(t) for t in data["top"])
+        for i in range(count):
+            first = i == 0
+            top.plot(
+                steps,
+                [t[i] for t in data["top"]],
+                color=color,
+                marker="o" if first else None,
+                markersize=3,
+                linewidth=1.5 if first else 0.7,
+                alpha=1.0 if first else 0.5,
+                label=f"{label}: eigenvalues 1-{count}" if first else None,
+            )
+        top.plot(
+            steps, data["trace"], color=color, linestyle="--", label=f"{label}: trace"
+        )
+    top.set_yscale("log")
+    top.set_ylabel("GN matrix (first validation batch)")
+    top.set_title("largest eigenvalues (solid) and trace (dashed)", fontsize=9)
+    top.grid(True, which="both", alpha=0.3)
+    top.legend(fontsize=8)
+    if with_blocks:
+        ax = axes[1]
+        styles = ("-", "--", ":", "-.")
+        for j, (data, label, _) in enumerate(with_blocks):
+            for k, name in enumerate(data["blocks"]):
+                ax.plot(
+                    data["step"],
+                    data["block_traces"][name],
+                    color=f"C{k % 10}",
+                    linestyle=styles[j % len(styles)],
+                    marker=".",
+                    label=name if len(with_blocks) == 1 else f"{label}: {name}",
+                )
+        ax.set_yscale("log")
+        ax.set_ylabel("trace of the block")
+        ax.set_title("layerwise blocks' traces", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("\n".join(textwrap.fill(line, 80) for line in title.splitlines()))
+    return fig
+
+
 def loss_figure(
     runs: Sequence[Run],
     axis: str,
@@ -259,7 +355,8 @@ def plot_runs(
 
     Writes ``loss_vs_steps``, ``loss_vs_tokens`` (training plus line-search
     tokens), ``loss_vs_time`` and, when a GN run recorded its trust scale,
-    ``gn_steps`` (`gn_steps_figure`) in each of ``formats`` (``png``, ``pdf``,
+    ``gn_steps`` (`gn_steps_figure`) and, when a run has curvature records,
+    ``curvature`` (`curvature_figure`) in each of ``formats`` (``png``, ``pdf``,
     ``svg``), with a logarithmic loss axis if ``log_y``. The title defaults to
     what the runs share (model, tokens per step, corpus) and, for a study, which
     of its runs are shown. Labels default to `labels_for`.
@@ -302,6 +399,12 @@ def plot_runs(
         fig = gn_steps_figure(runs, labels=labels, title=title)
         for f in formats:
             path = out / f"gn_steps.{f}"
+            fig.savefig(path, dpi=150 if f == "png" else None)
+            paths.append(path)
+    if any(curvature_records(run) for run in runs):
+        fig = curvature_figure(runs, labels=labels, title=title)
+        for f in formats:
+            path = out / f"curvature.{f}"
             fig.savefig(path, dpi=150 if f == "png" else None)
             paths.append(path)
     return paths

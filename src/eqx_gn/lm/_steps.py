@@ -115,10 +115,15 @@ CURVATURE_ITERATIONS, CURVATURE_TOP, CURVATURE_PROBES = 20, 3, 8
 
 
 @eqx.filter_jit
-def curvature_record(apply, model, batches, layout):
+def curvature_record(apply, model, batches, layout, blocks=None):
     """The top eigenvalues and the trace (with its standard error) of the full GN
     matrix of the mean loss on the first of the stacked validation batches, with
-    fixed keys (so that a resumed run records the same numbers)."""
+    fixed keys (so that a resumed run records the same numbers).
+
+    With ``blocks`` (a layerwise GN run's partition) the trace is estimated on the
+    block-diagonal matrix: the same trace (the diagonal is the same), split into the
+    blocks' traces, in the order of ``blocks.names``; the eigenvalues stay those of
+    the full matrix."""
     batch = inputs_and_targets(batches[0])
     key_lanczos, key_trace = jax.random.split(jax.random.key(0))
     pairs = eigenpairs(
@@ -131,13 +136,22 @@ def curvature_record(apply, model, batches, layout):
         num_eigenvalues=CURVATURE_TOP,
     )
     trace = trace_estimate(
-        apply, model, batch, loss=LM_LOSS, key=key_trace, num_probes=CURVATURE_PROBES
+        apply,
+        model,
+        batch,
+        loss=LM_LOSS,
+        key=key_trace,
+        num_probes=CURVATURE_PROBES,
+        blocks=blocks,
     )
     record = {
         "curvature_top": pairs.eigenvalues,
         "curvature_trace": trace.trace,
         "curvature_trace_stderr": trace.trace_stderr,
     }
+    if blocks is not None:
+        record["curvature_block_traces"] = trace.block_traces
+        record["curvature_block_trace_stderrs"] = trace.block_trace_stderrs
     return jax.lax.with_sharding_constraint(record, layout.replicated)
 
 

@@ -42,6 +42,12 @@ adds ``curvature_top`` (the 3 largest eigenvalues of the full GN matrix, by 20
 Lanczos steps, `eqx_gn.eigenpairs`), ``curvature_trace`` and
 ``curvature_trace_stderr`` (8 Hutchinson probes, `eqx_gn.trace_estimate`), at the
 step's new parameters on the first validation batch (timed with the evaluations).
+A layerwise GN run (``blocks="layerwise"``, its warm-up steps too) estimates the
+trace on its block-diagonal GN matrix (the same trace, less variance) and adds
+``curvature_blocks`` (the block names of `eqx_gn.lm.layerwise_blocks`:
+``embedding``, ``block0``, ..., ``head``), ``curvature_block_traces`` and
+``curvature_block_trace_stderrs`` in that order; the block traces sum to
+``curvature_trace``.
 
 **Steps to a target.** With ``target_loss``, the run stops at the first evaluation
 that reaches it. ``eval_resolution = R`` adds evaluations whenever ``R`` times the
@@ -78,10 +84,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import Blocks
 from ._checkpoint import Checkpointer, CheckpointError
 from ._config import TrainConfig
 from ._errors import ConfigError, Diverged, setting
-from ._model import LMConfig, Transformer, apply_lm_in, count_params, get_config
+from ._model import (
+    LMConfig,
+    Transformer,
+    apply_lm_in,
+    count_params,
+    get_config,
+    layerwise_blocks,
+)
 from ._parallel import (
     BATCH_AXES,
     StateLayout,
@@ -421,12 +435,26 @@ class _Training:
 
     def _curvature(self) -> dict[str, Any]:
         start = time.perf_counter()
-        args = (self.apply, self.model, self.eval_batches, self.layout)
-        compiled = self._compiled("curvature", curvature_record, "curvature", args)
-        record = dict(compiled(*args))
-        top = [float(x) for x in jax.device_get(record.pop("curvature_top"))]
+        blocks = self._curvature_blocks()
+        args = (self.apply, self.model, self.eval_batches, self.layout, blocks)
+        key = ("curvature", None if blocks is None else blocks.names)
+        compiled = self._compiled("curvature", curvature_record, key, args)
+        record = dict(jax.device_get(compiled(*args)))
+        out = {"curvature_top": [float(x) for x in record.pop("curvature_top")]}
+        if blocks is not None:
+            out["curvature_blocks"] = list(blocks.names)
+            for name in ("curvature_block_traces", "curvature_block_trace_stderrs"):
+                out[name] = [float(x) for x in record.pop(name)]
         self.eval_s += time.perf_counter() - start
-        return {"curvature_top": top, **json_ready(record)}
+        return out | json_ready(record)
+
+    def _curvature_blocks(self) -> Blocks | None:
+        """The layerwise partition of a layerwise GN run (also in its warm-up, so
+        that every record of the run has the same fields); ``None`` otherwise."""
+        config = self.config
+        if config.is_gn and config.gn.blocks == "layerwise":
+            return layerwise_blocks(self.model)
+        return None
 
     # -- the loop -----------------------------------------------------------
 

@@ -27,7 +27,9 @@ run so far reached it (it can then at best tie). Evaluated every
 Per cell the JSON holds every run (its steps to the target, its rejected steps,
 its trust scale's range and the fraction of main steps at which a scale or damping
 sat at a bound) and ``ratio``: the default's median steps over the tuned rate's
-median steps (issue 34 asks for at most 1.15). Finished runs are reused from
+median steps (issue 34 asks for at most 1.15). Then the same rule walks the
+fraction of the model's step (``--inner-step model --lr F``, from 1) on seed 0,
+to show which fraction each cell prefers (``chosen_fraction``). Finished runs are reused from
 ``--runs-dir`` (the script can be stopped and started again); the JSON is written
 after every run.
 
@@ -230,7 +232,8 @@ def cell(args, settings, target, batch, k, start, write) -> dict:
             args, settings, batch, k, 1.0, root, "model", base, entry, write, default
         )
         entry["chosen_fraction"] = min(fractions, key=lambda t: rank(t[1]))[0].lr
-        write(entry)
+    entry["complete"] = True  # a cell without it was stopped part way
+    write(entry)
     print(
         f"b{batch} K={k}: default {[r['steps_to_target'] for r in entry['default']]}"
         f" tuned lr {best[0].lr:g} {[r['steps_to_target'] for r in entry['tuned']]}"

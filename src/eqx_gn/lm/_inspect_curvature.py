@@ -31,8 +31,9 @@ import numpy as np
 
 from .. import eigenpairs, spectral_density, trace_estimate
 from ._checkpoint import Checkpointer, CheckpointError
+from ._checks import check_choice, check_integer
 from ._config import TrainConfig
-from ._errors import ConfigError
+from ._errors import ConfigError, setting
 from ._model import count_params, layerwise_blocks
 from ._optimizers import LM_LOSS
 from ._pipeline import inputs_and_targets
@@ -110,19 +111,14 @@ def run_curvature(
     path (default ``run_dir/curvature.png``); the JSON goes beside it with the
     suffix ``.json``. Raises `ConfigError` (one line) for a directory that holds no
     run or no checkpoint, and for bad settings."""
-    if matrix not in MATRICES:
-        raise ConfigError(
-            f"unknown matrix {matrix!r}; choose from {', '.join(MATRICES)}"
-        )
-    for name, value, minimum in (
-        ("probes", probes, 2),
-        ("iterations", iterations, 1),
-        ("top", top, 1),
-    ):
-        if value < minimum:
-            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    check_choice("matrix", matrix, tuple(MATRICES))
+    check_integer("probes", probes, 2)
+    check_integer("iterations", iterations)
+    check_integer("top", top)
     if top > iterations:
-        raise ConfigError(f"top ({top}) must be at most iterations ({iterations})")
+        raise ConfigError(
+            f"{setting('top', top)} must be at most {setting('iterations', iterations)}"
+        )
     path = Path(run_dir).expanduser().absolute()
     figure = path / "curvature.png" if out is None else Path(out).expanduser()
     if figure.suffix not in FORMATS:

@@ -450,3 +450,29 @@ def test_memmap_source_pickles_by_file_name(tmp_path):
     # A slice of a memmap is pickled by value (its offset would be wrong).
     sliced = pickle.loads(pickle.dumps(TokenWindows(tokens[5:], seq_len=32)))
     np.testing.assert_array_equal(sliced[0], tokens[5:38])
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_before_training(
+    tmp_path, monkeypatch
+):
+    # The runner's loss has no per-step label check (it would keep its steps out of
+    # JAX's persistent compilation cache): the token ids are checked once, here.
+    from eqx_gn import lm
+    from eqx_gn.lm import _train
+    from eqx_gn.lm._tokens import TokenSplits
+
+    def splits(train, validation):
+        return TokenSplits(ByteTokenizer(), train, validation, corpus_hash="x")
+
+    fine = np.arange(257, dtype=np.uint16)
+    splits(fine, fine[:10]).check_ids()
+    with pytest.raises(ValueError, match="the train split's tokens hold id 300, "):
+        splits(np.array([1, 300], np.uint16), fine).check_ids()
+    with pytest.raises(ValueError, match="the validation split's tokens hold id -1,"):
+        splits(fine, np.array([3, -1], np.int32)).check_ids()
+
+    bad = splits(np.concatenate([fine] * 40), np.array([1, 257] * 100, np.uint16))
+    monkeypatch.setattr(_train, "cached_splits", lambda *a, **k: bad)
+    config = lm.TrainConfig(out=str(tmp_path / "run"), steps=2, batch_size=8)
+    with pytest.raises(lm.ConfigError, match="validation split's tokens hold id 257"):
+        lm.train(config)

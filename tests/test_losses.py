@@ -357,6 +357,27 @@ def test_out_of_range_label_raises(bad_label, how, method):
     jax.block_until_ready(call(z34, (labels, weights)))
 
 
+@pytest.mark.parametrize("method", ["value", "grad", "hvp"])
+def test_unchecked_labels_leave_no_host_callback_in_the_program(method):
+    # The check is an eqx.error_if: a host callback in the lowered program, which
+    # keeps the program out of JAX's persistent compilation cache. Without it the
+    # program has none, and computes the same on labels in range.
+    def lowered(loss):
+        def call(z, y):
+            return getattr(loss, method)(*((z, y) + ((z,) if method == "hvp" else ())))
+
+        return jax.jit(call).lower(z34, labels3).as_text(), call(z34, labels3)
+
+    checked, expected = lowered(ce)
+    unchecked, got = lowered(eqx_gn.SoftmaxCrossEntropy(check_labels=False))
+    assert "callback" in checked
+    assert "callback" not in unchecked
+    np.testing.assert_array_equal(got, expected)
+    # Unchecked, an out-of-range label raises nothing.
+    unchecked_loss = eqx_gn.SoftmaxCrossEntropy(check_labels=False)
+    jax.block_until_ready(unchecked_loss.value(z34, labels3.at[1].set(4)))
+
+
 @pytest.mark.parametrize(
     "loss, targets",
     [

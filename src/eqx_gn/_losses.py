@@ -129,8 +129,15 @@ class SoftmaxCrossEntropy(AbstractLoss):
       (H u)_n = \frac{w_n}{W}\bigl(p \odot u_n - p\,(p \cdot u_n)\bigr),$$
 
     computed by that formula: no autodiff, no materialised Hessian.
-    Labels outside ``[0, classes)`` on a position of nonzero weight raise an error.
+    Labels outside ``[0, classes)`` on a position of nonzero weight raise an error
+    (an ``eqx.error_if`` in the traced program). ``check_labels=False`` leaves that
+    check out, for callers that check their labels once on the host: the check is a
+    host callback, and JAX's persistent compilation cache does not store a program
+    holding one. Unchecked, an out-of-range label reads a clipped class: a wrong
+    loss, silently.
     """
+
+    check_labels: bool = eqx.field(default=True, static=True)
 
     def _prepare(self, outputs, targets):
         if outputs.ndim < 1:
@@ -162,6 +169,8 @@ class SoftmaxCrossEntropy(AbstractLoss):
         bad = (labels < 0) | (labels >= num_classes)
         if weights is not None:
             bad = bad & (weights != 0)
+        if not self.check_labels:
+            return outputs, labels, weights
         # Guard the logits, not the labels: hvp never reads the labels, and under jit
         # a check on a value that nothing reads is dead code, removed silently.
         outputs = error_if_any(

@@ -149,6 +149,23 @@ class TokenSplits:
     #: `corpus_hash` of the whole corpus (before splitting).
     corpus_hash: str
 
+    def check_ids(self) -> None:
+        """Raise ``ValueError`` if a split holds a token id outside the tokenizer's
+        vocabulary: the runner's loss leaves the per-step label check out
+        (``SoftmaxCrossEntropy(check_labels=False)``), so it is made here, once."""
+        vocab = self.tokenizer.vocab_size
+        for name, tokens in (("train", self.train), ("validation", self.validation)):
+            if not tokens.size:
+                continue
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= vocab:
+                bad = high if high >= vocab else low
+                raise ValueError(
+                    f"the {name} split's tokens hold id {bad}, outside the "
+                    f"{self.tokenizer.name} tokenizer's vocabulary of {vocab}: "
+                    "its token cache was not made by this tokenizer"
+                )
+
 
 def prepare_splits(
     text: PathLike | None = None,

@@ -248,6 +248,7 @@ class _Training:
                 val_fraction=config.val_fraction,
                 cache_dir=config.cache_dir,
             )
+            self.splits.check_ids()
             overrides = {
                 "vocab_size": self.splits.tokenizer.vocab_size,
                 "scan_layers": config.scan_layers,

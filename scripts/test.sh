@@ -29,6 +29,19 @@ lint() {
         ruff format --check src tests benchmarks examples scripts docs
 }
 
+# One persistent compilation cache for the run, shared by the test workers, the
+# multi-device phase and the command-line subprocesses they start: a program
+# compiled once (the runner's step of a small configuration that several tests
+# and subprocesses train) is read back instead of compiled again. A new directory
+# each run, removed at the end, so no run reads another's programs. Programs that
+# compile in under 0.2 s are not stored; a program holding a host callback (an
+# eqx.error_if) is never stored, which is why the runner's loss checks its labels
+# on the host instead.
+JAX_COMPILATION_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/eqx_gn_jax_cache.XXXXXX")"
+export JAX_COMPILATION_CACHE_DIR
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.2
+trap 'rm -rf "${JAX_COMPILATION_CACHE_DIR}"' EXIT
+
 phase lint lint
 # Two workers for most tests; the tests with collectives over simulated devices run
 # alone afterwards: XLA's CPU collectives abort the process when another process

@@ -35,7 +35,9 @@ def _micro_batches(key, k, b, seq, vocab):
 def _by_hand(config, model, case):
     """The GaussNewton a user writes from the library's public names, as the
     GN guide describes each setting (the oracle of `GNConfig.build`)."""
-    loss = eqx_gn.SoftmaxCrossEntropy()
+    # The runner checks its token ids once on the host, so its loss has no label
+    # check in the step (which would hold a host callback).
+    loss = eqx_gn.SoftmaxCrossEntropy(check_labels=False)
     if case == "default":
         # The model's inner step length, the paper's fixed subproblem and a warm walk.
         inner = eqx_gn.muon_adamw(
@@ -83,7 +85,7 @@ def _by_hand(config, model, case):
         inner = optax.chain(optax.clip_by_global_norm(1.0), soap(1.0))
         solver = eqx_gn.ProxLinear(
             inner,
-            learning_rate=0.05,
+            learning_rate=0.005,
             schedule="global_cosine",
             total_steps=10,
             warm_start=True,
@@ -112,7 +114,10 @@ CASES = {
         solver="prox",
         inner="soap",
         inner_step="lr",
-        lr=0.05,
+        # Full steps that lower the loss by about 0.03 on these random tokens (at
+        # 0.05 the decrease was 0.001, on the edge of the rounding: a last-bit
+        # change in the loss turned it into two rejected steps).
+        lr=0.005,
         ls_grid=4,
         line_search="grid",
         trust="fixed",

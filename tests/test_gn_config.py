@@ -182,15 +182,21 @@ def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
     assert GNConfig(steps=5, blocks="layerwise", inner="soap").method == (
         "gn-layerwise-soap"
     )
-    # A run's GN: its settings of the same names, over its main steps, resolved.
+    # A run's GN: its settings of the same names, over its main steps, resolved;
+    # the default fraction from its micro-batch of 8 sequences of 64 tokens.
     run = TrainConfig(steps=50, blocks="layerwise", inner="soap", ls_grid=5)
     assert run.gn == GNConfig(
-        steps=45, blocks="layerwise", inner="soap", lr=1.0, ls_grid=5
+        steps=45,
+        blocks="layerwise",
+        inner="soap",
+        lr=512 / 768,
+        ls_grid=5,
+        micro_batch_tokens=512,
     )
-    assert run.learning_rate == run.gn.lr == 1.0
+    assert run.learning_rate == run.gn.lr == 512 / 768
     assert TrainConfig(optimizer="adamw").gn is None
     assert TrainConfig(solver="cg", cg_iterations=7).gn == GNConfig(
-        steps=180, solver="cg", cg_iterations=7
+        steps=180, solver="cg", cg_iterations=7, micro_batch_tokens=512
     )
 
 
@@ -274,6 +280,30 @@ def test_settings_are_declared_in_groups_in_the_command_lines_order():
     config = TrainConfig(batch_size=32, blocks="layerwise", seed=3)
     assert (config.batch_size, config.blocks, config.seed) == (32, "layerwise", 3)
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_the_default_fraction_falls_with_the_micro_batch_below_768_tokens():
+    # min(1, tokens / 768): the model's step whole from 768 tokens per micro-batch,
+    # in proportion below; 1 where the micro-batch is not known; an lr given, or
+    # the paper's learning-rate steps, are not touched.
+    fractions = {
+        tokens: GNConfig(steps=5, micro_batch_tokens=tokens).learning_rate
+        for tokens in (None, 64, 256, 512, 768, 1024, 2048)
+    }
+    assert fractions == {
+        None: 1.0, 64: 1 / 12, 256: 1 / 3, 512: 2 / 3, 768: 1.0, 1024: 1.0, 2048: 1.0
+    }  # fmt: skip
+    assert GNConfig(steps=5, micro_batch_tokens=256, lr=0.5).learning_rate == 0.5
+    paper = GNConfig(steps=5, micro_batch_tokens=256, inner_step="lr")
+    assert paper.learning_rate == 0.03
+    # A run's micro-batch: batch_size / micro_batches sequences of the context.
+    assert [
+        TrainConfig(batch_size=b, micro_batches=k, seq_len=s).learning_rate
+        for b, k, s in ((256, 64, None), (256, 8, None), (32, 8, 32), (64, 8, 128))
+    ] == [1 / 3, 1.0, 128 / 768, 1.0]
+    # prototype's context is 128 tokens: 2 sequences are 256 tokens.
+    prototype = TrainConfig(model="prototype", batch_size=16, micro_batches=8)
+    assert prototype.gn.lr == 1 / 3
 
 
 def test_a_run_saved_before_inner_step_resumes_as_it_ran():

@@ -97,6 +97,35 @@ def test_resume_needs_the_same_configuration(tmp_path):
     assert "cannot be extended" not in str(info.value)
 
 
+def test_a_default_that_changed_since_the_run_started_is_refused_with_its_flag(
+    tmp_path,
+):
+    # config.json records what each default resolved to. A run started when GN's
+    # default fraction was 1, resumed after it became another, would silently run
+    # another configuration: one line names the setting, both values and the flag
+    # that resumes it as it ran.
+    run = tmp_path / "run"
+    config = _fake_run(run, steps=10)
+    now = config.learning_rate
+    assert now != 1.0
+    saved = json.loads((run / "config.json").read_text())
+    saved["resolved"] = {"learning_rate": 1.0, "trust": "fixed"}
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as info:
+        _prepare(run, steps=10, resume=True)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"(lr: 1.0 -> {now!r}); the defaults changed since the run started: " in (
+        message
+    )
+    assert message.endswith("pass lr=1.0 to resume it as it ran")
+    _prepare(run, steps=10, lr=1.0, resume=True)  # as it ran: resumes
+    # A recorded default that still resolves the same resumes as before.
+    saved["resolved"] = {"learning_rate": now, "trust": "fixed"}
+    (run / "config.json").write_text(json.dumps(saved))
+    _prepare(run, steps=10, resume=True)
+
+
 def test_a_file_or_an_uncreatable_path_is_refused(tmp_path):
     file = tmp_path / "file.txt"
     file.write_text("x")

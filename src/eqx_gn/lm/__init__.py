@@ -57,6 +57,7 @@ from ._methods import (  # noqa: E402
     DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
     OPTIMIZERS as OPTIMIZERS,
     SOLVERS as SOLVERS,
+    model_step_fraction as model_step_fraction,
     parse_method as parse_method,
 )
 from ._model import (  # noqa: E402

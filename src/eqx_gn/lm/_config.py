@@ -245,7 +245,8 @@ class _GaussNewton:
         None,
         "GN with the inner or prox solver: the length of each inner update: "
         "'model' takes the minimiser of its micro-batch's quadratic model along it, "
-        "times --lr (default 1: no learning rate to tune, at any K); 'lr' the "
+        "times --lr (default min(1, micro-batch tokens / 768): the whole step from "
+        "768 tokens per micro-batch, in proportion below); 'lr' the "
         "learning rate alone (the paper's, --lr default by inner optimizer); "
         "None: model, or lr with solver trueloss (the ablation has no model)",
     )
@@ -590,6 +591,15 @@ class TrainConfig(
         return self.batch_size // self.micro_batches
 
     @property
+    def micro_batch_tokens(self) -> int:
+        """GN: tokens per micro-batch, `micro_batch_size` times the context
+        length (``seq_len``, or the model's)."""
+        seq_len = (
+            self.seq_len if self.seq_len is not None else CONFIGS[self.model].seq_len
+        )
+        return self.micro_batch_size * seq_len
+
+    @property
     def line_search_batch_size(self) -> int:
         """Sequences per line-search batch: ``ls_batch_size`` or the micro-batch
         size."""
@@ -681,8 +691,8 @@ _GN_ONLY = (
     "line_search",
     "trust",
 )
-#: GNConfig's fields that are settings of the same name (all but ``steps``, which
-#: is the run's `main_steps`).
+#: GNConfig's fields that are settings or properties of the same name (all but
+#: ``steps``, which is the run's `main_steps`).
 _GN_CONFIG_SETTINGS = tuple(
     f.name for f in dataclasses.fields(GNConfig) if f.name != "steps"
 )

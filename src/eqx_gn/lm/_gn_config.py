@@ -33,7 +33,6 @@ from ._errors import ConfigError, setting
 from ._methods import (
     BLOCKS,
     GN_INNER_LEARNING_RATES,
-    GN_MODEL_STEP_FRACTION,
     INNER_STEPS,
     INNERS,
     LINE_SEARCHES,
@@ -49,6 +48,7 @@ from ._methods import (
     default_line_search,
     default_trust,
     method_name,
+    model_step_fraction,
 )
 from ._model import (
     COMPUTE_DTYPES,
@@ -97,7 +97,10 @@ class GNConfig:
     update by the minimiser of its micro-batch's quadratic model along it
     (`eqx_gn.InnerOptimizer`'s ``step_length="model"``), and ``lr`` is then the
     fraction of that step taken; ``"lr"`` is the paper's learning rate. ``lr``
-    ``None`` is the default (`learning_rate`).
+    ``None`` is the default (`learning_rate`): with the model's step,
+    `eqx_gn.lm.model_step_fraction` of ``micro_batch_tokens`` (a run's: its
+    sequences per micro-batch times their length), which sets no other part of
+    the optimizer.
 
     **Raises:** [`ConfigError`][eqx_gn.lm.ConfigError], one line naming the
     setting, for a value out of range or a setting its solver does not use.
@@ -118,6 +121,9 @@ class GNConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     compute_dtype: ComputeDtype = "float32"
+    # What the default fraction of the model's step depends on (None: unknown,
+    # the whole step); no setting of its own: a run's micro-batch gives it.
+    micro_batch_tokens: int | None = None
 
     def __post_init__(self):
         check_choice("blocks", self.blocks, BLOCKS)
@@ -169,7 +175,7 @@ class GNConfig:
         if self.lr is not None:
             return self.lr
         if self.inner_step == "model":
-            return GN_MODEL_STEP_FRACTION
+            return model_step_fraction(self.micro_batch_tokens)
         return GN_INNER_LEARNING_RATES[self.inner]
 
     def build(self, model: Transformer) -> GaussNewton:

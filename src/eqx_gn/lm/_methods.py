@@ -52,9 +52,28 @@ TRUST_RULES: tuple[str, ...] = get_args(TrustRule)
 #: rate alone (the paper's).
 InnerStep = Literal["model", "lr"]
 INNER_STEPS: tuple[str, ...] = get_args(InnerStep)
-#: GN's ``lr`` with ``inner_step="model"`` when ``lr`` is ``None``: the fraction of
-#: the model's step taken, the same for every inner optimizer.
-GN_MODEL_STEP_FRACTION = 1.0
+#: The micro-batch, in tokens, from which GN's inner steps take the model's step
+#: whole (see `model_step_fraction`).
+GN_FULL_STEP_TOKENS = 768
+
+
+def model_step_fraction(micro_batch_tokens: int | None) -> float:
+    r"""GN's ``lr`` with ``inner_step="model"`` when ``lr`` is ``None``: the fraction
+    of the model's step taken, $\min(1, \text{tokens} / 768)$ for micro-batches of
+    ``micro_batch_tokens`` tokens (1 where the size is not known), the same for
+    every inner optimizer.
+
+    One micro-batch's exact minimiser overshoots what the next micro-batch
+    agrees with when the micro-batch holds few tokens, as a first-order method's
+    best rate falls with its batch (the linear scaling rule below a critical
+    batch). Measured on ``tiny`` (``benchmarks/default_gn.py``,
+    ``benchmarks/results/default_gn_tiny.json``): micro-batches of 4 sequences of
+    64 bytes (256 tokens) prefer 1/3 (1/9 and 1 slower), those of 16 and 32
+    sequences 1 (0.58 slower)."""
+    if micro_batch_tokens is None:
+        return 1.0
+    return min(1.0, micro_batch_tokens / GN_FULL_STEP_TOKENS)
+
 
 #: The learning rate of each optimizer when ``TrainConfig.lr`` is ``None`` (the inner
 #: learning rate for GN's ``inner`` and ``prox`` solvers): the best of two or three

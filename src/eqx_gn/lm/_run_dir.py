@@ -76,6 +76,31 @@ def _json_damage(path: Path) -> str | None:
     return None
 
 
+#: The settings whose default the run recorded in config.json's ``resolved`` (under
+#: this key) and that a later version may change.
+_RECORDED_DEFAULTS = {
+    "lr": "learning_rate",
+    "line_search": "line_search",
+    "trust": "trust",
+    "ls_batch_size": "ls_batch_size",
+}
+
+
+def _recorded_defaults(
+    previous: TrainConfig, recorded: dict[str, Any]
+) -> dict[str, Any]:
+    """The settings the run left at their default (``None``) whose recorded value
+    (config.json's ``resolved``) differs from what the default resolves to now,
+    as ``{name: recorded value}``."""
+    pinned = {}
+    for name, key in _RECORDED_DEFAULTS.items():
+        then = recorded.get(key)
+        default = getattr(previous, name) is None
+        if default and then is not None and then != previous.resolved(name):
+            pinned[name] = then
+    return pinned
+
+
 class RunDirectory:
     """The directory of one run; only the primary process writes into it."""
 
@@ -171,7 +196,16 @@ class RunDirectory:
                 f"cannot resume the run in {self.path}: its config.json is not "
                 f"usable ({e})"
             ) from None
-        changed = config.differences(previous)
+        # A setting left at its default runs what the default was when the run
+        # started (config.json records it): compared as that value, so that a
+        # default changed since cannot silently change the run.
+        pinned = _recorded_defaults(previous, saved.get("resolved") or {})
+        changed = config.differences(previous.replace(**pinned))
+        defaults = {
+            name: pinned[name]
+            for name in changed
+            if name in pinned and getattr(config, name) is None
+        }
         if changed:
             details = ", ".join(
                 f"{setting(name)}: {old!r} -> {new!r}"
@@ -186,6 +220,12 @@ class RunDirectory:
                     "extended: to train on from its final parameters, start a new "
                     f"run in another output directory with "
                     f"{setting('init_from', str(self.path))}"
+                )
+            if defaults:
+                advice += (
+                    "; the defaults changed since the run started: pass "
+                    + " ".join(setting(name, old) for name, old in defaults.items())
+                    + " to resume it as it ran"
                 )
             raise ConfigError(
                 f"cannot resume the run in {self.path} with a different "

@@ -86,8 +86,11 @@ def test_config_derived_sizes():
     config = config.replace(steps=100, warmup_fraction=0.05)
     assert (config.warmup_steps, config.main_steps) == (5, 95)
     assert config.micro_batch_size == config.line_search_batch_size == 8
-    # GN's lr: the fraction of the model's inner step, or the paper's rate.
-    assert config.learning_rate == 1.0
+    # GN's lr: the fraction of the model's inner step, min(1, tokens / 768) per
+    # micro-batch (8 sequences of 64 tokens here), or the paper's rate.
+    assert config.micro_batch_tokens == 8 * 64
+    assert config.learning_rate == 512 / 768
+    assert config.replace(micro_batches=2).learning_rate == 1.0
     assert config.replace(inner_step="lr").learning_rate == 3e-2
     assert TrainConfig(warmup_fraction=0.0).warmup_steps == 0
     assert TrainConfig(steps=3, warmup_fraction=0.01).warmup_steps == 1

@@ -728,7 +728,9 @@ def test_the_true_loss_ablation_is_a_study_method():
     where GN's centre is the fraction 1 of the model's step), with GN's K, and its
     runs configured with solver trueloss (the runner's oracle)."""
     settings = study.settings_from(parse("--methods", "adamw,gn,gn-trueloss"))
-    assert centre("gn") == TrainConfig().learning_rate == 1.0
+    # GN's centre: the model's whole step, the runner's default from micro-batches
+    # of 768 tokens (16 sequences of 64 here).
+    assert centre("gn") == TrainConfig(micro_batches=4).learning_rate == 1.0
     assert centre("gn-trueloss") == TrainConfig(solver="trueloss").learning_rate
     assert centre("gn-trueloss") == 0.03
     config = settings.train_config("gn-trueloss", 32, Point(0.1, 8), Path("x"))

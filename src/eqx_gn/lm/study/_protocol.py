@@ -31,10 +31,11 @@ TARGET_AT = 0.8
 TARGET_SEEDS = 3
 
 #: Each first-order method's declared learning-rate centre at the largest batch
-#: size: the runner's defaults. A GN method's is its runner default too (`GNConfig`'s
-#: ``learning_rate``: the fraction 1 of the model's inner step, or the true-loss
-#: ablation's inner learning rate). At smaller batch sizes the centre is the
-#: learning rate chosen at the next larger one.
+#: size: the runner's defaults. A GN method's is `GNConfig`'s ``learning_rate``
+#: with no micro-batch given: the fraction 1 of the model's inner step (the runner's
+#: default, `eqx_gn.lm.model_step_fraction`, is 1 from micro-batches of 768 tokens
+#: and smaller below), or the true-loss ablation's inner learning rate. At smaller
+#: batch sizes the centre is the learning rate chosen at the next larger one.
 CENTRES: dict[str, float] = {
     "adamw": 3e-3,
     "muon": 5e-2,

@@ -554,11 +554,11 @@ def trace_estimate(
     root = math.sqrt(num_probes)
     totals = jnp.sum(per_block, axis=1)
     return TraceEstimate(
-        jnp.mean(totals),
-        jnp.std(totals, ddof=1) / root,
-        jnp.mean(per_block, axis=0),
-        jnp.std(per_block, axis=0, ddof=1) / root,
-        unravel(mean),
-        unravel(jnp.sqrt(m2 / (num_probes - 1)) / root),
-        blocks.names,
+        trace=jnp.mean(totals),
+        trace_stderr=jnp.std(totals, ddof=1) / root,
+        block_traces=jnp.mean(per_block, axis=0),
+        block_trace_stderrs=jnp.std(per_block, axis=0, ddof=1) / root,
+        diagonal=unravel(mean),
+        diagonal_stderr=unravel(jnp.sqrt(m2 / (num_probes - 1)) / root),
+        block_names=blocks.names,
     )

@@ -449,15 +449,15 @@ def quadratic_model(
         ) from e
     loss_value = loss.value(outputs, targets, axis_name=axis_name)
     return QuadraticModel(
-        outputs,
-        targets,
-        loss,
-        blocks,
-        loss_value,
-        params,
-        linear_map,
-        axis_name,
-        stack,
+        outputs=outputs,
+        targets=targets,
+        loss=loss,
+        blocks=blocks,
+        loss_value=loss_value,
+        params=params,
+        linear_map=linear_map,
+        axis_name=axis_name,
+        stack=stack,
     )
 
 

@@ -104,12 +104,12 @@ def phase_recipe(config: TrainConfig, phase: str) -> Recipe:
     if config.is_gn:
         return config.gn
     return FirstOrderRecipe(
-        config.optimizer,
-        config.learning_rate,
-        config.main_steps,
-        config.b2,
-        config.weight_decay,
-        config.max_grad_norm,
+        optimizer=config.optimizer,
+        lr=config.learning_rate,
+        steps=config.main_steps,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
     )
 
 

@@ -156,7 +156,14 @@ def read_run(run_dir: str | Path) -> Run:
     summary_file = path / "summary.json"
     summary = _read_json(summary_file) if summary_file.is_file() else {}
     summary = complete_summary(summary, config, records)
-    return Run(path.name, path, config, resolved, summary, curve_of(records))
+    return Run(
+        name=path.name,
+        path=path,
+        config=config,
+        resolved=resolved,
+        summary=summary,
+        curve=curve_of(records),
+    )
 
 
 def _run_dir(parent: Path, out: str | None, name: str | None) -> Path | None:
@@ -253,7 +260,14 @@ def _study_run(path: Path, entry: Mapping[str, Any], target: float | None) -> Ru
     if target is not None:
         config.setdefault("target_loss", target)
     summary = complete_summary({**summary, "label": entry.get("label")}, config)
-    return Run(name, path / name, config, resolved, summary, curve)
+    return Run(
+        name=name,
+        path=path / name,
+        config=config,
+        resolved=resolved,
+        summary=summary,
+        curve=curve,
+    )
 
 
 def _rank(run: Run) -> tuple[float, float]:

@@ -1,4 +1,6 @@
-"""Tests of the language-model data layer (eqx_gn.lm._data)."""
+"""Tests of the language-model data layer: corpora (eqx_gn.lm._corpus), tokenizers
+(eqx_gn.lm._tokenizers), token files and splits (eqx_gn.lm._tokens) and the batch
+pipeline (eqx_gn.lm._pipeline)."""
 
 import json
 import pickle

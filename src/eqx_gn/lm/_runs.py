@@ -132,7 +132,10 @@ def _read_json(path: Path) -> Any:
 
 
 def curve_of(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """A run's curve from its metrics records (see `Run`)."""
+    """A run's curve from its ``metrics.jsonl`` records (see `Run`): one entry per
+    record for each of `CURVE_FIELDS` and ``val_loss``, ``ls_tokens`` carried
+    forward from the last record that has it (0 before the first GN step). The
+    study's records (``study.json``) hold this curve too."""
     curve: dict[str, list[Any]] = {name: [] for name in (*CURVE_FIELDS, "val_loss")}
     ls_tokens = 0
     for r in records:

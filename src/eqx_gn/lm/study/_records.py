@@ -4,25 +4,13 @@ study's runs.
 """
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._config import TrainConfig, parse_method
+from .._runs import curve_of
 from ._protocol import Point, reached, resolution
-
-#: A run's curve in study.json: one value per step (``val_loss`` None where the
-#: step had no evaluation; ``ls_tokens`` 0 for a first-order run).
-CURVE_KEYS = (
-    "step",
-    "phase",
-    "tokens",
-    "ls_tokens",
-    "time_s",
-    "train_loss",
-    "val_loss",
-)
 
 
 def run_name(method: str, batch: int, point: Point, seed: int = 0, accum: int = 1):
@@ -35,18 +23,6 @@ def run_name(method: str, batch: int, point: Point, seed: int = 0, accum: int = 
     if seed:
         name += f"_seed{seed}"
     return name
-
-
-def curve_of(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """The curve of a run from its ``metrics.jsonl`` records (``ls_tokens``
-    carried forward, 0 before the first GN step)."""
-    curve: dict[str, list[Any]] = {k: [] for k in CURVE_KEYS}
-    ls = 0
-    for r in records:
-        ls = r.get("ls_tokens", ls) or ls
-        for k in CURVE_KEYS:
-            curve[k].append(ls if k == "ls_tokens" else r.get(k))
-    return curve
 
 
 def make_record(

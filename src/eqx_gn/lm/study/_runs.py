@@ -12,6 +12,7 @@ from typing import Any
 
 from .._config import ConfigError
 from .._errors import Diverged
+from .._runs import curve_of
 from ._plots import draw_plots
 from ._protocol import (
     BASELINES,
@@ -29,7 +30,6 @@ from ._protocol import (
 from ._records import (
     Settings,
     _time_per_step,
-    curve_of,
     read_run_dir,
     run_name,
     with_target,

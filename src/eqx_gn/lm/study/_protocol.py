@@ -11,6 +11,7 @@ from typing import Any
 
 from .._config import ConfigError, parse_method
 from .._gn_config import GNConfig
+from .._methods import DEFAULT_LEARNING_RATES
 
 #: The first-order methods a study compares GN with.
 BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "psgd")
@@ -31,17 +32,15 @@ TARGET_AT = 0.8
 TARGET_SEEDS = 3
 
 #: Each first-order method's declared learning-rate centre at the largest batch
-#: size: the runner's defaults. A GN method's is `GNConfig`'s ``learning_rate``
-#: with no micro-batch given: the fraction 1 of the model's inner step (the runner's
-#: default, `eqx_gn.lm.model_step_fraction`, is 1 from micro-batches of 768 tokens
-#: and smaller below), or the true-loss ablation's inner learning rate. At smaller
-#: batch sizes the centre is the learning rate chosen at the next larger one.
+#: size: the runner's defaults (`DEFAULT_LEARNING_RATES`), every baseline's walk
+#: starting there. A GN method's is not from that table, so GN has no entry here: it
+#: is `GNConfig`'s ``learning_rate`` with no micro-batch given, the fraction 1 of
+#: the model's inner step (the runner's default, `eqx_gn.lm.model_step_fraction`,
+#: is 1 from micro-batches of 768 tokens and smaller below), or the true-loss
+#: ablation's inner learning rate. At smaller batch sizes the centre is the
+#: learning rate chosen at the next larger one.
 CENTRES: dict[str, float] = {
-    "adamw": 3e-3,
-    "muon": 5e-2,
-    "soap": 1e-2,
-    "shampoo": 3e-3,
-    "psgd": 1e-3,
+    method: DEFAULT_LEARNING_RATES[method] for method in BASELINES
 }
 
 

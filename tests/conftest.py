@@ -54,6 +54,12 @@ def _release_compiled_code():
         gc.collect()
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One token cache per test module, shared by its runs."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def getkey():
     """A fresh PRNG key on every call, deterministic per test."""

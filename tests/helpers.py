@@ -521,6 +521,49 @@ def psgdax_config():
     return stack
 
 
+# ------------------------------------------------------------------- lm runs
+# Cut-down budget on the tiny model: a few seconds of compute per run; most of a
+# run's time is compilation.
+SMALL = dict(
+    model="tiny",
+    seq_len=32,
+    steps=6,
+    batch_size=16,
+    micro_batches=2,
+    ls_batches=1,
+    warmup_fraction=0.34,  # 2 AdamW steps, then 4 of the chosen optimizer
+    eval_every=2,
+    eval_batches=2,
+    eval_batch_size=8,
+    progress=False,
+)
+
+
+def small(tmp_path, cache_dir, name, **changes):
+    """A `SMALL` run in ``tmp_path / name``, with ``changes``."""
+    from eqx_gn.lm import TrainConfig
+
+    return TrainConfig(
+        **{**SMALL, "cache_dir": cache_dir, "out": str(tmp_path / name)}
+    ).replace(**changes)
+
+
+# A first-order run cut short and resumed in the tests that it resumes bit for bit:
+# its last checkpoint before step 5 (step 4) falls in the chosen optimizer's phase.
+RESUMED_RUN = dict(
+    model="tiny",
+    seq_len=32,
+    steps=6,
+    batch_size=8,
+    warmup_fraction=0.34,  # 2 AdamW steps, then 4 of the chosen optimizer
+    eval_every=2,
+    eval_batches=1,
+    eval_batch_size=4,
+    checkpoint_every=2,
+    progress=False,
+)
+
+
 def final_arrays(run_dir):
     """The newest checkpoint's step and arrays of a run directory."""
     from eqx_gn.lm import Checkpointer

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from eqx_gn.lm import CONFIGS, TrainConfig, Transformer, train
 from eqx_gn.lm._recipes import FirstOrderRecipe
-from helpers import final_arrays, psgdax_config
+from helpers import RESUMED_RUN, final_arrays, psgdax_config
 
 D = 16
 STEPS = 300
@@ -97,26 +96,12 @@ def test_psgd_is_deterministic():
     assert first.tobytes() == second.tobytes()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
 def test_psgd_run_resumes_bit_for_bit(tmp_path, cache_dir):
     whole = TrainConfig(
-        model="tiny",
-        seq_len=32,
+        **RESUMED_RUN,
         optimizer="psgd",
-        steps=6,
-        batch_size=8,
-        warmup_fraction=0.34,  # 2 AdamW steps, then 4 PSGD steps
-        eval_every=2,
-        eval_batches=1,
-        eval_batch_size=4,
-        checkpoint_every=2,
         cache_dir=cache_dir,
         out=str(tmp_path / "whole"),
-        progress=False,
     )
     with psgdax_config():
         assert train(whole)["completed"]

@@ -18,31 +18,7 @@ from eqx_gn.lm import Checkpointer, ConfigError, Diverged, TrainConfig, train
 from eqx_gn.lm._cli import main as cli
 from eqx_gn.lm._run_dir import LOCK_FILE
 from eqx_gn.lm.study._records import read_run_dir
-
-SMALL = dict(
-    model="tiny",
-    seq_len=32,
-    steps=6,
-    batch_size=16,
-    micro_batches=2,
-    ls_batches=1,
-    warmup_fraction=0.34,
-    eval_every=2,
-    eval_batches=2,
-    eval_batch_size=8,
-    progress=False,
-)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-def small(tmp_path, cache_dir, name, **changes):
-    return TrainConfig(
-        **{**SMALL, "cache_dir": cache_dir, "out": str(tmp_path / name)}
-    ).replace(**changes)
+from helpers import small
 
 
 def records(path):

@@ -12,7 +12,7 @@ import pytest
 
 from eqx_gn.baselines import ScaleByShampooState, scale_by_shampoo, shampoo
 from eqx_gn.lm import TrainConfig, train
-from helpers import final_arrays
+from helpers import RESUMED_RUN, final_arrays
 from test_psgd import recipe, relative_errors
 
 
@@ -101,12 +101,7 @@ def test_invalid_hyperparameters(kwargs, match):
 
 
 def test_a_shampoo_run_resumes_bit_for_bit(tmp_path):
-    whole = TrainConfig(
-        model="tiny", seq_len=32, optimizer="shampoo", steps=6, batch_size=8,
-        warmup_fraction=0.34,  # 2 AdamW steps, then 4 Shampoo steps
-        eval_every=2, eval_batches=1, eval_batch_size=4, checkpoint_every=2,
-        out=str(tmp_path / "whole"), progress=False,
-    )  # fmt: skip
+    whole = TrainConfig(**RESUMED_RUN, optimizer="shampoo", out=str(tmp_path / "whole"))
     assert train(whole)["completed"]
     cut = whole.replace(out=str(tmp_path / "cut"), stop_after=5)
     assert not train(cut)["completed"]

@@ -16,34 +16,7 @@ import numpy as np
 import pytest
 
 from eqx_gn.lm import ConfigError, TrainConfig, parse_method, train
-from helpers import final_arrays, psgdax_config
-
-# Cut-down budget on the tiny model: a few seconds of compute per run; most of a
-# run's time is compilation.
-SMALL = dict(
-    model="tiny",
-    seq_len=32,
-    steps=6,
-    batch_size=16,
-    micro_batches=2,
-    ls_batches=1,
-    warmup_fraction=0.34,  # 2 AdamW steps, then 4 of the chosen optimizer
-    eval_every=2,
-    eval_batches=2,
-    eval_batch_size=8,
-    progress=False,
-)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-def small(tmp_path, cache_dir, name, **changes):
-    return TrainConfig(
-        **{**SMALL, "cache_dir": cache_dir, "out": str(tmp_path / name)}
-    ).replace(**changes)
+from helpers import SMALL, final_arrays, psgdax_config, small
 
 
 def records(run_dir, drop=("time_s",)):

@@ -35,7 +35,7 @@ from eqx_gn.lm.study._report import (
     _critical_batch_lines,
     write_report,
 )
-from eqx_gn.lm.study._result import FORMAT, claims, timed_claims
+from eqx_gn.lm.study._result import FORMAT, claims, serial_passes, timed_claims
 from eqx_gn.lm.study._runs import Study
 
 SEQ = 8
@@ -245,6 +245,11 @@ def steps_to(r, target, steps):
     return next((t for t in range(1, steps + 1) if loss(r, t) <= target), None)
 
 
+def fake_evaluations(step):
+    """The fake GN step's line-search evaluations: 1 to 3, by step."""
+    return 1 + step % 3
+
+
 class FakeTrainer:
     """Stands in for `eqx_gn.lm.train`: writes config.json, metrics.jsonl and
     summary.json like the runner, evaluating on its schedule (every
@@ -282,6 +287,7 @@ class FakeTrainer:
             }
             if gn and main:
                 record["ls_tokens"] = (step - config.warmup_steps) * ls_per_step
+                record["line_search_evaluations"] = fake_evaluations(step)
             due = (config.eval_every and step % config.eval_every == 0) or step in (
                 config.warmup_steps,
                 config.steps,
@@ -831,8 +837,10 @@ def test_report_reads_every_median_from_the_runs(finished, tmp_path):
     runs = by_name(result)
     # The oracle: each chosen configuration's seeds, read from the runs themselves.
     for method in METHODS:
-        (row,) = [r for r in page_rows(page, method) if len(r) == len(BATCHES) + 1]
-        for b, cell in zip(BATCHES, row[1:], strict=True):
+        (row, serial) = [
+            r for r in page_rows(page, method) if len(r) == len(BATCHES) + 1
+        ]
+        for b, cell, cost in zip(BATCHES, row[1:], serial[1:], strict=True):
             best = runs[result["chosen"][method][str(b)]["run"]]
             seeds = [best] + [
                 r for r in runs.values()
@@ -844,6 +852,17 @@ def test_report_reads_every_median_from_the_runs(finished, tmp_path):
             steps = sorted(r["steps_to_target"] for r in seeds)
             median = (steps[0] + steps[1]) / 2  # two seeds
             assert cell.startswith(f"{median:g} [{steps[0]}-{steps[1]}]"), cell
+            # Serial passes, from the fake's construction: a warm-up step 1, a
+            # main first-order step 1, a GN step K + its line-search evaluations.
+            passes = []
+            for r in seeds:
+                warm = r["resolved"]["warmup_steps"]
+                k = r["hyperparameters"]["micro_batches"]
+                main = range(warm + 1, r["steps_to_target"] + 1)
+                per_step = [1] * len(main) if k is None else [
+                    k + fake_evaluations(st) for st in main]  # fmt: skip
+                passes.append(warm + sum(per_step))
+            assert cost.endswith(f"{(passes[0] + passes[1]) / 2:,.0f} passes"), cost
             assert "\\*" not in cell  # every choice of the fake study is bracketed
     source = result["target_source"]
     assert (
@@ -862,14 +881,43 @@ def test_report_reads_every_median_from_the_runs(finished, tmp_path):
     assert (page_path.parent / "assets" / "out").is_dir()
 
 
+def test_serial_passes_count_each_step_on_the_critical_path():
+    """A hand-made run: 2 warm-up steps, then GN steps of K = 4 with 3, 1 and 2
+    line-search evaluations, the target at step 4; a first-order run with the same
+    phases and gradient accumulation over 8 micro-batches, the target at step 5."""
+    curve = {
+        "step": [1, 2, 3, 4, 5],
+        "phase": ["warmup", "warmup", "main", "main", "main"],
+        "line_search_evaluations": [None, None, 3, 1, 2],
+    }
+    gn = {
+        "steps_to_target": 4,
+        "hyperparameters": {"micro_batches": 4, "grad_accumulation": 1},
+        "curve": curve,
+    }
+    assert serial_passes(gn) == 2 + (4 + 3) + (4 + 1)
+    accumulated = {
+        "steps_to_target": 5,
+        "hyperparameters": {"micro_batches": None, "grad_accumulation": 8},
+        "curve": {**curve, "line_search_evaluations": [None] * 5},
+    }
+    assert serial_passes(accumulated) == 2 + 3 * 8
+    assert serial_passes({**gn, "steps_to_target": None}) is None  # missed
+    # A curve recorded before the evaluations were kept: GN's count is unknown,
+    # a first-order run's is not.
+    old = {k: v for k, v in curve.items() if k != "line_search_evaluations"}
+    assert serial_passes({**gn, "curve": old}) is None
+    assert serial_passes({**accumulated, "curve": old}) == 2 + 3 * 8
+
+
 def test_report_marks_an_unbracketed_choice(tmp_path):
     run_study(tmp_path, FakeTrainer(), "--methods", "adamw,muon", "--batch-sizes",
               "32", "--max-runs", "3", "--seeds", "1")  # fmt: skip
     write_report([tmp_path / "out"], tmp_path / "results.md")
     page = (tmp_path / "results.md").read_text()
-    # The steps table: a method and one cell per batch size.
-    (muon,) = [r for r in page_rows(page, "muon") if len(r) == 2]
-    (adamw,) = [r for r in page_rows(page, "adamw") if len(r) == 2]
+    # The steps table, then the costs table: a method and one cell per batch size.
+    muon, _ = [r for r in page_rows(page, "muon") if len(r) == 2]
+    adamw, _ = [r for r in page_rows(page, "adamw") if len(r) == 2]
     assert muon[1].endswith("\\*") and not adamw[1].endswith("\\*")
 
 

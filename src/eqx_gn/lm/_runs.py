@@ -33,7 +33,15 @@ METHODS = (
     "gn layerwise cg",
 )
 #: The curve fields of a run, as in a study run's ``"curve"``.
-CURVE_FIELDS = ("step", "phase", "tokens", "ls_tokens", "time_s", "train_loss")
+CURVE_FIELDS = (
+    "step",
+    "phase",
+    "tokens",
+    "ls_tokens",
+    "time_s",
+    "train_loss",
+    "line_search_evaluations",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +50,9 @@ class Run:
 
     ``curve`` maps each of `CURVE_FIELDS` and ``val_loss`` to one list entry per
     step (``val_loss`` is ``None`` where the step was not evaluated,
-    ``ls_tokens`` is cumulative and 0 before the first GN step).
+    ``ls_tokens`` is cumulative and 0 before the first GN step;
+    ``line_search_evaluations``, a GN step's own count, is ``None`` elsewhere and in
+    curves recorded before it was kept).
     """
 
     name: str
@@ -228,7 +238,10 @@ def _study_run(path: Path, entry: Mapping[str, Any], target: float | None) -> Ru
         n = len(curve["step"])
         for key in (*CURVE_FIELDS, "val_loss"):
             if len(curve[key]) != n:
-                if key in ("ls_tokens", "phase", "val_loss") and not curve[key]:
+                if (
+                    key in ("ls_tokens", "phase", "val_loss", "line_search_evaluations")
+                    and not curve[key]
+                ):
                     curve[key] = [0 if key == "ls_tokens" else None] * n
                 else:
                     raise ValueError(

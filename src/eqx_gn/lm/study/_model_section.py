@@ -67,6 +67,46 @@ def _median_cell(e: dict | None) -> str:
     return f"{e['median_steps']:g}{spread}"
 
 
+def _serial_table(result: dict, sizes: list) -> list[str]:
+    """Median tokens read and serial passes to the target per method and batch
+    size; nothing for a study whose curves predate the passes' count."""
+    chosen = result["chosen"]
+    if not any(
+        e.get("median_serial_passes") is not None
+        for row in chosen.values()
+        for e in row.values()
+    ):
+        return []
+    lines = [
+        "",
+        "What a step costs beside the steps (medians over the seeds; "
+        "`median_tokens`, `median_serial_passes`): tokens read to the target "
+        "(GN's line-search batches included) and serial passes, the passes over one "
+        "(micro-)batch made one after another on the critical path: a warm-up or "
+        "first-order step 1 (A with gradient accumulation), a GN step K + E, its K "
+        "inner steps in sequence and its E line-search evaluations. A pass is at "
+        "most one forward-backward pass; a line-search evaluation is a forward "
+        "pass, counted whole.",
+        "",
+        "| method | " + " | ".join(f"{b} seq" for b in sizes) + " |",
+        "|---" * (len(sizes) + 1) + "|",
+    ]
+    for method, row in chosen.items():
+        cells = []
+        for b in sizes:
+            e = row.get(str(b))
+            if e is None or e.get("median_tokens") is None:
+                cells.append("-")
+                continue
+            passes = e.get("median_serial_passes")
+            cells.append(
+                f"{e['median_tokens'] / 1e6:.2f}M tok, "
+                + ("passes unknown" if passes is None else f"{passes:,.0f} passes")
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _target_seeds(source: dict) -> str:
     """How a third-edition target came from its seeds (nothing for earlier ones,
     whose target was one run's loss)."""
@@ -147,6 +187,7 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
             mark = "" if t.get("bracketed") else " \\*"
             cells.append(f"{_median_cell(e)} ({hp}){mark}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += _serial_table(result, sizes)
     lines += [
         "",
         "The tuning runs (`tuning[method][batch].runs`): each learning rate tried "

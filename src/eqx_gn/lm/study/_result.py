@@ -221,6 +221,42 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
     }
 
 
+def serial_passes(record: dict) -> int | None:
+    r"""The passes over one batch that a run made in sequence, on its critical
+    path, to the target: a warm-up step 1, a first-order step $A$ (its gradient
+    accumulation, 1 without), a GN step $K + E$: its K inner steps, each a
+    linearization of its micro-batch at $\theta_0$ with its tangent and transposed
+    passes, taken one after the other, and its E line-search loss evaluations
+    (forward passes, counted whole). Each of these is at most one forward-backward
+    pass over one (micro-)batch; the passes of a step over the devices of a mesh
+    run side by side and count once.
+
+    ``None`` where the run missed the target, or where its curve predates the
+    line-search counts (``line_search_evaluations``)."""
+    at = record["steps_to_target"]
+    if at is None:
+        return None
+    h = record["hyperparameters"]
+    k, accumulation = h.get("micro_batches"), h.get("grad_accumulation") or 1
+    curve = record["curve"]
+    n = len(curve["step"])
+    evaluations = curve.get("line_search_evaluations") or [None] * n
+    phases = curve.get("phase") or [None] * n
+    total = 0
+    for step, phase, e in zip(curve["step"], phases, evaluations, strict=True):
+        if step > at:
+            break
+        if phase == "warmup":
+            total += 1
+        elif k is None:
+            total += accumulation
+        elif e is None:
+            return None
+        else:
+            total += k + e
+    return total
+
+
 def _chosen_entry(record: dict, seeds: list[dict], wanted: int) -> dict[str, Any]:
     """A chosen configuration: its tuning run's outcome, and the steps, tokens and
     time to the target of each seed with their medians and ranges."""
@@ -248,7 +284,16 @@ def _chosen_entry(record: dict, seeds: list[dict], wanted: int) -> dict[str, Any
         "median_time_s": _median([r["time_to_target"] for r in seeds])
         if len(seeds) == wanted else None,
         "missed_seeds": len(steps) - len(reached),
+        "serial_passes_by_seed": (serial := [serial_passes(r) for r in seeds]),
+        "median_serial_passes": _median(serial)
+        if len(seeds) == wanted and not _unknown(serial, steps) else None,
     }  # fmt: skip
+
+
+def _unknown(serial: list, steps: list) -> bool:
+    """Whether a seed reached the target with no count of its serial passes (a
+    curve recorded before they were kept)."""
+    return any(p is None and s is not None for p, s in zip(serial, steps, strict=True))
 
 
 def dumps(result: dict[str, Any]) -> str:

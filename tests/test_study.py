@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from eqx_gn.lm import ConfigError, TrainConfig
+from eqx_gn.lm import CONFIGS, ConfigError, TrainConfig
 from eqx_gn.lm.study import _command as study
 from eqx_gn.lm.study._plots import _color, curves_figure, steps_figure
 from eqx_gn.lm.study._protocol import (
@@ -263,7 +263,9 @@ class FakeTrainer:
         # The validation loss of a run at a step: by default the log-normal
         # rate's exponential (`rate`, `loss`).
         self.curve = curve or (
-            lambda c, step: loss(rate(c.method, c.lr, c.batch_size, c.seed), step)
+            lambda c, step: loss(
+                rate(c.method, c.learning_rate, c.batch_size, c.seed), step
+            )
         )
 
     def __call__(self, config):
@@ -282,7 +284,7 @@ class FakeTrainer:
                 "phase": "main" if main else "warmup",
                 "tokens": step * config.batch_size * SEQ,
                 "time_s": step * (2.0 if gn else 1.0),
-                "lr": config.lr,
+                "lr": config.learning_rate,
                 "train_loss": self.curve(config, step) + 0.01,
             }
             if gn and main:
@@ -319,6 +321,7 @@ class FakeTrainer:
         losses = [v for _, v in evals]
         ls_tokens = last.get("ls_tokens", 0)
         resolved = {
+            "learning_rate": config.learning_rate,
             "warmup_steps": config.warmup_steps,
             "seq_len": SEQ,
             "micro_batch_size": config.micro_batch_size if gn else None,
@@ -552,7 +555,12 @@ def test_runs_with_a_target_are_exact_to_one_step(finished):
     exact = 0
     for run in result["runs"]:
         config = run["config"]
-        r = rate(run["method"], config["lr"], run["batch_size"], config["seed"])
+        r = rate(
+            run["method"],
+            run["resolved"]["learning_rate"],
+            run["batch_size"],
+            config["seed"],
+        )
         oracle = steps_to(r, target, budget(run["batch_size"]))
         if config["target_loss"] is None:  # a free run: its evaluations only
             evaluated = [s for s in range(oracle or 1, STEPS + 1)
@@ -566,6 +574,40 @@ def test_runs_with_a_target_are_exact_to_one_step(finished):
         assert run["resolution"] == 1, run["name"]
         exact += 1
     assert exact >= 30
+
+
+def test_gn_runs_at_its_runner_default_on_every_seed(finished, tmp_path):
+    """Each GN method at its runner default (no tuned rate, as a user runs it) at
+    every batch size on every seed, against the target; its own row on the page."""
+    base, _, result = finished
+    runs = by_name(result)
+    # The runner's rule written out: min(1, tokens per micro-batch / 768), the
+    # study's micro-batch of MICRO sequences of the model's context.
+    assert result["settings"]["seq_len"] is None
+    fraction = min(1.0, MICRO * CONFIGS[result["settings"]["model"]].seq_len / 768)
+    for method in ("gn", "gn-layerwise"):
+        for b in BATCHES:
+            k = b // MICRO
+            names = [f"{method}_b{b}_default_K{k}" + (f"_seed{s}" if s else "")
+                     for s in range(SEEDS)]  # fmt: skip
+            for seed, name in enumerate(names):
+                run = runs[name]
+                assert run["role"] == "default" and run["config"]["lr"] is None
+                assert run["config"]["target_loss"] == result["target"]
+                assert run["resolved"]["learning_rate"] == pytest.approx(fraction)
+                r = rate(method, fraction, b, seed)
+                oracle = steps_to(r, result["target"], budget(b))
+                assert run["steps_to_target"] == oracle, name
+            entry = result["defaults"][method][str(b)]
+            assert entry["seed_runs"] == names
+            assert entry["lr"] == pytest.approx(fraction)
+            assert entry["steps_by_seed"] == [runs[n]["steps_to_target"] for n in names]
+    assert set(result["defaults"]) == {"gn", "gn-layerwise"}
+    write_report([base / "out"], tmp_path / "results.md")
+    page = (tmp_path / "results.md").read_text()
+    row, _ = [r for r in page_rows(page, "gn default") if len(r) == len(BATCHES) + 1]
+    for b, cell in zip(BATCHES, row[1:], strict=True):
+        assert cell.endswith(f"(lr {fraction:.3g}, K {b // MICRO})"), cell
 
 
 def test_seeds_of_every_chosen_configuration_at_every_batch(finished):
@@ -1085,16 +1127,16 @@ def plateau_curve(config, step):
     log-normal around 81 x the centre, too slow to reach the target more than
     1.5 x3 steps away; at the centre it creeps lower on the plateau (as the
     prototype's full GN did at 0.03: it left the plateau late and missed)."""
-    d = plateau_lr_steps(config.lr) - PLATEAU_OPTIMUM
+    d = plateau_lr_steps(config.learning_rate) - PLATEAU_OPTIMUM
     r = 0.075 * math.exp(-d * d / 2)
-    creep = 0.3 * math.exp(-((plateau_lr_steps(config.lr) / 0.3) ** 2))
+    creep = 0.3 * math.exp(-((plateau_lr_steps(config.learning_rate) / 0.3) ** 2))
     return L_INF + 2.4 * math.exp(-r * step) + 1.6 * math.exp(-step) - creep
 
 
 def plateau_steps(lr):
     """Steps to the target of the plateau fake at ``lr`` within the budget (the
     oracle), None where it misses."""
-    config = argparse.Namespace(lr=lr)
+    config = argparse.Namespace(learning_rate=lr)
     return next((t for t in range(1, STEPS + 1)
                  if plateau_curve(config, t) <= PLATEAU_TARGET), None)  # fmt: skip
 

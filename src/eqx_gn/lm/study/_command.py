@@ -35,7 +35,13 @@ evaluations extrapolate to the target: steps to the target are exact to one step
 
 **Seeds.** Every chosen configuration at every batch size runs with ``--seeds``
 seeds; the page shows medians and ranges. Tokens count every token a method read,
-GN's line-search batches included (`reached`).
+GN's line-search batches included (`reached`); serial passes count the passes over
+one (micro-)batch a run made in sequence to the target (a first-order step 1, or A
+with accumulation; a GN step its K inner steps and its line-search evaluations).
+
+**GN as a user runs it.** Each GN method also runs at its runner default (no
+``--lr``: no tuned rate) at every batch size on the same seeds (``defaults`` in
+study.json, a row ``<method> default`` on the page).
 
 **Layouts.** First-order methods run each step as one batch; GN works in ``K``
 micro-batches. With ``--layout-check`` (default on) every first-order method's
@@ -45,7 +51,8 @@ in both layouts.
 
 **Files.** ``OUT/study.json`` holds the settings, the rule, the target and its
 source, each method's tuning runs per batch size, the chosen configurations with
-their seeds, the claims and every run with its per-step ``curve``; the plots
+their seeds, GN's runner defaults, the claims and every run with its per-step
+``curve``; the plots
 ``steps_to_target.png`` (steps to target against batch size, the critical batch
 size figure) and ``loss_curves.png`` go next to it. Each run trains in its own
 directory under ``--runs-dir``; a run whose directory has a finished

@@ -67,13 +67,28 @@ def _median_cell(e: dict | None) -> str:
     return f"{e['median_steps']:g}{spread}"
 
 
+#: The row name's suffix of a GN method at its runner default.
+DEFAULT_ROW = " default"
+
+
+def _rows(result: dict) -> list[tuple[str, dict]]:
+    """The rows of the per-batch tables: each method's chosen configurations,
+    each GN method's runner default (``defaults``) after it."""
+    rows = []
+    for method, row in result["chosen"].items():
+        rows.append((method, row))
+        if method in result.get("defaults", {}):
+            rows.append((method + DEFAULT_ROW, result["defaults"][method]))
+    return rows
+
+
 def _serial_table(result: dict, sizes: list) -> list[str]:
     """Median tokens read and serial passes to the target per method and batch
     size; nothing for a study whose curves predate the passes' count."""
-    chosen = result["chosen"]
+    rows = _rows(result)
     if not any(
         e.get("median_serial_passes") is not None
-        for row in chosen.values()
+        for _, row in rows
         for e in row.values()
     ):
         return []
@@ -91,7 +106,7 @@ def _serial_table(result: dict, sizes: list) -> list[str]:
         "| method | " + " | ".join(f"{b} seq" for b in sizes) + " |",
         "|---" * (len(sizes) + 1) + "|",
     ]
-    for method, row in chosen.items():
+    for method, row in rows:
         cells = []
         for b in sizes:
             e = row.get(str(b))
@@ -173,7 +188,8 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
     )
     lines += [header + " |", "|---" * (len(sizes) + 1) + "|"]
     tuning = result.get("tuning", {})
-    for method, row in result["chosen"].items():
+    for method, row in _rows(result):
+        default = method.endswith(DEFAULT_ROW)
         cells = []
         for b in sizes:
             e = row.get(str(b))
@@ -184,9 +200,15 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
                 f", K {e['micro_batches']}" if e["micro_batches"] else ""
             )
             t = tuning.get(method, {}).get(str(b), {})
-            mark = "" if t.get("bracketed") else " \\*"
+            mark = "" if default or t.get("bracketed") else " \\*"
             cells.append(f"{_median_cell(e)} ({hp}){mark}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if result.get("defaults"):
+        lines += [
+            "",
+            f"`{DEFAULT_ROW.strip()}`: GN as a user runs it, at the runner's default "
+            "learning rate (no tuning; `defaults[method][batch]`), on every seed.",
+        ]
     lines += _serial_table(result, sizes)
     lines += [
         "",

@@ -46,10 +46,11 @@ CENTRES: dict[str, float] = {
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration of a method: its learning rate, and for GN the
-    micro-batches ``K`` of its outer step."""
+    """One configuration of a method: its learning rate (``None``: the runner's
+    default, GN's as a user runs it), and for GN the micro-batches ``K`` of its
+    outer step."""
 
-    lr: float
+    lr: float | None
     micro_batches: int | None = None
 
 

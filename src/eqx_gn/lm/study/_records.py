@@ -14,8 +14,10 @@ from ._protocol import Point, reached, resolution
 
 
 def run_name(method: str, batch: int, point: Point, seed: int = 0, accum: int = 1):
-    """``{method}_b{batch}_lr{lr}[_K{K}][_A{accum}][_seed{seed}]``."""
-    name = f"{method}_b{batch}_lr{point.lr:g}"
+    """``{method}_b{batch}_lr{lr}[_K{K}][_A{accum}][_seed{seed}]``, ``default`` for
+    ``lr{lr}`` at the runner's default learning rate."""
+    lr = "default" if point.lr is None else f"lr{point.lr:g}"
+    name = f"{method}_b{batch}_{lr}"
     if point.micro_batches is not None:
         name += f"_K{point.micro_batches}"
     if accum != 1:

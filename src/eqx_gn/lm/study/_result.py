@@ -12,6 +12,7 @@ from ._protocol import (
     BASELINES,
     TARGET_AT,
     TARGET_SEEDS,
+    Point,
     _point_of,
     centre,
     choose,
@@ -175,6 +176,21 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
             chosen.setdefault(method, {})[str(batch)] = _chosen_entry(
                 best, [r for r in seeds if r is not None], settings.seeds
             )
+    # GN at its runner default, where its runs exist (the first seed stands for
+    # the configuration, as a chosen run does).
+    defaults: dict[str, dict[str, dict]] = {}
+    for method in settings.methods:
+        for batch in sorted(settings.batch_sizes):
+            k = micro_batches(method, batch, settings.gn_micro_batch)
+            if k is None:
+                continue
+            seeds = [by_name.get(run_name(method, batch, Point(None, k), s))
+                     for s in range(settings.seeds)]  # fmt: skip
+            seeds = [r for r in seeds if r is not None]
+            if seeds:
+                defaults.setdefault(method, {})[str(batch)] = _chosen_entry(
+                    seeds[0], seeds, settings.seeds
+                )
     layouts = {}
     for r in runs:
         if r["role"] == "layout":
@@ -212,6 +228,7 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
         "target_source": target_source,
         "tuning": tuning,
         "chosen": chosen,
+        "defaults": defaults,
         "layouts": layouts,
         "claims": {
             "by_batch": {str(b): claims(chosen, b, settings.budget(b)) for b in sizes},
@@ -265,7 +282,8 @@ def _chosen_entry(record: dict, seeds: list[dict], wanted: int) -> dict[str, Any
     reached = [v for v in steps if v is not None]
     return {
         "run": record["name"],
-        "lr": h["lr"],
+        # The runner's default where the run left it (``lr`` None): as resolved.
+        "lr": h["lr"] if h["lr"] is not None else record["resolved"]["learning_rate"],
         "micro_batches": h["micro_batches"],
         "warmup_steps": record["resolved"].get("warmup_steps"),
         **{k: record[k] for k in (

@@ -270,6 +270,17 @@ class Study:
                     self.run(method, batch, _point_of(best), "seed", seed,
                              target=self.target)  # fmt: skip
             self._save(searched)
+        # 3b. GN as a user runs it: each GN method at its runner default (no
+        # tuned rate) at every batch size, on every seed.
+        for batch in sorted(s.batch_sizes, reverse=True):
+            for method in s.methods:
+                k = micro_batches(method, batch, s.gn_micro_batch)
+                if k is None:
+                    continue
+                for seed in range(s.seeds):
+                    self.run(method, batch, Point(None, k), "default", seed,
+                             target=self.target)  # fmt: skip
+            self._save(searched)
         # 4. The layout check: first-order methods with GN's micro-batches.
         if s.layout_check and "gn" in s.methods:
             gn = choose(searched["gn"].get(largest, []))

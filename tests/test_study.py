@@ -35,7 +35,13 @@ from eqx_gn.lm.study._report import (
     _critical_batch_lines,
     write_report,
 )
-from eqx_gn.lm.study._result import FORMAT, claims, serial_passes, timed_claims
+from eqx_gn.lm.study._result import (
+    FORMAT,
+    claims,
+    critical_batch,
+    serial_passes,
+    timed_claims,
+)
 from eqx_gn.lm.study._runs import Study
 
 SEQ = 8
@@ -762,6 +768,10 @@ def test_report_only_on_an_empty_directory(tmp_path):
          "--batch-sizes 8 does not divide --steps x the largest batch"),
         (["--batch-sizes", "8,x"], "--batch-sizes takes integers"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--budget-batch", "0"], "--budget-batch must be >= 1"),
+        (["--methods", "adamw", "--batch-sizes", "8,512", "--steps", "5",
+          "--budget-batch", "12"], "--batch-sizes 8 does not divide --steps x "
+         "--budget-batch"),
     ],
 )  # fmt: skip
 def test_one_line_errors(argv, message):
@@ -950,6 +960,58 @@ def test_serial_passes_count_each_step_on_the_critical_path():
     old = {k: v for k, v in curve.items() if k != "line_search_evaluations"}
     assert serial_passes({**gn, "curve": old}) is None
     assert serial_passes({**accumulated, "curve": old}) == 2 + 3 * 8
+
+
+def test_budgets_keep_the_tokens_up_to_the_budget_batch_and_the_steps_above():
+    """--budget-batch 256 with --steps 160 from 8 to 1024 sequences: every batch up
+    to 256 reads the tokens of 160 steps at 256, every larger one runs 160 steps;
+    without it, the largest batch sets the tokens (the second edition's rule)."""
+    sizes = "8,16,32,64,128,256,512,1024"
+    given = study.settings_from(
+        parse("--batch-sizes", sizes, "--steps", "160", "--budget-batch", "256")
+    )
+    budgets = {b: given.budget(b) for b in given.batch_sizes}
+    assert budgets == {8: 5120, 16: 2560, 32: 1280, 64: 640, 128: 320, 256: 160,
+                       512: 160, 1024: 160}  # fmt: skip
+    default = study.settings_from(parse("--batch-sizes", sizes, "--steps", "160"))
+    assert default.budget(1024) == 160 and default.budget(8) == 160 * 128
+
+
+def test_critical_batch_is_where_steps_leave_the_linear_line_by_20_percent():
+    """Zhang et al.'s measure against hand-made curves."""
+    budgets = dict.fromkeys((8, 16, 32, 64), 10_000)
+    # Linear to 16, then 1.1x and 1.6x the line (800 x 8 / b) at 32 and 64: the
+    # crossing lies between 32 and 64, where the power law through those two
+    # points is 1.2x the line.
+    c = critical_batch({8: 800, 16: 400, 32: 220, 64: 160}, budgets)
+    assert c["between"] == [32, 64] and c["bound"] is None
+    slope = math.log(1.6 / 1.1) / math.log(2)
+    assert 1.1 * (c["batch"] / 32) ** slope == pytest.approx(1.2)
+    assert 32 < c["batch"] < 64
+    # On the line at every batch: past the largest.
+    c = critical_batch({8: 800, 16: 400, 32: 200}, budgets)
+    assert (c["batch"], c["between"], c["bound"]) == (None, [32, None], "above")
+    # A miss within a budget 2.5x the line is past 1.2x; within 1.125x it says
+    # nothing about that batch.
+    c = critical_batch({8: 800, 16: None}, {8: 2000, 16: 1000})
+    assert (c["between"], c["bound"]) == ([8, 16], "missed")
+    c = critical_batch({8: 800, 16: None}, {8: 2000, 16: 450})
+    assert (c["between"], c["bound"]) == ([8, None], "missed")
+    assert critical_batch({8: None, 16: 400}, budgets)["bound"] == "unknown"
+
+
+def test_the_study_reports_each_methods_critical_batch(finished, tmp_path):
+    base, _, result = finished
+    budgets = {b: budget(b) for b in BATCHES}
+    for method in METHODS:
+        medians = {b: result["chosen"][method][str(b)]["median_steps"] for b in BATCHES}
+        assert result["critical_batch"][method] == critical_batch(medians, budgets)
+    assert "gn default" in result["critical_batch"]
+    write_report([base / "out"], tmp_path / "results.md")
+    page = (tmp_path / "results.md").read_text()
+    line = next(x for x in page.splitlines() if "Critical batch size" in x)
+    for method in METHODS:
+        assert f" {method} " in line
 
 
 def test_report_marks_an_unbracketed_choice(tmp_path):

@@ -11,8 +11,11 @@ needs most of a long budget, its seeds have headroom, and one seed's luck does
 not set it. study.json records the rule, the value, the runs and step it came
 from and the seeds' curves (``target_source``).
 
-**The budget.** A run at batch ``b`` has ``--steps * largest / b`` steps (the
-same tokens at every batch size), warm-up included; it stops at the target.
+**The budget.** A run at batch ``b`` has ``max(--steps, --steps * B / b)`` steps,
+``B`` the ``--budget-batch`` (default: the largest batch): the same tokens at every
+batch up to ``B``, and at least ``--steps`` steps above it, so that the large
+batches still have room to show their steps; warm-up included; a run stops at the
+target.
 
 **Tuning, one rule for all** (`next_point`): at each batch size, largest first,
 each method's learning rate is tried at its start (the declared centre at the
@@ -117,8 +120,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=150,
-        help="steps of a run at the largest batch, warm-up included (the same "
-        "tokens at every other batch size)",
+        help="steps of a run at the largest batch (or --budget-batch), warm-up "
+        "included; the same tokens at every smaller batch size",
+    )
+    a(
+        "--budget-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the batch size whose --steps steps set the tokens of every smaller "
+        "batch's budget; a larger batch runs --steps steps, reading more tokens "
+        "(default: the largest batch size)",
     )
     a(
         "--max-runs",
@@ -218,17 +230,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
                           f"{args.max_runs}")  # fmt: skip
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.budget_batch is not None and args.budget_batch < 1:
+        raise ConfigError(f"--budget-batch must be >= 1, got {args.budget_batch}")
     if args.gn_micro_batch < 1:
         raise ConfigError(f"--gn-micro-batch must be >= 1, got {args.gn_micro_batch}")
     batches = tuple(sorted(set(_ints(args.batch_sizes, "--batch-sizes"))))
     for method in methods:
         for b in batches:
             micro_batches(method, b, args.gn_micro_batch)
+        reference = args.budget_batch or max(batches)
         for b in batches:
-            if args.steps * max(batches) % b:
+            if b < reference and args.steps * reference % b:
                 raise ConfigError(
-                    f"--batch-sizes {b} does not divide --steps x the largest batch "
-                    f"({args.steps} x {max(batches)}): runs at each batch size "
+                    f"--batch-sizes {b} does not divide --steps x "
+                    + ("--budget-batch" if args.budget_batch else "the largest batch")
+                    + f" ({args.steps} x {reference}): runs at each batch size "
                     "read the same tokens"
                 )
     # Every other setting of the study is the option of the same name.

@@ -53,6 +53,16 @@ def _target_runs(source: dict, runs: dict[str, dict]) -> list[str]:
     return [*lines, ""]
 
 
+def _budget_text(s: dict, largest: int | str) -> str:
+    """The budget rule in words, from the study's settings."""
+    reference = s.get("budget_batch") or int(largest)
+    if reference >= int(largest):
+        return (f"{s['steps']} steps per run at batch {largest} and the same "
+                "tokens at the other batch sizes")  # fmt: skip
+    return (f"{s['steps']} steps per run at batch {reference} and the same tokens "
+            f"at the smaller batch sizes, {s['steps']} steps at the larger ones")  # fmt: skip
+
+
 def _median_cell(e: dict | None) -> str:
     """Median steps over seeds with their range, or why there is none."""
     if e is None:
@@ -158,8 +168,8 @@ def _study_section(result: dict, file: str, assets: str) -> list[str]:
         "",
         f"From `{file}`. Corpus: {s['text'] or 'Shakespeare (bundled)'}, "
         f"{s['tokenizer']} tokenizer; {_fmt(params, '{:,}')} parameters; sequences "
-        f"of {seq} tokens; {s['steps']} steps per run at batch {largest} and the "
-        f"same tokens at the other batch sizes (`budgets`), the first tenth AdamW "
+        f"of {seq} tokens; {_budget_text(s, largest)} (`budgets`), the first "
+        "tenth AdamW "
         f"warm-up; validation on {s['eval_batches']} fixed batches of "
         f"{s['eval_batch_size']} sequences. Device: {_device(result)} (`device`).",
         "",

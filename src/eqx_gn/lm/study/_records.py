@@ -152,11 +152,16 @@ class Settings:
     seed: int
     layout_check: bool
     timing_rounds: int = 0
+    #: The batch whose ``steps`` steps set the tokens of every smaller batch's
+    #: budget; ``None``: the largest.
+    budget_batch: int | None = None
 
     def budget(self, batch: int) -> int:
-        """Steps of a run at ``batch`` sequences: ``steps`` at the largest batch,
-        and the same tokens at every other."""
-        return self.steps * max(self.batch_sizes) // batch
+        """Steps of a run at ``batch`` sequences: the tokens of ``steps`` steps at
+        `budget_batch` (the largest batch by default), and at least ``steps``
+        steps (a batch above ``budget_batch`` reads more tokens)."""
+        reference = self.budget_batch or max(self.batch_sizes)
+        return max(self.steps, self.steps * reference // batch)
 
     def train_config(
         self, method: str, batch: int, point: Point, out: Path, **changes: Any

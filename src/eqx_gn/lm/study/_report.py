@@ -65,6 +65,34 @@ def _steps_over_gn(c: dict) -> str:
             f"({_fmt(c[f'{key}_after_warmup'], '{:.2f}')})")  # fmt: skip
 
 
+def _critical_text(method: str, c: dict) -> str:
+    low, high = c["between"] or (None, None)
+    if c["bound"] is None:
+        return f"{method} {c['batch']:.0f} (between {low} and {high})"
+    if c["bound"] == "above":
+        return f"{method} > {low} (within the line at every batch)"
+    if c["bound"] == "missed" and high is not None:
+        return f"{method} between {low} and {high} (missed the target at {high})"
+    if c["bound"] == "missed":
+        return f"{method} >= {low} (the next batch missed within a short budget)"
+    return f"{method} unknown (missed at the smallest batch)"
+
+
+def _critical_batch_sizes(result: dict) -> list[str]:
+    """Each method's critical batch size (`critical_batch`), in one line."""
+    critical = result.get("critical_batch")
+    if not critical:
+        return []
+    return [
+        "- Critical batch size, Zhang et al.'s measure (the batch where the median "
+        "steps to the target exceed the linear-scaling line from the smallest batch "
+        "by 20%, interpolated in log-log between the two batches around it; "
+        "`critical_batch`): "
+        + ", ".join(_critical_text(m, c) for m, c in critical.items())
+        + "."
+    ]
+
+
 def _critical_batch_lines(result: dict) -> list[str]:
     """Whether GN's steps keep falling where the baselines' flatten: each
     method's fall in median steps over the last doubling(s) of the batch."""
@@ -73,7 +101,7 @@ def _critical_batch_lines(result: dict) -> list[str]:
         return []
     lo, hi = sizes[-2], sizes[-1]
     budget = result["budgets"][str(hi)]
-    lines = []
+    lines = _critical_batch_sizes(result)
     falls = {}
     below = {}  # methods that missed at hi: their fall is below lo's steps / budget
     for method, row in result["chosen"].items():
@@ -84,7 +112,8 @@ def _critical_batch_lines(result: dict) -> list[str]:
         elif lo in pts and top.get("seeds_complete") and top["median_steps"] is None:
             below[method] = pts[lo] / budget
     if not falls:
-        return ["- No method reached the target at both of the two largest batch "
+        return [*lines,
+                "- No method reached the target at both of the two largest batch "
                 "sizes: the figure's right end cannot be read."]  # fmt: skip
     ideal = hi / lo
     text = ", ".join(

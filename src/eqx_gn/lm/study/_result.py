@@ -191,6 +191,17 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
                 defaults.setdefault(method, {})[str(batch)] = _chosen_entry(
                     seeds[0], seeds, settings.seeds
                 )
+    budgets = {b: settings.budget(b) for b in settings.batch_sizes}
+    critical = {}
+    for method, row in [*chosen.items(),
+                        *((m + " default", r) for m, r in defaults.items())]:  # fmt: skip
+        medians = {
+            b: row[str(b)]["median_steps"]
+            for b in settings.batch_sizes
+            if str(b) in row and row[str(b)]["seeds_complete"]
+        }
+        if len(medians) >= 2:
+            critical[method] = critical_batch(medians, budgets)
     layouts = {}
     for r in runs:
         if r["role"] == "layout":
@@ -229,6 +240,7 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
         "tuning": tuning,
         "chosen": chosen,
         "defaults": defaults,
+        "critical_batch": critical,
         "layouts": layouts,
         "claims": {
             "by_batch": {str(b): claims(chosen, b, settings.budget(b)) for b in sizes},
@@ -236,6 +248,50 @@ def build_result(settings: Settings, target, target_source, searched, tuning,
         },
         "runs": runs,
     }
+
+
+#: Zhang et al. (2024)'s measure of the critical batch size: the batch at which
+#: the steps to the target exceed the linear-scaling line by this factor.
+CRITICAL_EXCESS = 1.2
+
+
+def critical_batch(
+    steps: dict[int, int | float | None], budgets: dict[int, int]
+) -> dict[str, Any]:
+    r"""Where a method's median steps to the target, ``steps[batch]`` (``None``:
+    missed within ``budgets[batch]`` steps), leave the linear-scaling line from
+    its smallest batch $b_0$, $S(b_0)\,b_0 / b$, by more than `CRITICAL_EXCESS`.
+
+    ``batch``: the crossing, interpolated in $\log$ excess against $\log b$
+    between the last batch within the line's 20% and the first beyond it;
+    ``between``: those two batches; ``bound``: ``"above"`` when no measured batch
+    left the line (the critical batch is past the largest, ``between[1]`` None),
+    ``"missed"`` when the next batch only missed the target (the crossing lies
+    between the two, its place unknown; ``between[1]`` None where that batch's
+    budget is itself within the 20%, so the miss says nothing), ``"unknown"`` when
+    the smallest batch missed."""
+    sizes = sorted(steps)
+    b0 = sizes[0]
+    if steps[b0] is None:
+        return {"batch": None, "between": None, "bound": "unknown"}
+    previous, excess_before = b0, 1.0
+    for b in sizes[1:]:
+        line = steps[b0] * b0 / b
+        if steps[b] is None:
+            # A miss says only that the steps exceed the budget: past the line's
+            # 20% if the budget is, and otherwise nothing about b.
+            beyond = budgets[b] / line >= CRITICAL_EXCESS
+            return {"batch": None, "between": [previous, b if beyond else None],
+                    "bound": "missed"}  # fmt: skip
+        excess = steps[b] / line
+        if excess > CRITICAL_EXCESS:
+            t = (math.log(CRITICAL_EXCESS) - math.log(excess_before)) / (
+                math.log(excess) - math.log(excess_before)
+            )
+            crossing = math.exp(math.log(previous) + t * math.log(b / previous))
+            return {"batch": crossing, "between": [previous, b], "bound": None}
+        previous, excess_before = b, excess
+    return {"batch": None, "between": [sizes[-1], None], "bound": "above"}
 
 
 def serial_passes(record: dict) -> int | None:

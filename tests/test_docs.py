@@ -104,6 +104,16 @@ def test_snippet_includes_are_well_formed():
     assert found >= 4  # home, two guides, Getting started
 
 
+def test_pages_hold_no_control_characters():
+    """No page holds a control character other than a newline: a backslash escape
+    lost in a Python string once turned the solvers guide's ``\\frac`` and
+    ``\\text`` into a form feed and a tab, and the formula into garbage."""
+    for page in [*_pages(), REPO / "README.md"]:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            bad = [c for c in line if ord(c) < 32]
+            assert not bad, f"{page.relative_to(REPO)}:{number}: control {bad[0]!r}"
+
+
 def test_ruff_format_leaves_markdown_alone():
     """Markdown is excluded from ruff format, even when a file is named explicitly."""
     ruff = shutil.which("ruff")

@@ -67,11 +67,109 @@ def test_softmax_regression_cg_step_is_the_newton_step(getkey):
     hessian = jax.hessian(total)(flat)
     newton = -np.linalg.pinv(np.asarray(hessian)) @ np.asarray(jax.grad(total)(flat))
     problem = eqx_gn.GNProblem(apply, loss, None, None)
-    solver = exact_cg()
+    # G is singular (a shift of every logit changes nothing), so undamped CG from
+    # 0 gives the minimum-norm solution, pinv's, only unpreconditioned: PCG's
+    # iterates lie in M^-1 range(G), which leaves the null space.
+    solver = exact_cg(preconditioner="none")
     d = solver.solve(
         problem, model, stacked(x, y, 3), solver.init(model), jnp.asarray(0)
     ).direction
     np.testing.assert_allclose(ravel_pytree(d)[0], newton, atol=1e-8)
+
+
+def _dense_pcg(a, b, m_inv, iterations, x0):
+    """Preconditioned CG on a x = b from x0, written out on dense arrays."""
+    x = x0.copy()
+    r = b - a @ x0
+    z = m_inv * r
+    p = z.copy()
+    for _ in range(iterations):
+        alpha = (r @ z) / (p @ a @ p)
+        x = x + alpha * p
+        r_new = r - alpha * (a @ p)
+        z_new = m_inv * r_new
+        p = z_new + (r_new @ z_new) / (r @ z) * p
+        r, z = r_new, z_new
+    return x
+
+
+# Each feature alone is seen in one case, both off in the other.
+@pytest.mark.parametrize(
+    ("preconditioner", "warm_start"), [("none", False), ("diagonal", True)]
+)
+def test_cg_iterates_are_preconditioned_cg_on_the_dense_damped_system(
+    getkey, preconditioner, warm_start
+):
+    # A tanh MLP under softmax cross-entropy in float64, 3 CG iterations (far
+    # from converged, so the path, not only the solution, is compared), solved
+    # twice from the same point on two data sets: the second solve starts from
+    # the first's solution times the decay when warm-started, else from 0.
+    model = f64(eqx.nn.MLP(3, 4, 5, 1, activation=jnp.tanh, key=getkey()))
+    k, damping, floor, exponent, decay = 3, 0.05, 0.01, 0.75, 0.9
+    loss = eqx_gn.SoftmaxCrossEntropy()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(params)
+
+    def outputs(theta, inputs):
+        return apply(eqx.combine(unravel(theta), static), inputs)
+
+    def total(theta, inputs, targets):
+        return loss.value(outputs(theta, inputs), targets)
+
+    def dense_solve(x, y, m_inv_of, x0):
+        # G = J^T H J on all 24 examples, written out: H is softmax's Hessian.
+        jac = jax.jacfwd(outputs)(flat, x)  # (24, 4, P)
+        prob = jax.nn.softmax(outputs(flat, x))
+        h = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(prob) / len(x)
+        gn = np.asarray(jnp.einsum("nip,nij,njq->pq", jac, h, jac))
+        g = np.asarray(jax.grad(total)(flat, x, y))
+        # Martens' diagonal: the mean square of the 3 micro-batches' gradients.
+        micro = [jax.grad(total)(flat, x[i::k], y[i::k]) for i in range(k)]
+        second = np.mean([np.asarray(m) ** 2 for m in micro], axis=0)
+        m_inv = m_inv_of(second)
+        a = gn + damping * np.eye(g.size)
+        return _dense_pcg(a, -g, m_inv, 3, x0), _dense_pcg(a, -g, 1 + 0 * g, 3, x0)
+
+    if preconditioner == "diagonal":
+
+        def m_inv_of(second):
+            return 1.0 / (second + floor * second.mean()) ** exponent
+    else:
+
+        def m_inv_of(second):
+            return np.ones_like(second)
+
+    solver = eqx_gn.CG(
+        damping=damping,
+        max_iterations=3,
+        tolerance=0.0,
+        preconditioner=preconditioner,
+        preconditioner_floor=floor,
+        preconditioner_exponent=exponent,
+        warm_start=warm_start,
+        warm_start_decay=decay,
+    )
+    problem = eqx_gn.GNProblem(apply, loss, None, None)
+    state = solver.init(model)
+    x0 = np.zeros(flat.size)
+    for _ in range(2):
+        x = jax.random.normal(getkey(), (24, 3))
+        y = jax.random.randint(getkey(), (24,), 0, 4)
+        expected, plain = dense_solve(x, y, m_inv_of, x0)
+        # Micro-batch i holds examples i, i + 3, ...: the (b, k) order CG
+        # concatenates them in.
+        batches = (
+            jnp.stack([x[i::k] for i in range(k)]),
+            jnp.stack([y[i::k] for i in range(k)]),
+        )
+        solution = solver.solve(problem, model, batches, state, jnp.asarray(0))
+        direction = np.asarray(ravel_pytree(solution.direction)[0])
+        np.testing.assert_allclose(direction, expected, rtol=1e-9, atol=1e-12)
+        # The preconditioner changes the path (so the comparison can tell).
+        differs = not np.allclose(plain, expected, rtol=1e-3)
+        assert differs == (preconditioner == "diagonal")
+        state = solution.state
+        x0 = decay * direction if warm_start else np.zeros(flat.size)
 
 
 class TwoTowers(eqx.Module):

@@ -95,10 +95,11 @@ def _by_hand(config, model, case):
             line_search=eqx_gn.GridLineSearch(grid_size=4),
             blocks=layerwise_blocks(model), trust=eqx_gn.FixedTrust(),
         )  # fmt: skip
-    assert case == "cg"
+    assert case in ("cg", "cg-plain")
+    plain = dict(preconditioner="none", warm_start=False) if case == "cg-plain" else {}
     return eqx_gn.GaussNewton(
         apply_fn(model), loss,
-        solver=eqx_gn.CG(max_iterations=5, damping=1e-2),
+        solver=eqx_gn.CG(max_iterations=5, damping=1e-2, **plain),
         line_search=eqx_gn.GridLineSearch(grid_size=8, min_step_size=2.0**-10),
         trust=eqx_gn.LevenbergMarquardt(),
     )  # fmt: skip
@@ -123,6 +124,14 @@ CASES = {
         trust="fixed",
     ),
     "cg": GNConfig(steps=10, solver="cg", cg_iterations=5, cg_damping=1e-2),
+    "cg-plain": GNConfig(
+        steps=10,
+        solver="cg",
+        cg_iterations=5,
+        cg_damping=1e-2,
+        cg_preconditioner="none",
+        cg_warm_start=0.0,
+    ),
 }
 
 
@@ -222,6 +231,10 @@ def test_defaults_resolve_by_solver_and_a_run_gives_its_own():
         ),
         (dict(solver="cg", lr=0.1), "lr does not apply to solver 'cg'"),
         (dict(solver="cg", cg_damping=0.0), "cg_damping must be > 0"),
+        (dict(cg_preconditioner="none"), "cg_preconditioner applies to solver 'cg'"),
+        (dict(cg_warm_start=0.0), "cg_warm_start applies to solver 'cg' only"),
+        (dict(solver="cg", cg_preconditioner="jacobi"), "unknown cg_preconditioner"),
+        (dict(solver="cg", cg_warm_start=1.5), "cg_warm_start must be in [0, 1]"),
         (dict(lr=-1.0), "lr must be > 0"),
         (dict(b2=1.0), "b2 must be in [0, 1)"),
         (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
@@ -251,8 +264,8 @@ def test_every_setting_is_checked_where_it_is_declared():
             with pytest.raises(ConfigError, match=re.escape(message)):
                 TrainConfig(**{field.name: low - 1})
             integers += 1
-    assert choices == 9  # model, compute_dtype, optimizer, blocks, solver, inner,
-    # inner_step, line_search, trust
+    assert choices == 10  # model, compute_dtype, optimizer, blocks, solver, inner,
+    # inner_step, line_search, trust, cg_preconditioner
     assert integers == 22
     assert choices_of(dataclasses.fields(TrainConfig)[0]) is None
     assert choices_of(TrainConfig.__dataclass_fields__["blocks"]) == BLOCKS
@@ -321,3 +334,25 @@ def test_a_run_saved_before_inner_step_resumes_as_it_ran():
     assert TrainConfig.from_dict({**saved, "trust": "fixed"}).trust_rule == "fixed"
     cg = TrainConfig.from_dict({**saved, "solver": "cg"})
     assert (cg.inner_step_rule, cg.trust_rule) == (None, "levenberg-marquardt")
+
+
+def test_a_cg_run_saved_before_the_preconditioner_resumes_as_plain_cg():
+    # config.json written before CG had a preconditioner and a warm start: it ran
+    # plain CG from zero, so that is what it reads back as (and a resume with
+    # today's defaults differs from it in exactly those two settings).
+    saved = TrainConfig(solver="cg").to_dict()
+    del saved["cg_preconditioner"], saved["cg_warm_start"]
+    old = TrainConfig.from_dict(saved)
+    assert (old.cg_preconditioner, old.cg_warm_start) == ("none", 0.0)
+    assert set(TrainConfig(solver="cg").differences(old)) == {
+        "cg_preconditioner",
+        "cg_warm_start",
+    }
+    model = Transformer(get_config("tiny", seq_len=16), jax.random.key(0))
+    solver = old.gn.build(model).solver
+    assert (solver.preconditioner, solver.warm_start) == ("none", False)
+    # A run of another solver keeps the defaults it could not have changed.
+    inner = TrainConfig.from_dict(
+        {k: v for k, v in TrainConfig().to_dict().items() if not k.startswith("cg_p")}
+    )
+    assert inner.cg_preconditioner == "diagonal"

@@ -1,6 +1,6 @@
 r"""Hessian-free: conjugate gradient on the damped GN system."""
 
-from typing import final
+from typing import Literal, final
 
 import equinox as eqx
 import jax
@@ -15,6 +15,7 @@ from .._misc import (
     tree_vdot,
     tree_zeros_like,
 )
+from .._sharding import as_varying, psum
 from .._trust import AbstractTrustRule, LevenbergMarquardt
 from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
@@ -48,6 +49,40 @@ def _concatenate(batches):
     return jax.tree.map(merge, batches)
 
 
+def _gradient_second_moment(problem: GNProblem, model: Model, batches) -> Params:
+    r"""$F = \frac1K \sum_k g_k \odot g_k$, the mean square of the K micro-batches'
+    loss gradients at $\theta_0$ (one backward pass per micro-batch, in a scan)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    # Device-varying, as `QuadraticModel.gradient` does: the one `psum` below is
+    # the pull-back's only sum over the data axis.
+    theta = as_varying(params, problem.axis_name)
+    axis = problem.axis_name
+
+    def body(total, batch):
+        inputs, targets = batch
+        outputs, pullback = jax.vjp(
+            lambda p: problem.fn(eqx.combine(p, static), inputs), theta
+        )
+        (grad,) = pullback(problem.loss.grad(outputs, targets, axis_name=axis))
+        grad = psum(grad, axis)
+        return jax.tree.map(lambda t, g: t + g * g, total, grad), None
+
+    total, _ = jax.lax.scan(body, tree_zeros_like(params), batches)
+    k = jax.tree.leaves(batches)[0].shape[0]
+    return tree_scale(1.0 / k, total)
+
+
+def _diagonal_preconditioner(second_moment: Params, floor, exponent) -> Params:
+    r"""$M = (F + \epsilon \bar F)^\xi$, with $\bar F$ the mean of $F$ over every
+    entry: Martens' (2010) preconditioner with a floor relative to $F$'s scale."""
+    leaves = jax.tree.leaves(second_moment)
+    size = sum(x.size for x in leaves)
+    mean = sum(jnp.sum(x) for x in leaves) / size
+    # A zero F (no gradient at all) leaves M = 1: plain CG.
+    offset = jnp.where(mean > 0, floor * mean, 1.0)
+    return jax.tree.map(lambda f: (f + offset) ** exponent, second_moment)
+
+
 @final
 class CG(AbstractGNSolver[CGState]):
     r"""Conjugate gradient on $(G + \lambda I)\, d = -g$.
@@ -60,10 +95,23 @@ class CG(AbstractGNSolver[CGState]):
     that is Levenberg-Marquardt damping ($\lambda \leftarrow \frac32\lambda$ when
     the actual decrease at unit step is below $\frac14$ of the predicted one,
     $\lambda \leftarrow \frac23\lambda$ above $\frac34$); with
-    [`eqx_gn.FixedTrust`][], $\lambda$ stays ``damping``. ``warm_start`` starts CG
-    from the previous solution (scaled by ``warm_start_decay``) instead of 0.
+    [`eqx_gn.FixedTrust`][], $\lambda$ stays ``damping``.
 
-    ``tolerance``, ``damping`` and ``warm_start_decay`` may be scalar arrays: they
+    Two of Martens' (2010) devices are on by default, as in his Hessian-free
+    method: ``warm_start`` starts CG from the previous solution scaled by
+    ``warm_start_decay`` (``False``: from 0), so the Krylov progress of one step
+    carries to the next; ``preconditioner="diagonal"`` runs preconditioned CG with
+    $M = (F + \epsilon \bar F)^\xi$, where $F$ is the mean square of the K
+    micro-batches' gradients at $\theta_0$ (one more backward pass per
+    micro-batch), $\bar F$ its mean entry, $\epsilon$ = ``preconditioner_floor``
+    and $\xi$ = ``preconditioner_exponent`` (``"none"``: $M = I$). The
+    preconditioner changes the path CG takes within ``max_iterations``, not the
+    solution of a nonsingular system ($\lambda > 0$); with $\lambda = 0$ and a
+    singular $G$, unpreconditioned CG from 0 converges to the minimum-norm
+    solution and PCG to another.
+
+    ``tolerance``, ``damping``, ``warm_start_decay`` and the preconditioner's two
+    numbers may be scalar arrays: they
     are traced under ``jit``, so a sweep over them compiles once (and vmaps).
     """
 
@@ -71,8 +119,13 @@ class CG(AbstractGNSolver[CGState]):
     # Numbers, not static: a scalar array is traced (a sweep compiles once).
     tolerance: float | Float[Array, ""] = 1e-6
     damping: float | Float[Array, ""] = 1e-3
-    warm_start: bool = eqx.field(default=False, static=True)
+    warm_start: bool = eqx.field(default=True, static=True)
     warm_start_decay: float | Float[Array, ""] = 0.95
+    preconditioner: Literal["none", "diagonal"] = eqx.field(
+        default="diagonal", static=True
+    )
+    preconditioner_floor: float | Float[Array, ""] = 1e-3
+    preconditioner_exponent: float | Float[Array, ""] = 0.75
 
     def __check_init__(self):
         if self.max_iterations < 1:
@@ -83,6 +136,25 @@ class CG(AbstractGNSolver[CGState]):
         check_number("CG", "damping", self.damping, lambda v: v >= 0, ">= 0")
         check_number(
             "CG", "warm_start_decay", self.warm_start_decay, lambda v: v >= 0, ">= 0"
+        )
+        if self.preconditioner not in ("none", "diagonal"):
+            raise ValueError(
+                "CG: preconditioner must be 'none' or 'diagonal', got "
+                f"{self.preconditioner!r}."
+            )
+        check_number(
+            "CG",
+            "preconditioner_floor",
+            self.preconditioner_floor,
+            lambda v: v > 0,
+            "> 0",
+        )
+        check_number(
+            "CG",
+            "preconditioner_exponent",
+            self.preconditioner_exponent,
+            lambda v: v >= 0,
+            ">= 0",
         )
 
     def default_trust(self) -> AbstractTrustRule:
@@ -116,34 +188,59 @@ class CG(AbstractGNSolver[CGState]):
         def operator(v):
             return tree_axpy(damping, v, model_q.gnvp(v))
 
+        if self.preconditioner == "diagonal":
+            m = _diagonal_preconditioner(
+                _gradient_second_moment(problem, model, batches),
+                self.preconditioner_floor,
+                self.preconditioner_exponent,
+            )
+
+            def precondition(r):
+                return jax.tree.map(jnp.divide, r, m)
+        else:
+
+            def precondition(r):
+                return r
+
         if self.warm_start:
             x0 = tree_scale(self.warm_start_decay, state.previous)
             r0 = jax.tree.map(lambda a, b: -a - b, g, operator(x0))
         else:
             x0 = tree_zeros_like(g)
             r0 = tree_scale(-1.0, g)
-        rr0 = tree_vdot(r0, r0)
+        z0 = precondition(r0)
         threshold = (self.tolerance**2) * tree_vdot(g, g)
 
+        # Preconditioned CG (M = I without a preconditioner): rz = r.M^-1 r
+        # drives the steps, rr = r.r the stopping test.
         def cond(carry):
-            i, _, _, _, rr, breakdown = carry
+            i, _, _, _, _, rr, breakdown = carry
             return (i < self.max_iterations) & (rr > threshold) & ~breakdown
 
         def body(carry):
-            i, x, r, p, rr, _ = carry
+            i, x, r, p, rz, _, _ = carry
             ap = operator(p)
             pap = tree_vdot(p, ap)
             breakdown = ~(pap > 0)
-            alpha = jnp.where(breakdown, 0.0, rr / jnp.where(breakdown, 1.0, pap))
+            alpha = jnp.where(breakdown, 0.0, rz / jnp.where(breakdown, 1.0, pap))
             x = tree_axpy(alpha, p, x)
             r = tree_axpy(-alpha, ap, r)
-            rr_new = tree_vdot(r, r)
-            beta = rr_new / jnp.where(rr > 0, rr, 1.0)
-            p = tree_axpy(beta, p, r)
-            return i + 1, x, r, p, rr_new, breakdown
+            z = precondition(r)
+            rz_new = tree_vdot(r, z)
+            beta = rz_new / jnp.where(rz > 0, rz, 1.0)
+            p = tree_axpy(beta, p, z)
+            return i + 1, x, r, p, rz_new, tree_vdot(r, r), breakdown
 
-        init = (jnp.asarray(0), x0, r0, r0, rr0, jnp.asarray(False))
-        iterations, x, r, _, _, _ = jax.lax.while_loop(cond, body, init)
+        init = (
+            jnp.asarray(0),
+            x0,
+            r0,
+            z0,
+            tree_vdot(r0, z0),
+            tree_vdot(r0, r0),
+            jnp.asarray(False),
+        )
+        iterations, x, r, *_ = jax.lax.while_loop(cond, body, init)
         # (G + lambda I) x = -g - r, so x.Gx = -x.g - x.r - lambda x.x: the model value
         # needs no extra product.
         gx = tree_vdot(g, x)

@@ -337,8 +337,8 @@ def _config_values(args: argparse.Namespace, default_out: str) -> dict[str, Any]
 
 
 #: Settings of GN only, and of GN's CG solver only.
-_GN_ONLY = ("line_search", "trust", "cg_damping", "cg_iterations")
-_CG_ONLY = ("cg_damping", "cg_iterations")
+_CG_ONLY = ("cg_damping", "cg_iterations", "cg_preconditioner", "cg_warm_start")
+_GN_ONLY = ("line_search", "trust", *_CG_ONLY)
 
 
 def applicable(values: dict[str, Any], method: dict[str, str]) -> dict[str, Any]:

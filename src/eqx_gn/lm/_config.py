@@ -34,6 +34,7 @@ from ._gn_config import CG_DEFAULTS, GNConfig
 from ._methods import (
     DEFAULT_LEARNING_RATES,
     BlockPartition,
+    CGPreconditioner,
     Inner,
     InnerStep,
     LineSearch,
@@ -292,6 +293,19 @@ class _GaussNewton:
     )
     cg_iterations: int = _setting(
         CG_DEFAULTS["cg_iterations"], "GN with solver cg: CG iterations per outer step"
+    )
+    cg_preconditioner: CGPreconditioner = _setting(
+        CG_DEFAULTS["cg_preconditioner"],
+        "GN with solver cg: 'diagonal' is Martens' (F + 1e-3 mean F)^0.75, F the "
+        "mean square of the micro-batches' gradients (one more backward pass per "
+        "micro-batch); 'none' is plain CG",
+    )
+    cg_warm_start: float = _setting(
+        CG_DEFAULTS["cg_warm_start"],
+        "GN with solver cg: CG starts from the previous step's solution times X "
+        "(Martens' 0.95); 0 starts it from zero",
+        metavar="X",
+        check=_in(0.0, 1.0, "[]"),
     )
 
 
@@ -624,9 +638,14 @@ class TrainConfig(
         values = dict(values)
         if str(values.get("optimizer", "")).startswith("gn-"):
             values.update(parse_method(values["optimizer"]))
+        cg = values.get("optimizer") == "gn" and values.get("solver") == "cg"
         if values.get("optimizer") == "gn" and "trust" not in values:
-            cg = values.get("solver") == "cg"
             values["trust"] = "levenberg-marquardt" if cg else "fixed"
+        if cg and "cg_preconditioner" not in values:
+            # Saved before CG had a preconditioner and a warm start: plain CG
+            # from zero.
+            values["cg_preconditioner"] = "none"
+            values.setdefault("cg_warm_start", 0.0)
         inner_loop = values.get("solver", "inner") != "cg"
         if (
             values.get("optimizer") == "gn"
@@ -688,6 +707,8 @@ _GN_ONLY = (
     "inner_step",
     "cg_damping",
     "cg_iterations",
+    "cg_preconditioner",
+    "cg_warm_start",
     "line_search",
     "trust",
 )

@@ -32,6 +32,7 @@ from ._checks import (
 from ._errors import ConfigError, setting
 from ._methods import (
     BLOCKS,
+    CG_PRECONDITIONERS,
     GN_INNER_LEARNING_RATES,
     INNER_STEPS,
     INNERS,
@@ -39,6 +40,7 @@ from ._methods import (
     SOLVERS,
     TRUST_RULES,
     BlockPartition,
+    CGPreconditioner,
     Inner,
     InnerStep,
     LineSearch,
@@ -63,7 +65,12 @@ from ._optimizers import LM_LOSS, first_order
 #: default grid's smallest step 2^-3.5, at most 7 halvings.
 MIN_STEP_SIZE = 2.0**-10
 #: CG's settings at their defaults: any other value needs solver ``cg``.
-CG_DEFAULTS = {"cg_damping": 1e-3, "cg_iterations": 20}
+CG_DEFAULTS = {
+    "cg_damping": 1e-3,
+    "cg_iterations": 20,
+    "cg_preconditioner": "diagonal",
+    "cg_warm_start": 0.95,
+}
 
 
 # The class checks its own values (a choice outside its Literal included) and
@@ -82,7 +89,9 @@ class GNConfig:
     its first-order method is, $\beta_2$ = ``b2``, weight decay, clipping to
     ``max_grad_norm``) at inner learning rate ``lr`` on one global cosine over
     the inner steps of ``steps`` outer steps, warm-started; or `eqx_gn.CG` with
-    ``cg_iterations`` iterations from damping ``cg_damping``; the line search:
+    ``cg_iterations`` iterations from damping ``cg_damping``, preconditioned by
+    ``cg_preconditioner`` and started from the previous solution times
+    ``cg_warm_start`` (0: from zero); the line search:
     `eqx_gn.GridLineSearch` over ``ls_grid`` step sizes, exhaustive (``"grid"``)
     or walked from the last step's choice (``"warm"``), or `eqx_gn.UnitStep`
     (``"none"``); and the ``trust`` rule: `eqx_gn.AdaptiveTrust`,
@@ -117,6 +126,8 @@ class GNConfig:
     trust: TrustRule | None = None
     cg_damping: float = CG_DEFAULTS["cg_damping"]
     cg_iterations: int = CG_DEFAULTS["cg_iterations"]
+    cg_preconditioner: CGPreconditioner = CG_DEFAULTS["cg_preconditioner"]
+    cg_warm_start: float = CG_DEFAULTS["cg_warm_start"]
     b2: float = 0.95
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -154,6 +165,8 @@ class GNConfig:
             lr=self.lr,
             cg_damping=self.cg_damping,
             cg_iterations=self.cg_iterations,
+            cg_preconditioner=self.cg_preconditioner,
+            cg_warm_start=self.cg_warm_start,
         )
         for name in ("steps", "ls_grid"):
             check_integer(name, getattr(self, name))
@@ -186,7 +199,13 @@ class GNConfig:
             "fixed": FixedTrust,
         }[self.trust]()
         if self.solver == "cg":
-            solver = CG(max_iterations=self.cg_iterations, damping=self.cg_damping)
+            solver = CG(
+                max_iterations=self.cg_iterations,
+                damping=self.cg_damping,
+                preconditioner=self.cg_preconditioner,
+                warm_start=self.cg_warm_start > 0,
+                warm_start_decay=self.cg_warm_start,
+            )
         else:
             # The inner optimizer at unit learning rate, built as its first-order
             # method is: the solver's learning rate and schedule scale its updates.
@@ -236,10 +255,13 @@ def check_gn_settings(
     lr: float | None,
     cg_damping: float,
     cg_iterations: int,
+    cg_preconditioner: str = CG_DEFAULTS["cg_preconditioner"],
+    cg_warm_start: float = CG_DEFAULTS["cg_warm_start"],
     inner_step: str | None = None,
 ) -> None:
     """The settings that depend on GN's solver: CG has no inner optimizer and no
-    learning rate, and only CG has a damping and an iteration count."""
+    learning rate, and only CG has a damping, an iteration count, a
+    preconditioner and a warm start."""
     if solver == "cg":
         if inner != "muon":
             raise ConfigError(
@@ -259,6 +281,8 @@ def check_gn_settings(
             )
         check_positive("cg_damping", cg_damping)
         check_integer("cg_iterations", cg_iterations)
+        check_choice("cg_preconditioner", cg_preconditioner, CG_PRECONDITIONERS)
+        check_range("cg_warm_start", cg_warm_start, 0.0, 1.0, "[]")
         return
     if solver == "trueloss" and inner_step == "model":
         raise ConfigError(
@@ -266,7 +290,13 @@ def check_gn_settings(
             "solver 'trueloss' does not have (the ablation takes its steps from "
             f"{setting('lr')})"
         )
-    for name, value in (("cg_damping", cg_damping), ("cg_iterations", cg_iterations)):
+    cg = {
+        "cg_damping": cg_damping,
+        "cg_iterations": cg_iterations,
+        "cg_preconditioner": cg_preconditioner,
+        "cg_warm_start": cg_warm_start,
+    }
+    for name, value in cg.items():
         if value != CG_DEFAULTS[name]:
             raise ConfigError(f"{setting(name)} applies to solver 'cg' only")
     if lr is not None:

@@ -52,6 +52,10 @@ TRUST_RULES: tuple[str, ...] = get_args(TrustRule)
 #: rate alone (the paper's).
 InnerStep = Literal["model", "lr"]
 INNER_STEPS: tuple[str, ...] = get_args(InnerStep)
+#: CG's preconditioner (solver cg): Martens' diagonal one (`eqx_gn.CG`'s
+#: ``preconditioner="diagonal"``) or none.
+CGPreconditioner = Literal["diagonal", "none"]
+CG_PRECONDITIONERS: tuple[str, ...] = get_args(CGPreconditioner)
 #: The micro-batch, in tokens, from which GN's inner steps take the model's step
 #: whole (see `model_step_fraction`).
 GN_FULL_STEP_TOKENS = 768

@@ -351,8 +351,10 @@ def test_a_cg_run_saved_before_the_preconditioner_resumes_as_plain_cg():
     model = Transformer(get_config("tiny", seq_len=16), jax.random.key(0))
     solver = old.gn.build(model).solver
     assert (solver.preconditioner, solver.warm_start) == ("none", False)
-    # A run of another solver keeps the defaults it could not have changed.
-    inner = TrainConfig.from_dict(
-        {k: v for k, v in TrainConfig().to_dict().items() if not k.startswith("cg_p")}
-    )
-    assert inner.cg_preconditioner == "diagonal"
+    # A run of another solver or optimizer recorded CG's defaults of its time
+    # (damping 1e-3 then): it reads back, with today's.
+    for optimizer in ("gn", "adamw"):
+        saved = TrainConfig(optimizer=optimizer).to_dict()
+        del saved["cg_preconditioner"], saved["cg_warm_start"]
+        read = TrainConfig.from_dict({**saved, "cg_damping": 1e-3})
+        assert read == TrainConfig(optimizer=optimizer)

@@ -634,13 +634,22 @@ class TrainConfig(
         before ``trust`` existed as the rule it ran: ``"fixed"``, or
         ``"levenberg-marquardt"`` with solver cg (CG's damping followed it), and
         one saved before ``inner_step`` existed as the learning-rate steps it ran
-        (``"lr"``, under the then default rule ``"adaptive"``)."""
+        (``"lr"``, under the then default rule ``"adaptive"``); a CG run saved
+        before its preconditioner and warm start existed as plain CG from zero, and
+        a run of any other method with today's CG settings (its own were the
+        defaults of its time)."""
         values = dict(values)
         if str(values.get("optimizer", "")).startswith("gn-"):
             values.update(parse_method(values["optimizer"]))
         cg = values.get("optimizer") == "gn" and values.get("solver") == "cg"
         if values.get("optimizer") == "gn" and "trust" not in values:
             values["trust"] = "levenberg-marquardt" if cg else "fixed"
+        if not cg:
+            # A run of another solver or optimizer had CG's settings at their
+            # defaults of the time (any other value was refused), which may have
+            # changed since (the damping's did): it reads today's.
+            for name in CG_DEFAULTS:
+                values.pop(name, None)
         if cg and "cg_preconditioner" not in values:
             # Saved before CG had a preconditioner and a warm start: plain CG
             # from zero.

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import jax
 
-from eqx_gn import LevenbergMarquardt
-from eqx_gn.lm._gn_config import CG_DEFAULTS
+from eqx_gn import LevenbergMarquardt, lm
 
 RESULTS = Path(__file__).parent / "results"
 COMMON = [
@@ -135,7 +134,7 @@ def main():
     if dampings:
         grid = sorted(dampings)
         best = min(grid, key=dampings.get)
-        result["cg_default_damping"] = CG_DEFAULTS["cg_damping"]
+        result["cg_default_damping"] = lm.TrainConfig(solver="cg").cg_damping
         result["chosen_damping"] = best
         result["bracketed"] = 0 < grid.index(best) < len(grid) - 1
     inner = result["runs"].get("inner_default")

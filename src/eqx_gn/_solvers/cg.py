@@ -208,6 +208,11 @@ class CG(AbstractGNSolver[CGState]):
         else:
             x0 = tree_zeros_like(g)
             r0 = tree_scale(-1.0, g)
+
+        def squared_norm(r, rz):
+            # r.r, which is r.z already when M = I.
+            return rz if self.preconditioner == "none" else tree_vdot(r, r)
+
         z0 = precondition(r0)
         threshold = (self.tolerance**2) * tree_vdot(g, g)
 
@@ -229,15 +234,16 @@ class CG(AbstractGNSolver[CGState]):
             rz_new = tree_vdot(r, z)
             beta = rz_new / jnp.where(rz > 0, rz, 1.0)
             p = tree_axpy(beta, p, z)
-            return i + 1, x, r, p, rz_new, tree_vdot(r, r), breakdown
+            return i + 1, x, r, p, rz_new, squared_norm(r, rz_new), breakdown
 
+        rz0 = tree_vdot(r0, z0)
         init = (
             jnp.asarray(0),
             x0,
             r0,
             z0,
-            tree_vdot(r0, z0),
-            tree_vdot(r0, r0),
+            rz0,
+            squared_norm(r0, rz0),
             jnp.asarray(False),
         )
         iterations, x, r, *_ = jax.lax.while_loop(cond, body, init)

@@ -4,6 +4,8 @@ import abc
 from typing import Generic, TypeVar, final
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .._batches import check_micro_batches
@@ -11,6 +13,7 @@ from .._blocks import Blocks
 from .._custom_types import ApplyFn, AxisName, MicroBatches, Model, Params
 from .._gnvp import QuadraticModel, quadratic_model
 from .._losses import AbstractLoss
+from .._sharding import as_varying, psum
 from .._trust import AbstractTrustRule
 
 
@@ -41,6 +44,31 @@ class GNProblem(eqx.Module):
         return self.loss.value(
             self.fn(model, inputs), targets, axis_name=self.axis_name
         )
+
+    def loss_value_and_grad(
+        self, model: Model, batch, shift: Params | None = None
+    ) -> tuple[Float[Array, ""], Params]:
+        r"""The true loss at $\theta_0 + $ ``shift`` (``model``'s parameters
+        $\theta_0$; ``None``: at $\theta_0$) on one ``batch``, and its gradient with
+        respect to the parameters (one forward and one backward pass).
+
+        The parameters are cast to device-varying, as `QuadraticModel.gradient`
+        does, so that the pull-back inserts no implicit sum over the data axis: the
+        one ``psum`` here is the gradient's only one."""
+        inputs, targets = batch
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        if shift is not None:
+            params = jax.tree.map(jnp.add, params, shift)
+        theta = as_varying(params, self.axis_name)
+
+        def apply(p):
+            return self.fn(eqx.combine(p, static), inputs)
+
+        outputs, pullback = jax.vjp(apply, theta)
+        axis = self.axis_name
+        value = self.loss.value(outputs, targets, axis_name=axis)
+        (grad,) = pullback(self.loss.grad(outputs, targets, axis_name=axis))
+        return value, psum(grad, axis)
 
     def check_batches(self, model: Model, batches, what: str = "batches") -> int:
         """K, after checking that ``batches`` are K stacked micro-batches on which

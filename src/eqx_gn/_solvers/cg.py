@@ -15,7 +15,6 @@ from .._misc import (
     tree_vdot,
     tree_zeros_like,
 )
-from .._sharding import as_varying, psum
 from .._trust import AbstractTrustRule, LevenbergMarquardt
 from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
@@ -52,22 +51,14 @@ def _concatenate(batches):
 def _gradient_second_moment(problem: GNProblem, model: Model, batches) -> Params:
     r"""$F = \frac1K \sum_k g_k \odot g_k$, the mean square of the K micro-batches'
     loss gradients at $\theta_0$ (one backward pass per micro-batch, in a scan)."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    # Device-varying, as `QuadraticModel.gradient` does: the one `psum` below is
-    # the pull-back's only sum over the data axis.
-    theta = as_varying(params, problem.axis_name)
-    axis = problem.axis_name
 
     def body(total, batch):
-        inputs, targets = batch
-        outputs, pullback = jax.vjp(
-            lambda p: problem.fn(eqx.combine(p, static), inputs), theta
-        )
-        (grad,) = pullback(problem.loss.grad(outputs, targets, axis_name=axis))
-        grad = psum(grad, axis)
+        _, grad = problem.loss_value_and_grad(model, batch)
         return jax.tree.map(lambda t, g: t + g * g, total, grad), None
 
-    total, _ = jax.lax.scan(body, tree_zeros_like(params), batches)
+    total, _ = jax.lax.scan(
+        body, tree_zeros_like(eqx.filter(model, eqx.is_inexact_array)), batches
+    )
     k = jax.tree.leaves(batches)[0].shape[0]
     return tree_scale(1.0 / k, total)
 

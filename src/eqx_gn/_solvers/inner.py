@@ -16,7 +16,6 @@ from .._gnvp import QuadraticModel
 from .._misc import tree_axpy, tree_scale, tree_vdot, tree_where, tree_zeros_like
 from .._optimizers import muon_adamw
 from .._schedules import cosine_decay
-from .._sharding import as_varying, psum
 from .._trust import AbstractTrustRule, FixedTrust
 from .abstract import AbstractGNSolver, GNProblem, GNSolution, SolverStats
 
@@ -332,17 +331,4 @@ class TrueLossInner(_AbstractInnerLoop):
             )
 
     def _objective(self, model_q, d, problem, model, batch):
-        inputs, targets = batch
-        params, static = eqx.partition(model, eqx.is_inexact_array)
-        # Cast to device-varying as `QuadraticModel.gradient` does, so that the
-        # pull-back inserts no implicit sum and the one `psum` below is the only one.
-        theta = as_varying(jax.tree.map(jnp.add, params, d), problem.axis_name)
-
-        def apply(p):
-            return problem.fn(eqx.combine(p, static), inputs)
-
-        outputs, pullback = jax.vjp(apply, theta)
-        axis = problem.axis_name
-        value = problem.loss.value(outputs, targets, axis_name=axis)
-        (grad,) = pullback(problem.loss.grad(outputs, targets, axis_name=axis))
-        return value, psum(grad, axis)
+        return problem.loss_value_and_grad(model, batch, shift=d)

@@ -7,7 +7,9 @@ Each run is the CLI itself in a subprocess (``eqx-gn train [flags] --out DIR``),
 so what is measured is what the README's reader gets. Finished runs in
 ``--runs-dir`` are reused (the script can be stopped and started again); the JSON
 holds each run's final validation loss, its steps, the tokens it read (line
-search included), its rejected GN steps and its learning rate as resolved.
+search included), its rejected GN steps and its learning rate as resolved. A
+reused run is not checked against today's code (a run directory records its
+settings, not the code that ran them): after a change, use a new ``--runs-dir``.
 
     python benchmarks/readme_command.py --runs-dir /tmp/readme_runs
 """

@@ -1,36 +1,50 @@
-"""How wide a learning-rate range each method trains well in: steps to a target
-against the (inner, for GN) learning rate, from 1/8 to 8 times the default in
-factors of 2.
+"""What a user meets who changes the learning rate: steps to the second-edition
+study's target against the learning rate, from 1/64 to 64 times each method's
+default in factors of 4 (issue 34, item 5).
 
-Methods: GN with the adaptive trust rule (the runner's default), GN with the paper's
-fixed rule (``--trust fixed``), Muon and AdamW, every other setting at the runner's
-defaults, on ``--model`` at each of ``--batch-sizes`` sequences a step.
+On ``tiny`` and the bundled text, with the second-edition study's data, model,
+warm-up, evaluation and line-search settings, its budget (the tokens of 160 steps
+at 256 sequences) and its target (1.8197, the validation loss of
+``benchmarks/results/study2_tiny``: the hard one, which tuned Muon reaches at 256
+sequences only late), one seed (0):
+
+- **GN** as a user runs it (``eqx-gn train --optimizer gn``: the model's inner
+  step length, the fixed rule) with ``--lr`` at ``factor`` times its default, the
+  fraction of the model's step of ``eqx_gn.lm.model_step_fraction`` (so x1 is the
+  default run), at each batch size of ``--batch-sizes`` with K = 8 and K =
+  batch/4 (the study's micro-batch of 4 sequences; one cell where they agree);
+- **Muon** and **AdamW** at ``factor`` times their runner defaults at each batch
+  size.
 
 The rule, declared before the runs:
 
-- **Target**, per batch size: the validation loss AdamW at its default learning
-  rate reaches at the end of a run of ``--target-steps`` (40) steps, run first.
-- **Steps to target**: the first step at which the validation loss, evaluated at
-  every step, is at or below the target (warm-up included; the run stops there),
-  in runs of ``--steps`` (80) steps, so that every method has room to reach the
-  target away from its best learning rate. A run that does not reach it within
-  ``--steps`` has missed it.
+- **Steps to target**: the first step at which the validation loss is at or
+  below the target (warm-up included; the run stops there), evaluated every
+  ``--eval-every`` steps and at every step near the target (the study's
+  ``eval_resolution``), so exact to one step. A run that does not reach it within
+  the budget has missed it.
 - **Good range** of a method: the learning rates, contiguous around its best run
   (fewest steps; the larger learning rate on ties), whose steps to target are
   within ``--within`` (1.25) times the best. Its **width** is the ratio of its
   largest to its smallest learning rate (1 when only the best qualifies); a range
   that reaches an end of the grid is marked ``open`` (its width is a lower bound).
+  ``default_over_best`` is the default's steps over the best run's (the cost of
+  not tuning, on this grid).
 
 Every token a GN run reads (its line-search batches too) counts in
-``tokens_to_target``. One seed per run: the widths are read on a factor-2 grid, and
-the JSON holds every run for a reader who wants to check them.
+``tokens_to_target``. One seed per run: the JSON holds every run. GN's runs go
+first, then Muon's, then AdamW's; the JSON is written after every run and
+finished runs are reused from ``--runs-dir``, so the script can be stopped and
+started again (and several invocations, each with its own ``--batch-sizes``,
+``--ks`` or ``--baselines``, can share one ``--runs-dir``); a reused run is not
+checked against today's code: after a change, use a new ``--runs-dir``.
 
-Writes ``benchmarks/results/lr_robustness_<model>.json`` and beside it
-``lr_robustness_<model>.png``, steps to target against the learning-rate factor
-(``eqx-gn study --report`` puts both on the results page). ``--figure-only`` redraws
-the figure from the JSON.
+Writes ``benchmarks/results/lr_robustness_tiny.json`` and beside it
+``lr_robustness_tiny.png``, steps to target against the learning-rate factor
+(``eqx-gn study --report`` puts both on the results page). ``--figure-only``
+redraws the figure from the JSON.
 
-    python benchmarks/lr_robustness.py                      # tiny, 32 and 128
+    python benchmarks/lr_robustness.py --runs-dir /tmp/lr_robustness_runs
     python benchmarks/lr_robustness.py --batch-sizes 32 --out /tmp/lr.json
 """
 
@@ -39,81 +53,32 @@ import datetime
 import json
 import math
 import platform
-import tempfile
 from pathlib import Path
 
 import jax
+from default_gn import STUDY2, study_settings, train
 
 from eqx_gn import lm
+from eqx_gn.lm.study._protocol import Point
 
 RESULTS = Path(__file__).parent / "results"
-#: Method name -> the TrainConfig settings that make it.
-METHODS = {
-    "gn-adaptive": dict(optimizer="gn", trust="adaptive"),
-    "gn-fixed": dict(optimizer="gn", trust="fixed"),
-    "muon": dict(optimizer="muon"),
-    "adamw": dict(optimizer="adamw"),
-}
-FACTORS = [2.0**e for e in range(-3, 4)]
+FACTORS = [4.0**e for e in range(-3, 4)]
+BASELINES = ("muon", "adamw")
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--text", default=None, help="default: the bundled corpus")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
-    p.add_argument("--target-steps", type=int, default=40)
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--within", type=float, default=1.25)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--figure-only", action="store_true")
-    p.add_argument("--runs-dir", type=Path, help="default: a temporary directory")
-    return p.parse_args()
-
-
-def config_for(args, method: str, batch: int, factor: float, root: Path, **extra):
-    extra = {"steps": args.steps, **extra}
-    settings = METHODS[method]
-    default = lm.DEFAULT_LEARNING_RATES[settings["optimizer"]]
-    text = {} if args.text is None else {"text": args.text}
-    return lm.TrainConfig(
-        **text,
-        model=args.model,
-        batch_size=batch,
-        lr=default * factor,
-        eval_every=1,
-        seed=args.seed,
-        out=str(root / f"{method}_b{batch}_x{factor:g}"),
-        checkpoint_every=0,
-        overwrite=True,
-        progress=False,
-        **settings,
-        **extra,
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
-
-
-def run(config: lm.TrainConfig) -> dict:
-    try:
-        summary = lm.train(config)
-    except lm.Diverged:  # a missed target like any other; the summary is written
-        summary = json.loads((Path(config.out) / "summary.json").read_text())
-    lines = (Path(config.out) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    main = [r for r in records if r["phase"] == "main"]
-    vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-    out = {
-        "lr": config.lr,
-        "steps_to_target": summary["steps_to_target"],
-        "tokens_to_target": summary["tokens_to_target"],
-        "steps_run": records[-1]["step"],
-        "last_val_loss": vals[-1],
-    }
-    if config.is_gn:
-        out["rejected_steps"] = sum(bool(r["rejected"]) for r in main)
-        out["mean_step_size"] = sum(r["step_size"] for r in main) / len(main)
-    return out
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 128, 32])
+    p.add_argument("--ks", nargs="*", default=["quarter", "8"])
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES))
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--within", type=float, default=1.25)
+    p.add_argument("--runs-dir", type=Path, default=Path("lr_robustness_runs"))
+    p.add_argument("--out", type=Path, default=RESULTS / "lr_robustness_tiny.json")
+    p.add_argument("--figure-only", action="store_true")
+    return p.parse_args()
 
 
 def good_range(runs: list[dict], within: float) -> dict:
@@ -129,6 +94,7 @@ def good_range(runs: list[dict], within: float) -> dict:
         lo -= 1
     while hi < len(runs) - 1 and ok[hi + 1]:
         hi += 1
+    default = next((r for r in runs if r["factor"] == 1.0), None)
     return {
         "best_factor": runs[best]["factor"],
         "best_lr": runs[best]["lr"],
@@ -137,6 +103,9 @@ def good_range(runs: list[dict], within: float) -> dict:
         "high_factor": runs[hi]["factor"],
         "width": runs[hi]["factor"] / runs[lo]["factor"],
         "open": lo == 0 or hi == len(runs) - 1,
+        "default_over_best": None
+        if default is None or default["steps_to_target"] is None
+        else default["steps_to_target"] / steps[best],
     }
 
 
@@ -151,7 +120,7 @@ def figure(result: dict, path: Path):
     axes = [axes] if len(batches) == 1 else axes
     for ax, batch in zip(axes, batches, strict=True):
         entry = result["batch_sizes"][batch]
-        top = result["steps"] + 4
+        top = entry["budget"] * 1.15
         for method, runs in entry["runs"].items():
             xs = [math.log2(r["factor"]) for r in runs]
             ys = [r["steps_to_target"] or top for r in runs]
@@ -163,100 +132,129 @@ def figure(result: dict, path: Path):
             ]
             if missed:
                 ax.plot(*zip(*missed, strict=True), "x", color=line.get_color(), ms=9)
-        ax.axhline(result["steps"], color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{batch} sequences a step; target {entry['target']:.3f}")
+        ax.axhline(entry["budget"], color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{batch} sequences a step; target {entry['target']:.4f}")
         ax.set_xlabel("log2(learning rate / default)")
         ax.set_ylabel("steps to target (x: missed)")
         ax.set_yscale("log")
-        ticks = [t for t in (5, 10, 15, 20, 30, 40, 60, 80, 120) if t <= top]
-        ax.set_yticks(ticks, [str(t) for t in ticks])
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
+def gn_config(settings, target, batch, k, factor, root) -> lm.TrainConfig:
+    """GN as a user runs it at ``batch`` sequences and K = ``k``, its ``--lr`` at
+    ``factor`` times the default (the fraction of the model's step)."""
+    base = dict(target_loss=target, eval_resolution=settings.eval_resolution)
+    config = settings.train_config("gn", batch, Point(None, k), root, **base)
+    return config.replace(
+        lr=factor * config.learning_rate, out=str(root / f"gn_k{k}_x{factor:g}")
+    )
+
+
+def baseline_config(settings, target, method, batch, factor, root) -> lm.TrainConfig:
+    lr = factor * lm.DEFAULT_LEARNING_RATES[method]
+    return settings.train_config(
+        method,
+        batch,
+        Point(lr),
+        root / f"{method}_x{factor:g}",
+        target_loss=target,
+        eval_resolution=settings.eval_resolution,
+    )
+
+
 def main():
     args = parse()
-    out = args.out or RESULTS / f"lr_robustness_{args.model}.json"
     if args.figure_only:
-        figure(json.loads(out.read_text()), out.with_suffix(".png"))
-        print(f"wrote {out.with_suffix('.png')}")
+        figure(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.png')}")
         return
-    root = args.runs_dir or Path(tempfile.mkdtemp(prefix="lr_robustness_"))
+    settings, target = study_settings(args.eval_every)
     result = {
-        "what": "steps to target against the learning rate, x1/8 to x8 the "
-        "default in factors of 2 (benchmarks/lr_robustness.py)",
+        "what": "steps to the second-edition study's target against the learning "
+        "rate, x1/64 to x64 each method's default in factors of 4 "
+        "(benchmarks/lr_robustness.py; issue 34)",
         "rule": {
-            "target": "AdamW's validation loss at its default learning rate at "
-            f"the end of a {args.target_steps}-step run, per batch size",
-            "budget": f"{args.steps} steps a run",
+            "target": f"{target:.4f}, the second-edition tiny study's "
+            f"({STUDY2.relative_to(RESULTS.parent.parent)})",
+            "budget": "the study's: the tokens of 160 steps at 256 sequences",
             "steps_to_target": "first step with validation loss <= target, "
-            "evaluated at every step, warm-up included",
+            f"evaluated every {args.eval_every} steps and at every step near the "
+            "target, warm-up included",
             "good_range": f"contiguous learning rates around the best run with "
             f"steps to target <= {args.within} x the best; width = largest / "
             "smallest; open = reaches an end of the grid (width a lower bound)",
         },
-        "model": args.model,
-        "text": args.text or "bundled",
-        "steps": args.steps,
-        "target_steps": args.target_steps,
-        "seed": args.seed,
+        "model": settings.model,
+        "text": settings.text or "bundled",
+        "target": target,
+        "settings": settings.to_dict(),
+        "seed": settings.seed,
+        "factors": FACTORS,
         "defaults": {
-            m: lm.DEFAULT_LEARNING_RATES[s["optimizer"]] for m, s in METHODS.items()
+            "gn": "the fraction of the model's step of "
+            "eqx_gn.lm.model_step_fraction(micro-batch tokens)",
+            **{m: lm.DEFAULT_LEARNING_RATES[m] for m in args.baselines},
         },
         "machine": f"{platform.processor() or platform.machine()}, "
         f"{jax.devices()[0].platform}, jax {jax.__version__}",
         "date": datetime.date.today().isoformat(),
         "batch_sizes": {},
     }
+
+    def entry_of(batch):
+        return result["batch_sizes"].setdefault(
+            str(batch),
+            {
+                "target": target,
+                "budget": settings.budget(batch),
+                "runs": {},
+                "good_range": {},
+            },
+        )
+
+    def record(batch, label, factor, config):
+        runs = entry_of(batch)["runs"].setdefault(label, [])
+        rec = {"factor": factor, **train(config)}
+        runs.append(rec)
+        if len(runs) == len(FACTORS):
+            entry_of(batch)["good_range"][label] = good_range(runs, args.within)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(
+            f"b{batch} {label:8s} x{factor:<8g} lr {rec['lr']:.4g}: "
+            f"{rec['steps_to_target']} steps "
+            f"({rec.get('rejected_steps', 0)} rejected)",
+            flush=True,
+        )
+
     for batch in args.batch_sizes:
-        reference = run(
-            config_for(
-                args, "adamw", batch, 1.0, root / "reference", steps=args.target_steps
-            )
-        )
-        target = reference["last_val_loss"]
-        print(
-            f"batch {batch}: target {target:.4f} (AdamW x1, {args.target_steps} steps)"
-        )
-        entry = {"target": target, "runs": {}, "good_range": {}}
-        for method in args.methods:
-            runs = []
+        root = args.runs_dir / f"b{batch}"
+        for k in dict.fromkeys(
+            batch // 4 if k == "quarter" else int(k) for k in args.ks
+        ):
             for factor in FACTORS:
-                config = config_for(
-                    args, method, batch, factor, root, target_loss=target
-                )
-                rec = {"factor": factor, **run(config)}
-                runs.append(rec)
-                print(
-                    f"  {method:12s} x{factor:<6g} lr {rec['lr']:.5g}: "
-                    f"{rec['steps_to_target']} steps"
-                    + (
-                        f", {rec['rejected_steps']} rejected"
-                        if "rejected_steps" in rec
-                        else ""
-                    ),
-                    flush=True,
-                )
-            entry["runs"][method] = runs
-            entry["good_range"][method] = good_range(runs, args.within)
-            print(f"  {method}: {entry['good_range'][method]}", flush=True)
-        result["batch_sizes"][batch] = entry
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")  # after each batch size
+                config = gn_config(settings, target, batch, k, factor, root)
+                record(batch, f"gn K={k}", factor, config)
+    for method in args.baselines:
+        for batch in args.batch_sizes:
+            root = args.runs_dir / f"b{batch}"
+            for factor in FACTORS:
+                config = baseline_config(settings, target, method, batch, factor, root)
+                record(batch, method, factor, config)
     for batch, entry in result["batch_sizes"].items():
-        widths = {m: g["width"] for m, g in entry["good_range"].items()}
         print(
-            f"batch {batch}: widths "
+            f"batch {batch}: "
             + ", ".join(
-                f"{m} {'-' if w is None else f'{w:g}x'}" for m, w in widths.items()
+                f"{m} width {g['width']}{'+' if g.get('open') else ''}"
+                for m, g in entry["good_range"].items()
             )
         )
-    print(f"wrote {out}")
-    figure(result, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.png')}")
+    print(f"wrote {args.out}")
+    figure(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -1264,3 +1264,51 @@ def test_a_second_edition_study_is_reported_as_written(finished, tmp_path):
     assert (tmp_path / "old" / "study.json").read_text() == text
     assert not (tmp_path / "old" / "runs").exists()
     assert "- **The cap** (`max_runs`): at most 9 runs tune" in page.read_text()
+
+
+def test_the_page_reads_the_learning_rate_robustness_file(finished, tmp_path):
+    """`benchmarks/lr_robustness.py`'s JSON beside a study: one row per batch size
+    and method with every run's steps (or 'missed'), its good range and the
+    default's steps over the best, and one line per GN cell against Muon's width."""
+    base, _, result = finished
+    shutil.copytree(base / "out", tmp_path / "out")
+    factors = [4.0**e for e in range(-3, 4)]
+
+    def runs(steps):
+        return [{"factor": f, "lr": f, "steps_to_target": s} for f, s in zip(
+            factors, steps, strict=True)]  # fmt: skip
+
+    gn = [None, 300, 120, 100, 110, None, None]
+    muon = [None, None, None, 200, 150, None, None]
+    robustness = {
+        "model": result["settings"]["model"], "date": "2026-12-07", "machine": "m",
+        "seed": 0, "factors": factors,
+        "rule": {"target": "1.8197", "steps_to_target": "first step",
+                 "good_range": "within 1.25x"},
+        "batch_sizes": {"32": {
+            "target": 1.8197, "budget": 1280,
+            "runs": {"gn K=8": runs(gn), "muon": runs(muon)},
+            "good_range": {
+                "gn K=8": {"best_factor": 1.0, "best_steps": 100, "low_factor": 1.0,
+                           "high_factor": 4.0, "width": 4.0, "open": False,
+                           "default_over_best": 1.0},
+                "muon": {"best_factor": 4.0, "best_steps": 150, "low_factor": 4.0,
+                         "high_factor": 4.0, "width": 1.0, "open": False,
+                         "default_over_best": 200 / 150},
+            },
+        }},
+    }  # fmt: skip
+    file = tmp_path / f"lr_robustness_{result['settings']['model']}.json"
+    file.write_text(json.dumps(robustness))
+    write_report([tmp_path / "out"], tmp_path / "results.md")
+    page = (tmp_path / "results.md").read_text()
+    assert "at x1/64 to x64 each method's default" in page
+    rows = {r[1]: r for r in page_rows(page, "32") if len(r) == 2 + len(factors) + 4}
+    assert rows["gn K=8"][2:] == [
+        "missed", "300", "120", "100", "110", "missed", "missed",
+        "100 at x1", "x1 to x4", "4x", "1.00",
+    ]  # fmt: skip
+    assert rows["muon"][-4:] == ["150 at x4", "x4 to x4", "1x", "1.33"]
+    assert "- Batch 32, gn K=8: GN's good range is 4x wide against Muon's 1x (met" in (
+        page
+    )

@@ -134,9 +134,17 @@ def figure(result: dict, path: Path):
                 ax.plot(*zip(*missed, strict=True), "x", color=line.get_color(), ms=9)
         ax.axhline(entry["budget"], color="grey", lw=0.8, ls=":")
         ax.set_title(f"{batch} sequences a step; target {entry['target']:.4f}")
-        ax.set_xlabel("log2(learning rate / default)")
+        ax.set_xlabel("learning rate / default")
         ax.set_ylabel("steps to target (x: missed)")
         ax.set_yscale("log")
+        factors = result["factors"]
+        ax.set_xticks(
+            [math.log2(f) for f in factors],
+            [f"{f:g}" if f >= 1 else f"1/{1 / f:g}" for f in factors],
+        )
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ apart, GN's other defaults, tiny model on the bundled Shakespeare, 60 steps of 3
 sequences with K = 4 micro-batches. Prints each run's final validation loss and
 rejected GN steps and writes them to
 ``benchmarks/results/inner_lr_sweep_tiny.json`` (the source of
-``eqx_gn.lm._methods.GN_INNER_LEARNING_RATES``).
+``eqx_gn.lm.run._methods.GN_INNER_LEARNING_RATES``).
 
     python benchmarks/inner_lr_sweep.py [--inners muon,adamw,soap,psgd] [--runs DIR]
 """

@@ -42,8 +42,8 @@ import optax
 
 import eqx_gn
 from eqx_gn import lm
-from eqx_gn.lm._pipeline import batch_iterator, inputs_and_targets
-from eqx_gn.lm._tokens import cached_splits
+from eqx_gn.lm.data._pipeline import batch_iterator, inputs_and_targets
+from eqx_gn.lm.data._token_cache import cached_splits
 
 RESULTS = Path(__file__).parent / "results"
 LOSS = eqx_gn.SoftmaxCrossEntropy()

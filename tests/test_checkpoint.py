@@ -234,7 +234,7 @@ def test_non_finite_state_is_refused(tmp_path, bad):
 def test_non_finite_checkpoint_on_disk_is_skipped(tmp_path, monkeypatch):
     # A non-finite checkpoint written by an older version (no refusal, no
     # digests) is not resumed from.
-    import eqx_gn.lm._integrity as integrity
+    import eqx_gn.lm.run._integrity as integrity
 
     directory = tmp_path / "checkpoints"
     checkpointer = Checkpointer(directory)
@@ -307,7 +307,7 @@ def test_pruning_never_deletes_the_newest_verified(two_checkpoints):
 
 
 def test_save_that_does_not_read_back_is_moved_aside(two_checkpoints, monkeypatch):
-    import eqx_gn.lm._checkpoint as module
+    import eqx_gn.lm.run._checkpoint as module
 
     directory, _, _ = two_checkpoints
     iterators = _iterators()

@@ -84,7 +84,8 @@ def test_help_lists_commands_and_options(env):
 def test_plot_into_an_unwritable_directory_is_one_line(tmp_path, capsys, monkeypatch):
     # Run as root here, so the directory is made unwritable by the plotter failing
     # as matplotlib does on a read-only directory.
-    from eqx_gn.lm import _cli, _plot
+    from eqx_gn.lm import _cli
+    from eqx_gn.lm.results import _loss_curves as _plot
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

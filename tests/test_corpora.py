@@ -316,7 +316,7 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path, documents, case):
 def test_the_cache_is_found_again_by_its_files_and_rebuilt_when_one_changes(
     tmp_path, documents, monkeypatch
 ):
-    from eqx_gn.lm import _corpus
+    from eqx_gn.lm.data import _corpus
 
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -341,7 +341,7 @@ def test_the_cache_is_found_again_by_its_files_and_rebuilt_when_one_changes(
 def test_tokenizing_holds_a_chunk_not_the_corpus(tmp_path, documents, monkeypatch):
     import tracemalloc
 
-    from eqx_gn.lm import _tokens
+    from eqx_gn.lm.data import _token_cache as _tokens
 
     # About 24 MB of text in gzipped JSON Lines, tokenized in 1 MB chunks.
     monkeypatch.setattr(_tokens, "CHUNK_BYTES", 2**20)
@@ -363,7 +363,8 @@ def test_tokenizing_holds_a_chunk_not_the_corpus(tmp_path, documents, monkeypatc
 def test_an_interrupted_tokenization_leaves_nothing_trusted(
     tmp_path, documents, monkeypatch
 ):
-    from eqx_gn.lm import ByteTokenizer, _tokens
+    from eqx_gn.lm import ByteTokenizer
+    from eqx_gn.lm.data import _token_cache as _tokens
 
     monkeypatch.setattr(_tokens, "CHUNK_BYTES", 10_000)
     write_jsonl(tmp_path / "a.jsonl", documents)

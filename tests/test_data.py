@@ -1,6 +1,6 @@
-"""Tests of the language-model data layer: corpora (eqx_gn.lm._corpus), tokenizers
-(eqx_gn.lm._tokenizers), token files and splits (eqx_gn.lm._tokens) and the batch
-pipeline (eqx_gn.lm._pipeline)."""
+"""Tests of the language-model data layer: corpora (eqx_gn.lm.data._corpus), tokenizers
+(eqx_gn.lm.data._tokenizers), token files and splits (eqx_gn.lm.data._token_cache) and the batch
+pipeline (eqx_gn.lm.data._pipeline)."""
 
 import json
 import pickle
@@ -460,8 +460,8 @@ def test_a_token_id_outside_the_vocabulary_is_refused_before_training(
     # The runner's loss has no per-step label check (it would keep its steps out of
     # JAX's persistent compilation cache): the token ids are checked once, here.
     from eqx_gn import lm
-    from eqx_gn.lm import _train
-    from eqx_gn.lm._tokens import TokenSplits
+    from eqx_gn.lm.data._token_cache import TokenSplits
+    from eqx_gn.lm.run import _train
 
     def splits(train, validation):
         return TokenSplits(ByteTokenizer(), train, validation, corpus_hash="x")

@@ -24,7 +24,7 @@ from eqx_gn.lm import (
     get_config,
     layerwise_blocks,
 )
-from eqx_gn.lm._config import choices_of, group_of, settings
+from eqx_gn.lm.run._config import choices_of, group_of, settings
 
 
 def _micro_batches(key, k, b, seq, vocab):

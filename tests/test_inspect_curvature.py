@@ -11,9 +11,9 @@ import pytest
 
 import eqx_gn
 from eqx_gn.lm import TrainConfig, Transformer, apply_lm, get_config, train
-from eqx_gn.lm._checkpoint import Checkpointer
-from eqx_gn.lm._pipeline import batch_iterator, inputs_and_targets
-from eqx_gn.lm._tokens import cached_splits
+from eqx_gn.lm.data._pipeline import batch_iterator, inputs_and_targets
+from eqx_gn.lm.data._token_cache import cached_splits
+from eqx_gn.lm.run._checkpoint import Checkpointer
 
 RUN = dict(
     model="tiny",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from eqx_gn.lm._plot import (
+from eqx_gn.lm.results._loss_curves import (
     WARMUP_LABEL,
     curvature_figure,
     curvature_series,
@@ -16,7 +16,7 @@ from eqx_gn.lm._plot import (
     plot_runs,
     series,
 )
-from eqx_gn.lm._runs import labels_for, load_runs
+from eqx_gn.lm.results._saved_runs import labels_for, load_runs
 
 SEQ_LEN = 8
 LS_TOKENS_PER_STEP = 16  # ls_batches * ls_batch_size * seq_len of the fixtures

@@ -1,5 +1,5 @@
 """PSGD-Kron as the runner builds it (``--optimizer psgd``: ``psgdax.kron`` in
-`eqx_gn.lm._recipes.FirstOrderRecipe`): its preconditioner fixes a rotated,
+`eqx_gn.lm.run._recipes.FirstOrderRecipe`): its preconditioner fixes a rotated,
 ill-conditioned least-squares problem that momentum SGD and Adam crawl on at the
 same tuning; it is deterministic; and a run's state survives a checkpoint and
 resume bit for bit. (Its step cost against AdamW's is measured by the study, not
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from eqx_gn.lm import CONFIGS, TrainConfig, Transformer, train
-from eqx_gn.lm._recipes import FirstOrderRecipe
+from eqx_gn.lm.run._recipes import FirstOrderRecipe
 from helpers import RESUMED_RUN, final_arrays, psgdax_config
 
 D = 16

@@ -2,7 +2,7 @@
 
 import pytest
 
-from eqx_gn.lm._report import (
+from eqx_gn.lm.run._console import (
     compare_table,
     complete_summary,
     corpus_name,

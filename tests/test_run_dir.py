@@ -6,7 +6,7 @@ import re
 import pytest
 
 from eqx_gn.lm import ConfigError, TrainConfig
-from eqx_gn.lm._run_dir import RUN_FILES, RunDirectory
+from eqx_gn.lm.run._run_dir import RUN_FILES, RunDirectory
 
 
 def _prepare(path, **changes):
@@ -176,7 +176,7 @@ def test_too_few_devices_are_counted_in_good_english(monkeypatch, visible):
     # Before: "needs 4 devices but only 1 are visible".
     import jax
 
-    from eqx_gn.lm._parallel import make_mesh
+    from eqx_gn.lm.run._parallel import make_mesh
 
     devices = jax.devices()[:visible]
     monkeypatch.setattr(jax, "devices", lambda: devices)

@@ -16,7 +16,7 @@ import pytest
 
 from eqx_gn.lm import Checkpointer, ConfigError, Diverged, TrainConfig, train
 from eqx_gn.lm._cli import main as cli
-from eqx_gn.lm._run_dir import LOCK_FILE
+from eqx_gn.lm.run._run_dir import LOCK_FILE
 from eqx_gn.lm.study._records import read_run_dir
 from helpers import small
 
@@ -29,7 +29,7 @@ _HOLDER = textwrap.dedent(
     """
     import sys, time
     from eqx_gn.lm import TrainConfig
-    from eqx_gn.lm._run_dir import RunDirectory
+    from eqx_gn.lm.run._run_dir import RunDirectory
     config = TrainConfig(out=sys.argv[1])
     RunDirectory(config.out, primary=True).prepare(config)
     print("locked", flush=True)
@@ -179,7 +179,7 @@ def test_a_cut_metrics_file_keeps_its_records_and_names_the_gap(
 ):
     # Before, resume padded a shortened metrics.jsonl with NUL bytes up to the
     # checkpoint's offset, silently; eqx-gn plot then failed on it.
-    from eqx_gn.lm._plot import plot_runs
+    from eqx_gn.lm.results._loss_curves import plot_runs
 
     config = small(tmp_path, cache_dir, "run", optimizer="adamw", checkpoint_every=2)
     train(config.replace(stop_after=4))
@@ -203,7 +203,7 @@ def test_a_cut_metrics_file_keeps_its_records_and_names_the_gap(
 def test_progress_in_a_log_is_a_line_per_evaluation(tmp_path, cache_dir, capsys):
     # stderr not a terminal (a job log): before, the bar's carriage-return frames,
     # one long line per run; now the lines of --no-progress.
-    from eqx_gn.lm._config import describe
+    from eqx_gn.lm.run._config import describe
 
     train(small(tmp_path, cache_dir, "log", optimizer="adamw", progress=True))
     out, err = capsys.readouterr()

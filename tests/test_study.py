@@ -19,7 +19,12 @@ import pytest
 
 from eqx_gn.lm import CONFIGS, ConfigError, TrainConfig
 from eqx_gn.lm.study import _command as study
-from eqx_gn.lm.study._plots import _color, curves_figure, steps_figure
+from eqx_gn.lm.study._figures import _color, curves_figure, steps_figure
+from eqx_gn.lm.study._page import (
+    _claims_section,
+    _critical_batch_lines,
+    write_report,
+)
 from eqx_gn.lm.study._protocol import (
     BASELINES,
     CENTRES,
@@ -30,11 +35,6 @@ from eqx_gn.lm.study._protocol import (
     rank,
 )
 from eqx_gn.lm.study._records import run_name
-from eqx_gn.lm.study._report import (
-    _claims_section,
-    _critical_batch_lines,
-    write_report,
-)
 from eqx_gn.lm.study._result import (
     FORMAT,
     claims,
@@ -42,7 +42,7 @@ from eqx_gn.lm.study._result import (
     serial_passes,
     timed_claims,
 )
-from eqx_gn.lm.study._runs import Study
+from eqx_gn.lm.study._running import Study
 
 SEQ = 8
 STEPS = 40
@@ -860,7 +860,7 @@ def test_curves_figure_labels_its_lines_and_clips_no_curve(finished, figures):
 
 
 def test_eqx_gn_plot_reads_study_json(finished):
-    from eqx_gn.lm._plot import load_runs
+    from eqx_gn.lm.results._loss_curves import load_runs
 
     base, _, result = finished
     source = load_runs(base / "out")

@@ -576,7 +576,7 @@ def test_a_mesh_matches_one_device(tmp_path, cache_dir, optimizer, mesh, model):
 def test_fsdp_state_shards_and_resumes_bit_for_bit(tmp_path, cache_dir):
     from jax.sharding import PartitionSpec as P
 
-    from eqx_gn.lm._parallel import StateLayout, make_mesh
+    from eqx_gn.lm.run._parallel import StateLayout, make_mesh
 
     config = small(tmp_path, cache_dir, "whole", data_parallel=2, fsdp=4,
                    checkpoint_every=2)  # fmt: skip
@@ -801,8 +801,9 @@ def test_curvature_every_records_the_tools_numbers(tmp_path, cache_dir, monkeypa
     import jax
 
     import eqx_gn
-    from eqx_gn.lm import _train as train_module, apply_lm
-    from eqx_gn.lm._pipeline import inputs_and_targets
+    from eqx_gn.lm import apply_lm
+    from eqx_gn.lm.data._pipeline import inputs_and_targets
+    from eqx_gn.lm.run import _train as train_module
 
     seen = []
     original = train_module._Training._curvature
@@ -856,8 +857,9 @@ def test_curvature_every_records_block_traces_of_a_layerwise_run(
     import jax
 
     import eqx_gn
-    from eqx_gn.lm import _train as train_module, apply_lm, layerwise_blocks
-    from eqx_gn.lm._pipeline import inputs_and_targets
+    from eqx_gn.lm import apply_lm, layerwise_blocks
+    from eqx_gn.lm.data._pipeline import inputs_and_targets
+    from eqx_gn.lm.run import _train as train_module
 
     seen = []
     original = train_module._Training._curvature

@@ -32,34 +32,7 @@ if _absent:
         f'{", ".join(_absent)}): pip install "eqx_gn[lm]"'
     )
 
-from ._checkpoint import (  # noqa: E402
-    Checkpointer as Checkpointer,
-    CheckpointError as CheckpointError,
-    CheckpointWarning as CheckpointWarning,
-)
-from ._config import TrainConfig as TrainConfig  # noqa: E402
-from ._corpus import (  # noqa: E402
-    SHARD_SUFFIXES as SHARD_SUFFIXES,
-    corpus_files as corpus_files,
-    corpus_hash as corpus_hash,
-    iter_documents as iter_documents,
-    load_corpus as load_corpus,
-    load_shakespeare as load_shakespeare,
-    load_text as load_text,
-    shakespeare_paths as shakespeare_paths,
-    split_documents as split_documents,
-    strip_play_markdown as strip_play_markdown,
-)
 from ._errors import ConfigError as ConfigError, Diverged as Diverged  # noqa: E402
-from ._gn_config import GNConfig as GNConfig  # noqa: E402
-from ._methods import (  # noqa: E402
-    BLOCKS as BLOCKS,
-    DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
-    OPTIMIZERS as OPTIMIZERS,
-    SOLVERS as SOLVERS,
-    model_step_fraction as model_step_fraction,
-    parse_method as parse_method,
-)
 from ._model import (  # noqa: E402
     APPLY_SCANNED as APPLY_SCANNED,
     CONFIGS as CONFIGS,
@@ -79,27 +52,54 @@ from ._model import (  # noqa: E402
     get_config as get_config,
     layerwise_blocks as layerwise_blocks,
 )
-from ._pipeline import (  # noqa: E402
+from .data._corpus import (  # noqa: E402
+    SHARD_SUFFIXES as SHARD_SUFFIXES,
+    corpus_files as corpus_files,
+    corpus_hash as corpus_hash,
+    iter_documents as iter_documents,
+    load_corpus as load_corpus,
+    load_shakespeare as load_shakespeare,
+    load_text as load_text,
+    shakespeare_paths as shakespeare_paths,
+    split_documents as split_documents,
+    strip_play_markdown as strip_play_markdown,
+)
+from .data._pipeline import (  # noqa: E402
     GlobalBatches as GlobalBatches,
     TokenWindows as TokenWindows,
     batch_iterator as batch_iterator,
     inputs_and_targets as inputs_and_targets,
     window_dataset as window_dataset,
 )
-from ._plot import plot_runs as plot_runs  # noqa: E402
-from ._runs import load_metrics as load_metrics  # noqa: E402
-from ._tokenizers import (  # noqa: E402
-    EOS_TOKENS as EOS_TOKENS,
-    AbstractTokenizer as AbstractTokenizer,
-    BPETokenizer as BPETokenizer,
-    ByteTokenizer as ByteTokenizer,
-    FileTokenizer as FileTokenizer,
-)
-from ._tokens import (  # noqa: E402
+from .data._token_cache import (  # noqa: E402
     TokenSplits as TokenSplits,
     default_cache_dir as default_cache_dir,
     make_tokenizer as make_tokenizer,
     prepare_splits as prepare_splits,
     tokenize_to_file as tokenize_to_file,
 )
-from ._train import train as train  # noqa: E402
+from .data._tokenizers import (  # noqa: E402
+    EOS_TOKENS as EOS_TOKENS,
+    AbstractTokenizer as AbstractTokenizer,
+    BPETokenizer as BPETokenizer,
+    ByteTokenizer as ByteTokenizer,
+    FileTokenizer as FileTokenizer,
+)
+from .results._loss_curves import plot_runs as plot_runs  # noqa: E402
+from .results._saved_runs import load_metrics as load_metrics  # noqa: E402
+from .run._checkpoint import (  # noqa: E402
+    Checkpointer as Checkpointer,
+    CheckpointError as CheckpointError,
+    CheckpointWarning as CheckpointWarning,
+)
+from .run._config import TrainConfig as TrainConfig  # noqa: E402
+from .run._gn_config import GNConfig as GNConfig  # noqa: E402
+from .run._methods import (  # noqa: E402
+    BLOCKS as BLOCKS,
+    DEFAULT_LEARNING_RATES as DEFAULT_LEARNING_RATES,
+    OPTIMIZERS as OPTIMIZERS,
+    SOLVERS as SOLVERS,
+    model_step_fraction as model_step_fraction,
+    parse_method as parse_method,
+)
+from .run._train import train as train  # noqa: E402

@@ -21,8 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ._checkpoint import CheckpointError, NoSpaceError
-from ._config import (
+from ._errors import ConfigError, Diverged, flag_names
+from .run._checkpoint import CheckpointError, NoSpaceError
+from .run._config import (
     TrainConfig,
     choices_of,
     describe,
@@ -30,8 +31,7 @@ from ._config import (
     settings,
     value_type,
 )
-from ._errors import ConfigError, Diverged, flag_names
-from ._methods import method_name, parse_method
+from .run._methods import method_name, parse_method
 
 _DESCRIPTION = """\
 Train the paper's LLaMA-style language model with Gauss-Newton (GN) or a
@@ -384,8 +384,8 @@ _METHOD_DEFAULTS = {
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ._report import summary_text
-    from ._train import train
+    from .run._console import summary_text
+    from .run._train import train
 
     given = {**_METHOD_DEFAULTS, **vars(args)}
     method = method_name(*(given[k] for k in _METHOD_DEFAULTS))
@@ -430,7 +430,7 @@ def _quiet_interrupt(signum, frame) -> None:
     wait on); a second Ctrl-C interrupts at once, with background threads
     silenced."""
     del signum, frame
-    from ._train import STEPPING, STOP_REQUESTED
+    from .run._train import STEPPING, STOP_REQUESTED
 
     if STEPPING.is_set() and not STOP_REQUESTED.is_set():
         STOP_REQUESTED.set()
@@ -441,9 +441,9 @@ def _quiet_interrupt(signum, frame) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ._plot import plot_runs
-    from ._report import compare_table
-    from ._train import train
+    from .results._loss_curves import plot_runs
+    from .run._console import compare_table
+    from .run._train import train
 
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
     if not methods:
@@ -482,7 +482,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ._plot import plot_runs
+    from .results._loss_curves import plot_runs
 
     runs = [Path(r) for r in args.runs]
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())

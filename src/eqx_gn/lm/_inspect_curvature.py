@@ -30,14 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import eigenpairs, spectral_density, trace_estimate
-from ._checkpoint import Checkpointer, CheckpointError
-from ._checks import check_choice, check_integer
-from ._config import TrainConfig
 from ._errors import ConfigError, setting
 from ._model import count_params, layerwise_blocks
-from ._optimizers import LM_LOSS
-from ._pipeline import inputs_and_targets
-from ._run_dir import CHECKPOINTS, read_run_config
+from .data._pipeline import inputs_and_targets
+from .run._checkpoint import Checkpointer, CheckpointError
+from .run._checks import check_choice, check_integer
+from .run._config import TrainConfig
+from .run._phase_optimizers import LM_LOSS
+from .run._run_dir import CHECKPOINTS, read_run_config
 
 #: ``--matrix`` choices and the ``curvature`` argument of the tools they name.
 MATRICES = {
@@ -54,7 +54,7 @@ GRID_POINTS, SIGMA_FRACTION = 1000, 1 / 200
 def _restored_run(path: Path):
     """``(training, step)``: the run's data loaded and its model restored from the
     newest checkpoint, on this process's devices (the saved mesh is not needed)."""
-    from ._train import _Training
+    from .run._train import _Training
 
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory")

@@ -62,7 +62,7 @@ directory under ``--runs-dir``; a run whose directory has a finished
 ``summary.json`` that answers for the same target, or that ``study.json``
 already holds, is not trained again, so an interrupted study continues where it
 stopped. ``--report PATH`` writes the results page from ``study.json`` alone
-(`eqx_gn.lm.study._report`).
+(`eqx_gn.lm.study._page`).
 """
 
 import argparse
@@ -70,11 +70,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .._config import ConfigError
+from ..run._config import ConfigError
 from ._protocol import DEFAULT_METHODS, MAX_RUNS, centre, micro_batches
 from ._records import Settings
 from ._result import FORMAT, READABLE_FORMATS
-from ._runs import Study
+from ._running import Study
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -257,7 +257,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _report_as_written(result: dict, out: Path, args: argparse.Namespace) -> int:
-    from ._report import print_tables, write_report
+    from ._page import print_tables, write_report
 
     print(f"{out / 'study.json'} is of format {result['format']!r}, an earlier "
           "edition: reported as written, nothing re-walked")  # fmt: skip
@@ -300,13 +300,13 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         train = None
     else:
-        from .._train import train
+        from ..run._train import train
     study = Study(settings, out, runs_dir, train, log=lambda s: print(s, flush=True))
     result = study.execute()
     if study.missing:
         print(f"not run (--report-only): {len(study.missing)} runs, e.g. "
               f"{study.missing[0]}", flush=True)  # fmt: skip
-    from ._report import print_tables, write_report
+    from ._page import print_tables, write_report
 
     print_tables(result)
     print(f"wrote {out / 'study.json'} ({len(result['runs'])} runs)")

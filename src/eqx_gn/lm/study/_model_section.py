@@ -1,4 +1,4 @@
-"""One study's section of the results page (`eqx_gn.lm.study._report`): its
+"""One study's section of the results page (`eqx_gn.lm.study._page`): its
 settings, target, steps, tokens and time to the target, seeds, timing and layout
 runs, every number read from its ``study.json``.
 """

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._config import ConfigError, parse_method
-from .._gn_config import GNConfig
-from .._methods import DEFAULT_LEARNING_RATES
+from ..run._config import ConfigError, parse_method
+from ..run._gn_config import GNConfig
+from ..run._methods import DEFAULT_LEARNING_RATES
 
 #: The first-order methods a study compares GN with.
 BASELINES: tuple[str, ...] = ("adamw", "muon", "soap", "shampoo", "psgd")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._config import TrainConfig, parse_method
-from .._runs import curve_of
+from ..results._saved_runs import curve_of
+from ..run._config import TrainConfig, parse_method
 from ._protocol import Point, reached, resolution
 
 

@@ -15,7 +15,7 @@ it had never stopped:
   ``"_checkpoint"`` it also holds the checkpoint's *record*: the shape and dtype of
   every array, a SHA-256 digest of every array and of every iterator state, for
   every process, and a digest of the meta dictionary itself (the digests are
-  described in `eqx_gn.lm._integrity`).
+  described in `eqx_gn.lm.run._integrity`).
 
 **Integrity.** ``save`` refuses a state with a non-finite floating-point leaf
 (`CheckpointError`), so no checkpoint is ever written that a run could not
@@ -54,7 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
-from ._errors import setting
+from .._errors import setting
 from ._integrity import (
     KIND_NAMES,
     digest_table,
@@ -144,7 +144,7 @@ def _quiet_writers():
 def _warn(message: str) -> None:
     # One line on stderr (no source line under it), filterable by category.
     warnings.warn_explicit(
-        message, CheckpointWarning, "eqx_gn.lm", 0, module="eqx_gn.lm._checkpoint"
+        message, CheckpointWarning, "eqx_gn.lm", 0, module="eqx_gn.lm.run._checkpoint"
     )
 
 

@@ -1,21 +1,21 @@
 r"""The training loop of the language-model study.
 
 ``train(TrainConfig(...))`` trains one model with one optimizer and writes into
-``config.out`` (see `eqx_gn.lm._run_dir` for what it may overwrite)::
+``config.out`` (see `eqx_gn.lm.run._run_dir` for what it may overwrite)::
 
     config.json      the configuration and what it resolved to (learning rate,
                      warm-up steps, model shape, mesh, corpus hash, ...)
     metrics.jsonl    one JSON record per step (see below)
     summary.json     the outcome (final and best validation loss, steps, tokens
                      and time to the target loss, ...)
-    checkpoints/     verified orbax checkpoints (see `eqx_gn.lm._checkpoint`)
+    checkpoints/     verified orbax checkpoints (see `eqx_gn.lm.run._checkpoint`)
 
 **Phases.** A run of ``steps`` optimizer steps starts with ``warmup_steps`` steps of
-AdamW, then runs the chosen optimizer (`eqx_gn.lm._recipes`).
+AdamW, then runs the chosen optimizer (`eqx_gn.lm.run._recipes`).
 
 **Batches.** ``batch_size`` is the number of sequences per optimizer step for
 every optimizer and phase. A GN step splits it into ``micro_batches``
-micro-batches (`eqx_gn.lm._pipeline.GlobalBatches.stacked`). The line search draws
+micro-batches (`eqx_gn.lm.data._pipeline.GlobalBatches.stacked`). The line search draws
 its own batches, ``ls_batches`` micro-batches of ``ls_batch_size`` sequences, from
 a second iterator over the training split with another seed; their tokens are
 counted apart (``ls_tokens``) and in ``tokens_read``. With ``grad_accumulation =
@@ -84,11 +84,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .. import Blocks
-from ._checkpoint import Checkpointer, CheckpointError
-from ._config import TrainConfig
-from ._errors import ConfigError, Diverged, setting
-from ._model import (
+from ... import Blocks
+from .._errors import ConfigError, Diverged, setting
+from .._model import (
     LMConfig,
     Transformer,
     apply_lm_in,
@@ -96,6 +94,11 @@ from ._model import (
     get_config,
     layerwise_blocks,
 )
+from ..data._pipeline import GlobalBatches, batch_iterator
+from ..data._token_cache import cached_splits
+from ._checkpoint import Checkpointer, CheckpointError
+from ._config import TrainConfig
+from ._console import corpus_name, eval_line, start_line
 from ._parallel import (
     BATCH_AXES,
     StateLayout,
@@ -103,9 +106,7 @@ from ._parallel import (
     make_mesh,
     sync,
 )
-from ._pipeline import GlobalBatches, batch_iterator
 from ._recipes import compile_key, compute_dtype_of, learning_rate_at, phase_recipe
-from ._report import corpus_name, eval_line, start_line
 from ._run_dir import RunDirectory, read_run_config
 from ._steps import (
     COMPILED,
@@ -117,7 +118,6 @@ from ._steps import (
     init_opt_state,
     json_ready,
 )
-from ._tokens import cached_splits
 
 #: The seed offset of the line-search batches' iterator.
 _LS_SEED_OFFSET = 1_000_003

@@ -2,14 +2,14 @@ r"""The optimizer of each phase of a run, as a hashable recipe.
 
 A recipe holds exactly the settings its optimizer is built from, so two runs whose
 recipes are equal run the same computation: the recipe is the compile-cache key of
-its step (`eqx_gn.lm._steps`), and no hand-kept list of fields can go stale. The
+its step (`eqx_gn.lm.run._steps`), and no hand-kept list of fields can go stale. The
 (peak) learning rate is the one setting left out of the key: the optimizer is built
 at unit peak and its updates are scaled by the learning rate, an array argument of
 the step (for GN, the inner solver's ``learning_rate`` leaf), so a learning-rate
 sweep compiles each step once.
 
 - warm-up: AdamW ($\beta_2$ = ``b2``) at the constant ``warmup_lr``;
-- a first-order method (`eqx_gn.lm._optimizers.first_order`: AdamW, Muon, SOAP,
+- a first-order method (`eqx_gn.lm.run._phase_optimizers.first_order`: AdamW, Muon, SOAP,
   Shampoo or PSGD-Kron) with a cosine decay of ``lr`` to 0 over the main steps;
 - GN: the run's [`GNConfig`][eqx_gn.lm.GNConfig] (``config.gn``), which builds the
   `eqx_gn.GaussNewton`.
@@ -23,11 +23,11 @@ import dataclasses
 import equinox as eqx
 import optax
 
-from .. import GaussNewton, InnerOptimizer, ProxLinear, TrueLossInner, cosine_decay
+from ... import GaussNewton, InnerOptimizer, ProxLinear, TrueLossInner, cosine_decay
+from .._model import Transformer
 from ._config import TrainConfig
 from ._gn_config import GNConfig
-from ._model import Transformer
-from ._optimizers import first_order
+from ._phase_optimizers import first_order
 
 
 def _cosine(peak: float, steps: int) -> optax.Schedule:

@@ -24,8 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .._errors import ConfigError, setting
 from ._config import TrainConfig
-from ._errors import ConfigError, setting
 
 #: The mesh axis of data parallelism.
 DATA_AXIS = "data"

@@ -15,7 +15,7 @@ names a combination in one word for comparisons and studies: ``gn``,
 
 from typing import Literal, get_args
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 #: The optimizers of the main phase, in the order the CLI lists them.
 Optimizer = Literal["adamw", "muon", "soap", "shampoo", "psgd", "gn"]

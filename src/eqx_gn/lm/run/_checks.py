@@ -4,7 +4,7 @@ setting's name, what it must be and what it got."""
 import math
 from typing import Any
 
-from ._errors import ConfigError, setting
+from .._errors import ConfigError, setting
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

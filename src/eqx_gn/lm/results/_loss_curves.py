@@ -2,7 +2,7 @@
 optimizer steps, tokens read and training time, as PNG, PDF or SVG files.
 
 `plot_runs` draws the runs of run, compare and study directories (read by
-`eqx_gn.lm._runs.load_runs`). The tokens axis counts every token a run read:
+`eqx_gn.lm.results._saved_runs.load_runs`). The tokens axis counts every token a run read:
 training tokens plus, for GN, the tokens of its line-search batches.
 
 Figures are drawn with matplotlib's Agg canvas directly (no ``pyplot``), so
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._report import corpus_name
-from ._runs import (
+from ..run._console import corpus_name
+from ._saved_runs import (
     METHODS,
     Run,
     labels_for,

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._report import complete_summary, run_label
+from ..run._console import complete_summary, run_label
 
 #: The methods, in the order a study's best runs are listed (and given colours).
 METHODS = (

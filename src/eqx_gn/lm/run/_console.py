@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 from ._methods import parse_method
 
 #: Default GN settings, left out of a label ("gn" rather than "gn full inner").

@@ -4,7 +4,7 @@ Every function returns its outputs constrained to the run's `StateLayout` (the
 sharding of every array of the training state on the mesh), so a compiled step
 takes its own outputs back. A compiled function is shared
 by every run of the process (a comparison, a resumed run, tests) whose *key* is
-equal: the function, its recipe (`eqx_gn.lm._recipes`: exactly the settings the
+equal: the function, its recipe (`eqx_gn.lm.run._recipes`: exactly the settings the
 optimizer is built from), the model's configuration, and the shapes, dtypes and
 shardings of every array it is called with.
 """
@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import GaussNewton, GNStats, eigenpairs, mean_loss, trace_estimate
-from ._optimizers import LM_LOSS
-from ._pipeline import inputs_and_targets
+from ... import GaussNewton, GNStats, eigenpairs, mean_loss, trace_estimate
+from ..data._pipeline import inputs_and_targets
+from ._phase_optimizers import LM_LOSS
 from ._recipes import with_learning_rate
 
 

@@ -3,9 +3,9 @@ builds them (the baselines, and GN's inner optimizers)."""
 
 import optax
 
-from .. import SoftmaxCrossEntropy, muon_adamw
-from ..baselines import shampoo, soap
-from ._model import Transformer, embedding_and_head
+from ... import SoftmaxCrossEntropy, muon_adamw
+from ...baselines import shampoo, soap
+from .._model import Transformer, embedding_and_head
 
 #: The loss every phase minimises: next-token cross-entropy. Its labels are token
 #: ids, checked against the vocabulary once on the host (`TokenSplits.check_ids`),

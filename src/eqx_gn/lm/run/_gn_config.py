@@ -10,7 +10,7 @@ through it: a run's [`TrainConfig`][eqx_gn.lm.TrainConfig] gives its own as
 import dataclasses
 import typing
 
-from .. import (
+from ... import (
     CG,
     AdaptiveTrust,
     FixedTrust,
@@ -22,6 +22,14 @@ from .. import (
     TrueLossInner,
     UnitStep,
 )
+from .._errors import ConfigError, setting
+from .._model import (
+    COMPUTE_DTYPES,
+    ComputeDtype,
+    Transformer,
+    apply_fn,
+    layerwise_blocks,
+)
 from ._checks import (
     check_choice,
     check_integer,
@@ -29,7 +37,6 @@ from ._checks import (
     check_positive,
     check_range,
 )
-from ._errors import ConfigError, setting
 from ._methods import (
     BLOCKS,
     CG_PRECONDITIONERS,
@@ -52,14 +59,7 @@ from ._methods import (
     method_name,
     model_step_fraction,
 )
-from ._model import (
-    COMPUTE_DTYPES,
-    ComputeDtype,
-    Transformer,
-    apply_fn,
-    layerwise_blocks,
-)
-from ._optimizers import LM_LOSS, first_order
+from ._phase_optimizers import LM_LOSS, first_order
 
 #: The smallest step the adaptive rule's line search tries past its grid: from the
 #: default grid's smallest step 2^-3.5, at most 7 halvings.

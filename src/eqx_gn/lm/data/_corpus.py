@@ -5,8 +5,8 @@ Data flow of the data layer::
 
     load_corpus(text)            -> list of documents (str)          (this module)
     split_documents(...)         -> train / validation documents     (this module)
-    make_tokenizer(kind, ...)    -> ByteTokenizer | BPETokenizer     (_tokens)
-    tokenize_to_file(...)        -> documents packed with EOS, memmap (_tokens)
+    make_tokenizer(kind, ...)    -> ByteTokenizer | BPETokenizer     (_token_cache)
+    tokenize_to_file(...)        -> documents packed with EOS, memmap (_token_cache)
     batch_iterator(tokens, ...)  -> grain iterator of windows         (_pipeline)
     GlobalBatches                -> global jax.Arrays on the mesh     (_pipeline)
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import setting
+from .._errors import setting
 
 PathLike = str | os.PathLike
 

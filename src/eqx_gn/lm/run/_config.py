@@ -11,7 +11,7 @@ each value is checked against its own declaration, and the settings that depend
 on each other are checked together after.
 
 GN's settings (``blocks``, ``solver``, ``inner``) are orthogonal, and a method
-names a combination in one word (`eqx_gn.lm._methods`); a run's GN is built from
+names a combination in one word (`eqx_gn.lm.run._methods`); a run's GN is built from
 one typed [`GNConfig`][eqx_gn.lm.GNConfig], ``config.gn``.
 """
 
@@ -23,13 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from .._errors import ConfigError, setting
+from .._model import CONFIGS, ComputeDtype
 from ._checks import (
     check_integer,
     check_nonnegative,
     check_positive,
     check_range,
 )
-from ._errors import ConfigError, setting
 from ._gn_config import CG_DEFAULTS, GNConfig
 from ._methods import (
     DEFAULT_LEARNING_RATES,
@@ -46,7 +47,6 @@ from ._methods import (
     method_name,
     parse_method,
 )
-from ._model import CONFIGS, ComputeDtype
 
 #: A field defines the run: a resumed run must keep it.
 DEFINES = "defines"

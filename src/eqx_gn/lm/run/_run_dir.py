@@ -35,8 +35,8 @@ import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._errors import ConfigError, setting
 from ._config import TrainConfig
-from ._errors import ConfigError, setting
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -294,7 +294,7 @@ class RunDirectory:
                 MetricsWarning,
                 "eqx_gn.lm",
                 0,
-                module="eqx_gn.lm._run_dir",
+                module="eqx_gn.lm.run._run_dir",
             )
         return open(target, "a")
 

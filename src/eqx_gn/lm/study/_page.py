@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ._figures import copy_plots
 from ._model_section import _fmt, _median_cell, _study_section
-from ._plots import copy_plots
 from ._protocol import BASELINES
 from ._result import READABLE_FORMATS
 
@@ -410,12 +410,12 @@ def write_report(study_dirs: list[Path], path: Path) -> None:
     for d in study_dirs:
         file = Path(d) / "study.json"
         if not file.exists():
-            from .._config import ConfigError
+            from ..run._config import ConfigError
 
             raise ConfigError(f"no study.json in {d}")
         result = json.loads(file.read_text())
         if result.get("format") not in READABLE_FORMATS:
-            from .._config import ConfigError
+            from ..run._config import ConfigError
 
             raise ConfigError(
                 f"{file} is a study of format {result.get('format')!r}; this page "

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._config import ConfigError
 from .._errors import Diverged
-from .._runs import curve_of
-from ._plots import draw_plots
+from ..results._saved_runs import curve_of
+from ..run._config import ConfigError
+from ._figures import draw_plots
 from ._protocol import (
     BASELINES,
     TARGET_AT,

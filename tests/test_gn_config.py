@@ -24,7 +24,9 @@ from eqx_gn.lm import (
     get_config,
     layerwise_blocks,
 )
-from eqx_gn.lm.run._config import choices_of, group_of, settings
+from eqx_gn.lm.run._config import group_of, settings
+from eqx_gn.lm.run._gn_config import gn_settings
+from eqx_gn.lm.run._settings import choices_of
 
 
 def _micro_batches(key, k, b, seq, vocab):
@@ -293,6 +295,36 @@ def test_settings_are_declared_in_groups_in_the_command_lines_order():
     config = TrainConfig(batch_size=32, blocks="layerwise", seed=3)
     assert (config.batch_size, config.blocks, config.seed) == (32, "layerwise", 3)
     assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_gn_settings_are_declared_once_in_gn_config():
+    """TrainConfig's Gauss-Newton group is GNConfig's declared settings, in their
+    order and with their defaults and descriptions, plus GN's batches; each of GN's
+    away from its default is refused for another optimizer and reaches a GN run's
+    `config.gn`."""
+    declared = {f.name: f for f in gn_settings()}
+    group = [f for f in settings() if group_of(f) == "gauss-newton"]
+    assert [f.name for f in group if f.name in declared] == list(declared)
+    assert {f.name for f in group} - set(declared) == {
+        "micro_batches",
+        "ls_batches",
+        "ls_batch_size",
+    }
+    for field in group:
+        if field.name in declared:
+            assert field.default == declared[field.name].default
+            assert field.metadata == declared[field.name].metadata
+    for name, field in declared.items():
+        choices = choices_of(field)
+        if choices is not None:
+            other = next(c for c in choices if c != field.default)
+        else:
+            other = field.default + 1 if field.type is int else field.default / 2
+        with pytest.raises(ConfigError, match=f"{name} applies to optimizer 'gn' only"):
+            TrainConfig(optimizer="muon", **{name: other})
+        solver = {"solver": "cg"} if field.metadata["solver"] == "cg" else {}
+        if name != "solver":
+            assert getattr(TrainConfig(**solver, **{name: other}).gn, name) == other
 
 
 def test_the_default_fraction_falls_with_the_micro_batch_below_768_tokens():

@@ -23,15 +23,10 @@ from typing import Any, NoReturn
 
 from ._errors import ConfigError, Diverged, flag_names
 from .run._checkpoint import CheckpointError, NoSpaceError
-from .run._config import (
-    TrainConfig,
-    choices_of,
-    describe,
-    group_of,
-    settings,
-    value_type,
-)
+from .run._config import GN_ONLY, TrainConfig, describe, group_of, settings
+from .run._gn_config import CG_DEFAULTS
 from .run._methods import method_name, parse_method
+from .run._settings import choices_of, value_type
 
 _DESCRIPTION = """\
 Train the paper's LLaMA-style language model with Gauss-Newton (GN) or a
@@ -336,20 +331,15 @@ def _config_values(args: argparse.Namespace, default_out: str) -> dict[str, Any]
     return values
 
 
-#: Settings of GN only, and of GN's CG solver only.
-_CG_ONLY = ("cg_damping", "cg_iterations", "cg_preconditioner", "cg_warm_start")
-_GN_ONLY = ("line_search", "trust", *_CG_ONLY)
-
-
 def applicable(values: dict[str, Any], method: dict[str, str]) -> dict[str, Any]:
     """``values`` without the settings that do not apply to ``method`` (the
     optimizer, blocks and solver of `parse_method`): a comparison's
     ``--line-search`` is for its GN methods, its ``--cg-damping`` for its CG ones."""
     drop: tuple[str, ...] = ()
     if method["optimizer"] != "gn":
-        drop = _GN_ONLY
+        drop = GN_ONLY
     elif method["solver"] != "cg":
-        drop = _CG_ONLY
+        drop = tuple(CG_DEFAULTS)
     return {k: v for k, v in values.items() if k not in drop}
 
 

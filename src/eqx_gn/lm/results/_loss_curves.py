@@ -386,25 +386,20 @@ def plot_runs(
     targets = [t for t in targets if t is not None]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for axis, _ in AXES:
-        fig = loss_figure(
+    figures = {
+        f"loss_vs_{axis}": loss_figure(
             runs, axis, labels=labels, title=title, log_y=log_y, targets=targets
         )
-        for f in formats:
-            path = out / f"loss_vs_{axis}.{f}"
-            fig.savefig(path, dpi=150 if f == "png" else None)
-            paths.append(path)
+        for axis, _ in AXES
+    }
     if any(gn_step_records(run) for run in runs):
-        fig = gn_steps_figure(runs, labels=labels, title=title)
-        for f in formats:
-            path = out / f"gn_steps.{f}"
-            fig.savefig(path, dpi=150 if f == "png" else None)
-            paths.append(path)
+        figures["gn_steps"] = gn_steps_figure(runs, labels=labels, title=title)
     if any(curvature_records(run) for run in runs):
-        fig = curvature_figure(runs, labels=labels, title=title)
+        figures["curvature"] = curvature_figure(runs, labels=labels, title=title)
+    paths = []
+    for name, fig in figures.items():
         for f in formats:
-            path = out / f"curvature.{f}"
+            path = out / f"{name}.{f}"
             fig.savefig(path, dpi=150 if f == "png" else None)
             paths.append(path)
     return paths

@@ -10,82 +10,39 @@ options and help, and the API reference, are generated from these descriptions;
 each value is checked against its own declaration, and the settings that depend
 on each other are checked together after.
 
-GN's settings (``blocks``, ``solver``, ``inner``) are orthogonal, and a method
-names a combination in one word (`eqx_gn.lm.run._methods`); a run's GN is built from
-one typed [`GNConfig`][eqx_gn.lm.GNConfig], ``config.gn``.
+GN's settings are declared once, in [`GNConfig`][eqx_gn.lm.GNConfig]: the
+Gauss-Newton group is made from its declarations (with GN's batches, declared
+here), and a run's GN is built from one ``config.gn``. GN's settings (``blocks``,
+``solver``, ``inner``) are orthogonal, and a method names a combination in one
+word (`eqx_gn.lm.run._methods`).
 """
 
 import dataclasses
 import math
-import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from .._errors import ConfigError, setting
 from .._model import CONFIGS, ComputeDtype
 from ._checks import (
-    check_integer,
     check_nonnegative,
     check_positive,
-    check_range,
 )
-from ._gn_config import CG_DEFAULTS, GNConfig
+from ._gn_config import CG_DEFAULTS, GNConfig, gn_settings
 from ._methods import (
     DEFAULT_LEARNING_RATES,
-    BlockPartition,
-    CGPreconditioner,
-    Inner,
-    InnerStep,
-    LineSearch,
     Optimizer,
-    Solver,
-    TrustRule,
-    default_line_search,
-    default_trust,
     method_name,
     parse_method,
 )
-
-#: A field defines the run: a resumed run must keep it.
-DEFINES = "defines"
-#: A field says how the run is carried out: a resumed run may change it.
-EXECUTION = "execution"
-
-Check = Callable[[str, Any], None]
-
-
-def _setting(
-    default: Any,
-    help: str,
-    *,
-    role: str = DEFINES,
-    metavar: str | None = None,
-    flag: str | None = None,
-    choices: tuple[str, ...] | None = None,
-    minimum: int = 1,
-    check: Check | None = None,
-    hidden: bool = False,
-) -> Any:
-    """A setting: its default and description, and how it is checked: an
-    ``int`` is at least ``minimum``, a ``Literal`` one of its values (or of
-    ``choices``), and ``check(name, value)`` runs on any value but ``None``."""
-    metadata = {
-        "help": help,
-        "role": role,
-        "metavar": metavar,
-        "flag": flag,
-        "choices": choices,
-        "minimum": minimum,
-        "check": check,
-        "hidden": hidden,
-    }
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def _in(low: float, high: float, closed: str) -> Check:
-    return lambda name, value: check_range(name, value, low, high, closed)
+from ._settings import (
+    DEFINES,
+    EXECUTION,
+    check_value,
+    declare,
+    in_range,
+)
 
 
 def _finite(name: str, value: Any) -> None:
@@ -112,20 +69,20 @@ def _tokenizer(name: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Data:
-    text: str | None = _setting(
+    text: str | None = declare(
         None,
         "the corpus: a UTF-8 text file (documents separated by form feeds), or a "
         "directory or glob of shards (.txt, .jsonl, .jsonl.gz/.json.gz, .parquet); "
         "None: Shakespeare's plays, bundled",
         metavar="PATH",
     )
-    text_field: str = _setting(
+    text_field: str = declare(
         "text",
         "the field (JSON Lines) or column (Parquet) holding each document's text",
         metavar="NAME",
         check=_not_empty,
     )
-    tokenizer: str = _setting(
+    tokenizer: str = declare(
         "byte",
         "byte (byte-level, vocabulary 257), bpe (trained on the training split) or "
         "the path of a Hugging Face tokenizer.json (vocabulary and end-of-document "
@@ -133,15 +90,15 @@ class _Data:
         metavar="byte|bpe|PATH",
         check=_tokenizer,
     )
-    vocab_size: int | None = _setting(
+    vocab_size: int | None = declare(
         None, "BPE vocabulary size, end-of-document token included"
     )
-    val_fraction: float = _setting(
+    val_fraction: float = declare(
         0.1,
         "fraction of the documents held out for validation",
-        check=_in(0.0, 1.0, "()"),
+        check=in_range(0.0, 1.0, "()"),
     )
-    cache_dir: str | None = _setting(
+    cache_dir: str | None = declare(
         None,
         "tokenizer and token cache; None: $EQX_GN_CACHE or ~/.cache/eqx_gn",
         role=EXECUTION,
@@ -163,16 +120,16 @@ class _Data:
 
 @dataclasses.dataclass(frozen=True)
 class _Model:
-    model: str = _setting(
+    model: str = declare(
         "tiny", "model shape, a name of eqx_gn.lm.CONFIGS", choices=tuple(CONFIGS)
     )
-    seq_len: int | None = _setting(None, "context length in tokens; None: the model's")
-    scan_layers: bool = _setting(
+    seq_len: int | None = declare(None, "context length in tokens; None: the model's")
+    scan_layers: bool = declare(
         False,
         "the transformer blocks as one stacked module applied with jax.lax.scan "
         "(the same function and weights; compile time flat in depth)",
     )
-    compute_dtype: ComputeDtype = _setting(
+    compute_dtype: ComputeDtype = declare(
         "float32",
         "the dtype of the model's matrix products (bfloat16: inputs rounded to it, "
         "float32 accumulation); parameters, optimizer state, logits and the loss "
@@ -182,34 +139,38 @@ class _Model:
 
 @dataclasses.dataclass(frozen=True)
 class _Optimization:
-    optimizer: Optimizer = _setting("gn", "the optimizer after the warm-up")
-    steps: int = _setting(200, "optimizer steps, warm-up included")
-    batch_size: int = _setting(64, "sequences per optimizer step, for every optimizer")
-    grad_accumulation: int = _setting(
+    optimizer: Optimizer = declare("gn", "the optimizer after the warm-up")
+    steps: int = declare(200, "optimizer steps, warm-up included")
+    batch_size: int = declare(64, "sequences per optimizer step, for every optimizer")
+    grad_accumulation: int = declare(
         1,
         "first-order optimizers: micro-batches per step whose gradients are "
         "averaged (the same step in smaller passes, GN's layout with K); must divide "
         "batch_size",
         metavar="A",
     )
-    lr: float | None = _setting(
+    lr: float | None = declare(
         None,
         "peak learning rate of a first-order optimizer, or GN's inner learning rate "
         "(solvers inner, prox and trueloss); cosine decay to 0; None: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LEARNING_RATES.items()),
         check=check_positive,
     )
-    weight_decay: float = _setting(
+    weight_decay: float = declare(
         0.0, "decoupled weight decay", check=check_nonnegative
     )
-    b2: float = _setting(0.95, "AdamW's second-moment decay", check=_in(0.0, 1.0, "[)"))
-    max_grad_norm: float = _setting(
+    b2: float = declare(
+        0.95, "AdamW's second-moment decay", check=in_range(0.0, 1.0, "[)")
+    )
+    max_grad_norm: float = declare(
         1.0, "clip gradients to this global norm", check=check_positive
     )
-    warmup_fraction: float = _setting(
-        0.1, "fraction of the steps trained with AdamW first", check=_in(0.0, 1.0, "[)")
+    warmup_fraction: float = declare(
+        0.1,
+        "fraction of the steps trained with AdamW first",
+        check=in_range(0.0, 1.0, "[)"),
     )
-    warmup_lr: float = _setting(
+    warmup_lr: float = declare(
         3e-3, "the warm-up's AdamW learning rate", check=check_positive
     )
 
@@ -222,111 +183,58 @@ class _Optimization:
 
 
 @dataclasses.dataclass(frozen=True)
-class _GaussNewton:
-    blocks: BlockPartition = _setting(
-        "full",
-        "GN: the full GN matrix, or its block diagonal with one block per layer "
-        "(embedding, each transformer block, head)",
-    )
-    solver: Solver = _setting(
-        "inner",
-        "GN: the subproblem solver: inner Muon/AdamW steps on the quadratic model "
-        "(the paper's), the same on the linearized loss (prox-linear), the same on "
-        "the true loss (trueloss: the ablation with no curvature model; blocks full "
-        "only), or conjugate gradient with Levenberg-Marquardt damping",
-    )
-    inner: Inner = _setting(
-        "muon",
-        "GN with the inner, prox or trueloss solver: the optimizer its inner steps "
-        "run on its model: Muon for hidden matrices with AdamW for the rest (the "
-        "paper's), AdamW, SOAP, Shampoo or PSGD-Kron, each built as its first-order "
-        "method is",
-    )
-    inner_step: InnerStep | None = _setting(
-        None,
-        "GN with the inner or prox solver: the length of each inner update: "
-        "'model' takes the minimiser of its micro-batch's quadratic model along it, "
-        "times --lr (default min(1, micro-batch tokens / 768): the whole step from "
-        "768 tokens per micro-batch, in proportion below); 'lr' the "
-        "learning rate alone (the paper's, --lr default by inner optimizer); "
-        "None: model, or lr with solver trueloss (the ablation has no model)",
-    )
-    micro_batches: int = _setting(
+class _GaussNewtonData:
+    # GN's batches: how the runner feeds GN, declared here; GN's own settings
+    # are declared once, in GNConfig.
+    micro_batches: int = declare(
         8,
         "GN: micro-batches per outer step (inner steps); must divide batch_size",
         metavar="K",
     )
-    ls_batches: int = _setting(2, "GN: line-search batches per step")
-    ls_batch_size: int | None = _setting(
+    ls_batches: int = declare(2, "GN: line-search batches per step")
+    ls_batch_size: int | None = declare(
         None, "GN: sequences per line-search batch; None: the micro-batch size"
     )
-    ls_grid: int = _setting(
-        8, "GN: step sizes 1, 2^-1/2, 2^-1, ... tried by the line search"
+
+
+def _gauss_newton_group() -> type:
+    """The Gauss-Newton group: GN's settings as `GNConfig` declares them, the
+    batches after the inner step."""
+    fields = [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in gn_settings()
+    ]
+    batches = [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for f in dataclasses.fields(_GaussNewtonData)
+    ]
+    at = 1 + [name for name, _, _ in fields].index("inner_step")
+    return dataclasses.make_dataclass(
+        "_GaussNewton", fields[:at] + batches + fields[at:], frozen=True
     )
-    line_search: LineSearch | None = _setting(
-        None,
-        "GN: 'grid' evaluates the loss at every step size of the grid and takes "
-        "the best (the paper's); 'warm' walks the grid from the last step's "
-        "choice while the loss falls (the same choice when the loss is unimodal "
-        "along the grid, in about 3 evaluations instead of ls_grid); 'none' takes "
-        "the solver's step whole (step size 1; one loss evaluation, and a "
-        "non-finite loss is still rejected); None: warm, "
-        "or grid with solver cg",
-    )
-    trust: TrustRule | None = _setting(
-        None,
-        "GN: 'adaptive' scales the next subproblem (the inner learning rate, or "
-        "CG's damping) by the step the line search chose, shrinking it after a "
-        "step cut below 1/4 and growing it after full ones; 'levenberg-marquardt' "
-        "scales it by the ratio of the true to the predicted decrease of the "
-        "solver's direction on the solver's own data; "
-        "with both the line search halves the step past its grid (to 2^-10) "
-        "before it rejects; 'fixed' is the paper's rule (a fixed subproblem, the "
-        "grid alone); None: fixed (the inner steps' lengths come from the model: "
-        "see --inner-step), or levenberg-marquardt with solver cg",
-    )
-    cg_damping: float = _setting(
-        CG_DEFAULTS["cg_damping"],
-        "GN with solver cg: the damping at trust scale 1 (the start; the trust rule "
-        "divides it by its scale)",
-        check=check_positive,
-    )
-    cg_iterations: int = _setting(
-        CG_DEFAULTS["cg_iterations"], "GN with solver cg: CG iterations per outer step"
-    )
-    cg_preconditioner: CGPreconditioner = _setting(
-        CG_DEFAULTS["cg_preconditioner"],
-        "GN with solver cg: 'diagonal' is Martens' (F + 1e-3 mean F)^0.75, F the "
-        "mean square of the micro-batches' gradients (one more backward pass per "
-        "micro-batch); 'none' is plain CG",
-    )
-    cg_warm_start: float = _setting(
-        CG_DEFAULTS["cg_warm_start"],
-        "GN with solver cg: CG starts from the previous step's solution times X "
-        "(Martens' 0.95); 0 starts it from zero",
-        metavar="X",
-        check=_in(0.0, 1.0, "[]"),
-    )
+
+
+_GaussNewton = _gauss_newton_group()
 
 
 @dataclasses.dataclass(frozen=True)
 class _Evaluation:
-    eval_every: int = _setting(
+    eval_every: int = declare(
         20,
         "steps between validation evaluations; 0: only after the warm-up and at "
         "the end",
         minimum=0,
     )
-    eval_batches: int = _setting(8, "fixed validation batches")
-    eval_batch_size: int = _setting(32, "sequences per validation batch")
-    target_loss: float | None = _setting(
+    eval_batches: int = declare(8, "fixed validation batches")
+    eval_batch_size: int = declare(32, "sequences per validation batch")
+    target_loss: float | None = declare(
         None,
         "stop when the validation loss reaches it; report steps, tokens and time "
         "to reach it",
         metavar="LOSS",
         check=_finite,
     )
-    eval_resolution: float = _setting(
+    eval_resolution: float = declare(
         0.0,
         "with target_loss: also evaluate whenever the steps since the last "
         "evaluation reach this fraction of the step, and at every step once the "
@@ -336,7 +244,7 @@ class _Evaluation:
         metavar="R",
         check=check_nonnegative,
     )
-    curvature_every: int = _setting(
+    curvature_every: int = declare(
         0,
         "steps between curvature records in metrics.jsonl: the 3 largest "
         "eigenvalues of the full GN matrix (20 Lanczos steps) and its trace "
@@ -344,7 +252,7 @@ class _Evaluation:
         "first validation batch; 0: off",
         minimum=0,
     )
-    give_up_after: int | None = _setting(
+    give_up_after: int | None = declare(
         None,
         "with target_loss: end the run at this step if the target is not reached "
         "by then (the schedule stays that of steps; the summary records "
@@ -360,10 +268,10 @@ class _Evaluation:
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
-    seed: int = _setting(
+    seed: int = declare(
         0, "random seed (model and data order)", minimum=0, check=_below_2_31
     )
-    out: str = _setting(
+    out: str = declare(
         "runs/eqx-gn",
         "the output directory (eqx-gn train's default: runs/METHOD-DATE-TIME); "
         "one holding a run needs resume or overwrite, and other files in it are "
@@ -371,7 +279,7 @@ class _Run:
         role=EXECUTION,
         metavar="DIR",
     )
-    init_from: str | None = _setting(
+    init_from: str | None = declare(
         None,
         "start from the model parameters of the newest intact checkpoint in this "
         "run directory (a finished run's final ones) instead of new ones; the "
@@ -379,26 +287,26 @@ class _Run:
         "order start anew: how to train a finished run for more steps",
         metavar="DIR",
     )
-    checkpoint_every: int = _setting(
+    checkpoint_every: int = declare(
         50, "steps between checkpoints; 0: only at the end", role=EXECUTION, minimum=0
     )
-    resume: bool = _setting(
+    resume: bool = declare(
         False,
         "continue the run in out from its newest good checkpoint (a run without "
         "one starts from step 0)",
         role=EXECUTION,
     )
-    overwrite: bool = _setting(
+    overwrite: bool = declare(
         False, "delete the eqx-gn run in out and start over", role=EXECUTION
     )
-    progress: bool = _setting(
+    progress: bool = declare(
         True,
         "a line per evaluation instead of a progress bar (--no-progress, "
         "progress=False); without a terminal (a job log) there is no bar either",
         role=EXECUTION,
         flag="--no-progress",
     )
-    stop_after: int | None = _setting(
+    stop_after: int | None = declare(
         None,
         "debugging: return after this step as if killed",
         role=EXECUTION,
@@ -414,7 +322,7 @@ class _Run:
 
 @dataclasses.dataclass(frozen=True)
 class _Parallelism:
-    data_parallel: int | None = _setting(
+    data_parallel: int | None = declare(
         None,
         "devices of the mesh's data axis, every batch split over data x fsdp (the "
         "command line's --mesh data=N,fsdp=M sets both); None: 1, or all devices "
@@ -423,7 +331,7 @@ class _Parallelism:
         flag="--mesh",
         metavar="data=N,fsdp=M",
     )
-    fsdp: int = _setting(
+    fsdp: int = declare(
         1,
         "devices of the mesh's fsdp axis: parameters and optimizer state are "
         "sharded along it (each array along its largest dimension that M divides), "
@@ -431,21 +339,21 @@ class _Parallelism:
         role=EXECUTION,
         hidden=True,
     )
-    distributed: bool = _setting(
+    distributed: bool = declare(
         False,
         "multi-process run: call jax.distributed.initialize first",
         role=EXECUTION,
     )
-    coordinator_address: str | None = _setting(
+    coordinator_address: str | None = declare(
         None,
         "the coordinator (process 0); None: $JAX_COORDINATOR_ADDRESS",
         role=EXECUTION,
         metavar="HOST:PORT",
     )
-    num_processes: int | None = _setting(
+    num_processes: int | None = declare(
         None, "number of processes; None: $JAX_NUM_PROCESSES", role=EXECUTION
     )
-    process_id: int | None = _setting(
+    process_id: int | None = declare(
         None,
         "this process's index; None: $JAX_PROCESS_ID",
         role=EXECUTION,
@@ -503,7 +411,7 @@ class TrainConfig(
 
     def _check_gauss_newton(self) -> None:
         if not self.is_gn:
-            for name in _GN_ONLY:
+            for name in GN_ONLY:
                 if getattr(self, name) != _DEFAULTS[name]:
                     raise ConfigError(
                         f"{setting(name)} applies to optimizer 'gn' only, not "
@@ -557,9 +465,7 @@ class TrainConfig(
     def line_search_rule(self) -> str | None:
         """GN's line search, ``line_search`` or its default: ``"warm"``, or
         ``"grid"`` with solver cg; ``None`` for the other optimizers."""
-        if not self.is_gn:
-            return None
-        return self.line_search or default_line_search(self.solver)
+        return self.gn.line_search if self.is_gn else None
 
     @property
     def inner_step_rule(self) -> str | None:
@@ -572,9 +478,7 @@ class TrainConfig(
         """GN's trust rule, ``trust`` or its default: ``"fixed"``, or
         ``"levenberg-marquardt"`` with solver cg; ``None`` for the other
         optimizers."""
-        if not self.is_gn:
-            return None
-        return self.trust or default_trust(self.solver)
+        return self.gn.trust if self.is_gn else None
 
     @property
     def learning_rate(self) -> float | None:
@@ -708,19 +612,9 @@ _RESOLVED = {
     "ls_batch_size": "line_search_batch_size",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-#: The settings of GN only: at their defaults for the other optimizers.
-_GN_ONLY = (
-    "blocks",
-    "solver",
-    "inner",
-    "inner_step",
-    "cg_damping",
-    "cg_iterations",
-    "cg_preconditioner",
-    "cg_warm_start",
-    "line_search",
-    "trust",
-)
+#: The settings of GN only (GNConfig's): at their defaults for the other
+#: optimizers.
+GN_ONLY = tuple(f.name for f in gn_settings())
 #: GNConfig's fields that are settings or properties of the same name (all but
 #: ``steps``, which is the run's `main_steps`).
 _GN_CONFIG_SETTINGS = tuple(
@@ -743,58 +637,16 @@ def group_of(field: dataclasses.Field) -> str:
     return _GROUP_OF[field.name]
 
 
-def value_type(field: dataclasses.Field) -> type:
-    """The type of a setting's values other than ``None``: ``str`` for a choice."""
-    annotation = field.type
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation):
-        if typing.get_origin(annotation) is Literal:
-            return str
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-        if typing.get_origin(annotation) is Literal:
-            return str
-    return annotation
-
-
-def choices_of(field: dataclasses.Field) -> tuple[str, ...] | None:
-    """A setting's allowed values: its ``choices``, or its ``Literal``'s values;
-    ``None`` for a free value."""
-    if field.metadata["choices"] is not None:
-        return field.metadata["choices"]
-    annotation = field.type
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if typing.get_origin(candidate) is Literal:
-            return typing.get_args(candidate)
-    return None
-
-
-def _allows_none(field: dataclasses.Field) -> bool:
-    return type(None) in typing.get_args(field.type)
-
-
 def _check_value(field: dataclasses.Field, value: Any) -> None:
-    """A setting's value against its own declaration: its type's choices or lower
-    bound, then its ``check``."""
-    if value is None and _allows_none(field):
-        return
-    choices = choices_of(field)
-    if choices is not None:
-        if value not in choices:
-            hint = ""
-            if field.name == "optimizer" and str(value).startswith("gn-"):
-                method = parse_method(value)
-                hint = (
-                    f" ({value} is {setting('optimizer', 'gn')} with "
-                    f"{setting('blocks', method['blocks'])}, "
-                    f"{setting('solver', method['solver'])})"
-                )
-            raise ConfigError(
-                f"unknown {setting(field.name)} {value!r}; choose one of "
-                f"{', '.join(choices)}{hint}"
-            )
-    elif value_type(field) is int:
-        check_integer(field.name, value, field.metadata["minimum"])
-    if field.metadata["check"] is not None:
-        field.metadata["check"](field.name, value)
+    hint = ""
+    if field.name == "optimizer" and str(value).startswith("gn-"):
+        method = parse_method(value)
+        hint = (
+            f" ({value} is {setting('optimizer', 'gn')} with "
+            f"{setting('blocks', method['blocks'])}, "
+            f"{setting('solver', method['solver'])})"
+        )
+    check_value(field, value, hint)
 
 
 def describe(field: dataclasses.Field) -> tuple[str, str | None]:

@@ -38,14 +38,7 @@ from ._checks import (
     check_range,
 )
 from ._methods import (
-    BLOCKS,
-    CG_PRECONDITIONERS,
     GN_INNER_LEARNING_RATES,
-    INNER_STEPS,
-    INNERS,
-    LINE_SEARCHES,
-    SOLVERS,
-    TRUST_RULES,
     BlockPartition,
     CGPreconditioner,
     Inner,
@@ -60,19 +53,11 @@ from ._methods import (
     model_step_fraction,
 )
 from ._phase_optimizers import LM_LOSS, first_order
+from ._settings import check_value, declare, in_range, is_declared
 
 #: The smallest step the adaptive rule's line search tries past its grid: from the
 #: default grid's smallest step 2^-3.5, at most 7 halvings.
 MIN_STEP_SIZE = 2.0**-10
-#: CG's settings at their defaults: any other value needs solver ``cg``. The
-#: damping's start is the best of 1e-4 to 1 on ``tiny`` at 256 sequences
-#: (``benchmarks/cg_vs_inner.py``); `eqx_gn.CG`'s own default stays 1e-3.
-CG_DEFAULTS = {
-    "cg_damping": 1e-1,
-    "cg_iterations": 20,
-    "cg_preconditioner": "diagonal",
-    "cg_warm_start": 0.95,
-}
 
 
 # The class checks its own values (a choice outside its Literal included) and
@@ -118,18 +103,90 @@ class GNConfig:
     """
 
     steps: int
-    blocks: BlockPartition = "full"
-    solver: Solver = "inner"
-    inner: Inner = "muon"
-    inner_step: InnerStep | None = None
+    # GN's settings, declared here once: `TrainConfig`'s Gauss-Newton group, the
+    # command's flags and their help are made from these declarations.
+    blocks: BlockPartition = declare(
+        "full",
+        "GN: the full GN matrix, or its block diagonal with one block per layer "
+        "(embedding, each transformer block, head)",
+    )
+    solver: Solver = declare(
+        "inner",
+        "GN: the subproblem solver: inner Muon/AdamW steps on the quadratic model "
+        "(the paper's), the same on the linearized loss (prox-linear), the same on "
+        "the true loss (trueloss: the ablation with no curvature model; blocks full "
+        "only), or conjugate gradient with Levenberg-Marquardt damping",
+    )
+    inner: Inner = declare(
+        "muon",
+        "GN with the inner, prox or trueloss solver: the optimizer its inner steps "
+        "run on its model: Muon for hidden matrices with AdamW for the rest (the "
+        "paper's), AdamW, SOAP, Shampoo or PSGD-Kron, each built as its first-order "
+        "method is",
+    )
+    inner_step: InnerStep | None = declare(
+        None,
+        "GN with the inner or prox solver: the length of each inner update: "
+        "'model' takes the minimiser of its micro-batch's quadratic model along it, "
+        "times --lr (default min(1, micro-batch tokens / 768): the whole step from "
+        "768 tokens per micro-batch, in proportion below); 'lr' the "
+        "learning rate alone (the paper's, --lr default by inner optimizer); "
+        "None: model, or lr with solver trueloss (the ablation has no model)",
+    )
+    ls_grid: int = declare(
+        8, "GN: step sizes 1, 2^-1/2, 2^-1, ... tried by the line search"
+    )
+    line_search: LineSearch | None = declare(
+        None,
+        "GN: 'grid' evaluates the loss at every step size of the grid and takes "
+        "the best (the paper's); 'warm' walks the grid from the last step's "
+        "choice while the loss falls (the same choice when the loss is unimodal "
+        "along the grid, in about 3 evaluations instead of ls_grid); 'none' takes "
+        "the solver's step whole (step size 1; one loss evaluation, and a "
+        "non-finite loss is still rejected); None: warm, "
+        "or grid with solver cg",
+    )
+    trust: TrustRule | None = declare(
+        None,
+        "GN: 'adaptive' scales the next subproblem (the inner learning rate, or "
+        "CG's damping) by the step the line search chose, shrinking it after a "
+        "step cut below 1/4 and growing it after full ones; 'levenberg-marquardt' "
+        "scales it by the ratio of the true to the predicted decrease of the "
+        "solver's direction on the solver's own data; "
+        "with both the line search halves the step past its grid (to 2^-10) "
+        "before it rejects; 'fixed' is the paper's rule (a fixed subproblem, the "
+        "grid alone); None: fixed (the inner steps' lengths come from the model: "
+        "see --inner-step), or levenberg-marquardt with solver cg",
+    )
+    # The damping's start is the best of 1e-4 to 1 on ``tiny`` at 256 sequences
+    # (``benchmarks/cg_vs_inner.py``); `eqx_gn.CG`'s own default stays 1e-3.
+    cg_damping: float = declare(
+        1e-1,
+        "GN with solver cg: the damping at trust scale 1 (the start; the trust rule "
+        "divides it by its scale)",
+        check=check_positive,
+        solver="cg",
+    )
+    cg_iterations: int = declare(
+        20, "GN with solver cg: CG iterations per outer step", solver="cg"
+    )
+    cg_preconditioner: CGPreconditioner = declare(
+        "diagonal",
+        "GN with solver cg: 'diagonal' is Martens' (F + 1e-3 mean F)^0.75, F the "
+        "mean square of the micro-batches' gradients (one more backward pass per "
+        "micro-batch); 'none' is plain CG",
+        solver="cg",
+    )
+    cg_warm_start: float = declare(
+        0.95,
+        "GN with solver cg: CG starts from the previous step's solution times X "
+        "(Martens' 0.95); 0 starts it from zero",
+        metavar="X",
+        check=in_range(0.0, 1.0, "[]"),
+        solver="cg",
+    )
+    # Settings of the run's other groups that GN is built with.
     lr: float | None = None
-    ls_grid: int = 8
-    line_search: LineSearch | None = None
-    trust: TrustRule | None = None
-    cg_damping: float = CG_DEFAULTS["cg_damping"]
-    cg_iterations: int = CG_DEFAULTS["cg_iterations"]
-    cg_preconditioner: CGPreconditioner = CG_DEFAULTS["cg_preconditioner"]
-    cg_warm_start: float = CG_DEFAULTS["cg_warm_start"]
     b2: float = 0.95
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -139,11 +196,11 @@ class GNConfig:
     micro_batch_tokens: int | None = None
 
     def __post_init__(self):
-        check_choice("blocks", self.blocks, BLOCKS)
-        check_choice("solver", self.solver, SOLVERS)
-        check_choice("inner", self.inner, INNERS)
+        for field in gn_settings():
+            check_value(field, getattr(self, field.name))
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        # The defaults of the search and the trust rule depend on the solver.
+        # The defaults of the search, the trust rule and the inner step depend on
+        # the solver: resolved here, once.
         if self.line_search is None:
             object.__setattr__(self, "line_search", default_line_search(self.solver))
         if self.trust is None:
@@ -151,27 +208,13 @@ class GNConfig:
         if self.inner_step is None and self.solver != "cg":
             step = default_inner_step(self.solver)
             object.__setattr__(self, "inner_step", step)
-        if self.inner_step is not None:
-            check_choice("inner_step", self.inner_step, INNER_STEPS)
-        check_choice("line_search", self.line_search, LINE_SEARCHES)
-        check_choice("trust", self.trust, TRUST_RULES)
         if self.solver == "trueloss" and self.blocks != "full":
             raise ConfigError(
                 f"{setting('blocks')} applies to GN's curvature model, which solver "
                 f"'trueloss' does not have: it needs {setting('blocks', 'full')}"
             )
-        check_gn_settings(
-            self.solver,
-            inner=self.inner,
-            inner_step=self.inner_step,
-            lr=self.lr,
-            cg_damping=self.cg_damping,
-            cg_iterations=self.cg_iterations,
-            cg_preconditioner=self.cg_preconditioner,
-            cg_warm_start=self.cg_warm_start,
-        )
-        for name in ("steps", "ls_grid"):
-            check_integer(name, getattr(self, name))
+        self._check_solver_settings()
+        check_integer("steps", self.steps)
         check_range("b2", self.b2, 0.0, 1.0, "[)")
         check_nonnegative("weight_decay", self.weight_decay)
         check_positive("max_grad_norm", self.max_grad_norm)
@@ -249,57 +292,46 @@ class GNConfig:
             trust=trust,
         )
 
+    def _check_solver_settings(self) -> None:
+        """The settings that depend on GN's solver: CG has no inner optimizer and
+        no learning rate, and only CG's settings (declared with ``solver="cg"``)
+        may leave their defaults with it."""
+        if self.solver == "cg":
+            if self.inner != "muon":
+                raise ConfigError(
+                    f"{setting('inner')} applies to GN's inner, prox and trueloss "
+                    "solvers, not 'cg' (CG has no inner optimizer)"
+                )
+            if self.inner_step is not None:
+                raise ConfigError(
+                    f"{setting('inner_step')} applies to GN's inner and prox "
+                    "solvers, not 'cg' (CG chooses its own step lengths)"
+                )
+            if self.lr is not None:
+                raise ConfigError(
+                    f"{setting('lr')} does not apply to solver 'cg' (CG has no "
+                    "learning rate; its step comes from the damped GN system: set "
+                    f"{setting('cg_damping')})"
+                )
+            return
+        if self.solver == "trueloss" and self.inner_step == "model":
+            raise ConfigError(
+                f"{setting('inner_step', 'model')} needs GN's curvature model, which "
+                "solver 'trueloss' does not have (the ablation takes its steps from "
+                f"{setting('lr')})"
+            )
+        for name, default in CG_DEFAULTS.items():
+            if getattr(self, name) != default:
+                raise ConfigError(f"{setting(name)} applies to solver 'cg' only")
+        if self.lr is not None:
+            check_positive("lr", self.lr)
 
-def check_gn_settings(
-    solver: str,
-    *,
-    inner: str,
-    lr: float | None,
-    cg_damping: float,
-    cg_iterations: int,
-    cg_preconditioner: str = CG_DEFAULTS["cg_preconditioner"],
-    cg_warm_start: float = CG_DEFAULTS["cg_warm_start"],
-    inner_step: str | None = None,
-) -> None:
-    """The settings that depend on GN's solver: CG has no inner optimizer and no
-    learning rate, and only CG has a damping, an iteration count, a
-    preconditioner and a warm start."""
-    if solver == "cg":
-        if inner != "muon":
-            raise ConfigError(
-                f"{setting('inner')} applies to GN's inner, prox and trueloss "
-                "solvers, not 'cg' (CG has no inner optimizer)"
-            )
-        if inner_step is not None:
-            raise ConfigError(
-                f"{setting('inner_step')} applies to GN's inner and prox solvers, "
-                "not 'cg' (CG chooses its own step lengths)"
-            )
-        if lr is not None:
-            raise ConfigError(
-                f"{setting('lr')} does not apply to solver 'cg' (CG has no learning "
-                f"rate; its step comes from the damped GN system: set "
-                f"{setting('cg_damping')})"
-            )
-        check_positive("cg_damping", cg_damping)
-        check_integer("cg_iterations", cg_iterations)
-        check_choice("cg_preconditioner", cg_preconditioner, CG_PRECONDITIONERS)
-        check_range("cg_warm_start", cg_warm_start, 0.0, 1.0, "[]")
-        return
-    if solver == "trueloss" and inner_step == "model":
-        raise ConfigError(
-            f"{setting('inner_step', 'model')} needs GN's curvature model, which "
-            "solver 'trueloss' does not have (the ablation takes its steps from "
-            f"{setting('lr')})"
-        )
-    cg = {
-        "cg_damping": cg_damping,
-        "cg_iterations": cg_iterations,
-        "cg_preconditioner": cg_preconditioner,
-        "cg_warm_start": cg_warm_start,
-    }
-    for name, value in cg.items():
-        if value != CG_DEFAULTS[name]:
-            raise ConfigError(f"{setting(name)} applies to solver 'cg' only")
-    if lr is not None:
-        check_positive("lr", lr)
+
+def gn_settings() -> tuple[dataclasses.Field, ...]:
+    """GN's settings, as `GNConfig` declares them (`declare`): the fields of
+    `TrainConfig`'s Gauss-Newton group that GN is built from."""
+    return tuple(f for f in dataclasses.fields(GNConfig) if is_declared(f))
+
+
+#: CG's settings at their defaults: any other value needs solver ``cg``.
+CG_DEFAULTS = {f.name: f.default for f in gn_settings() if f.metadata["solver"] == "cg"}

@@ -265,30 +265,24 @@ def _parser() -> argparse.ArgumentParser:
         default="ggn",
         help="the curvature matrix (default: ggn, the GN matrix)",
     )
-    curvature.add_argument(
-        "--probes",
-        type=_number(int),
-        default=8,
-        metavar="P",
-        help="random probes of the density and the trace (default: 8)",
-    )
-    curvature.add_argument(
-        "--iterations",
-        type=_number(int),
-        default=40,
-        metavar="M",
-        help="Lanczos steps per probe and for the top eigenvalues (default: 40)",
-    )
-    curvature.add_argument(
-        "--top",
-        type=_number(int),
-        default=5,
-        metavar="K",
-        help="largest eigenvalues reported (default: 5)",
-    )
-    curvature.add_argument(
-        "--seed", type=_number(int), default=0, metavar="S", help="(default: 0)"
-    )
+    for flag, default, metavar, text in (
+        ("--probes", 8, "P", "random probes of the density and the trace "),
+        (
+            "--iterations",
+            40,
+            "M",
+            "Lanczos steps per probe and for the top eigenvalues ",
+        ),
+        ("--top", 5, "K", "largest eigenvalues reported "),
+        ("--seed", 0, "S", ""),
+    ):
+        curvature.add_argument(
+            flag,
+            type=_number(int),
+            default=default,
+            metavar=metavar,
+            help=f"{text}(default: {default})",
+        )
     curvature.add_argument(
         "--out",
         metavar="FIGURE",

@@ -21,13 +21,13 @@ else, each a public method: [`solve`][eqx_gn.GaussNewton.solve],
 """
 
 from collections.abc import Callable
-from typing import final
+from typing import Generic, final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int
 
 from ._batches import check_micro_batches, mean_loss_unchecked
 from ._blocks import Blocks
@@ -42,14 +42,15 @@ from ._line_search import (
 from ._losses import AbstractLoss
 from ._misc import tree_all_finite, tree_scale, tree_where
 from ._solvers import AbstractGNSolver, GNProblem, GNSolution, InnerOptimizer
-from ._trust import AbstractTrustRule
+from ._solvers.abstract import SolverState
+from ._trust import AbstractTrustRule, TrustState
 
 #: $\varphi(s)$: the loss along the direction, as a function of the step size.
 LineObjective = Callable[[Float[Array, ""]], Float[Array, ""]]
 
 
 @final
-class GNState(eqx.Module):
+class GNState(eqx.Module, Generic[SolverState, TrustState]):
     """The optimizer's state: the outer step count, the solver's state, the step
     size the line search chose last (1 before the first step, 0 after a rejection),
     which [`search`][eqx_gn.GaussNewton.search] passes on as ``previous``, and the
@@ -57,9 +58,9 @@ class GNState(eqx.Module):
     other rules)."""
 
     step: Int[Array, ""]
-    solver_state: PyTree
+    solver_state: SolverState
     step_size: Float[Array, ""]
-    trust: PyTree = None
+    trust: TrustState = None
 
 
 @final
@@ -171,10 +172,10 @@ class GaussNewton(eqx.Module):
         params = eqx.filter(model, eqx.is_inexact_array)
         dtype = jnp.result_type(*jax.tree.leaves(params), float)
         return GNState(
-            jnp.asarray(0),
-            self.solver.init(model),
-            jnp.ones((), dtype),
-            self.trust.init(dtype),
+            step=jnp.asarray(0),
+            solver_state=self.solver.init(model),
+            step_size=jnp.ones((), dtype),
+            trust=self.trust.init(dtype),
         )
 
     @typecheck
@@ -296,10 +297,10 @@ class GaussNewton(eqx.Module):
             true_decrease=solver_stats.true_decrease,
         )
         new_state = GNState(
-            state.step + 1,
-            solver_state,
-            step_size.astype(state.step_size.dtype),
-            trust,
+            step=state.step + 1,
+            solver_state=solver_state,
+            step_size=step_size.astype(state.step_size.dtype),
+            trust=trust,
         )
         new_state = tree_where(nonfinite, state, new_state)
 
@@ -339,9 +340,24 @@ class GaussNewton(eqx.Module):
         [`search`][eqx_gn.GaussNewton.search], then
         [`accept`][eqx_gn.GaussNewton.accept]. Returns the new model and state, and
         [`eqx_gn.GNStats`][]."""
+        return self._step_with_direction(model, state, batches, line_search_batches)[:3]
+
+    def _step_with_direction(
+        self,
+        model: Model,
+        state: GNState,
+        batches: MicroBatches,
+        line_search_batches: MicroBatches,
+    ) -> tuple[Model, GNState, GNStats, Params]:
+        r"""`step`'s stages, the one routine of `step` and `eqx_gn.as_optax`: the
+        new model, state and stats, and the direction $d$ (`as_optax`'s update is
+        $s\,d$)."""
         solution = self.solve(model, state, batches)
         phi = self.line_search_objective(model, solution.direction, line_search_batches)
         step_size, ls_stats = self.search(
             phi, solution.stats.model_end.dtype, previous=state.step_size
         )
-        return self.accept(model, state, solution, step_size, ls_stats)
+        new_model, new_state, stats = self.accept(
+            model, state, solution, step_size, ls_stats
+        )
+        return new_model, new_state, stats, solution.direction

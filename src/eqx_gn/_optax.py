@@ -146,13 +146,9 @@ def as_optax(gn: GaussNewton, model: Model) -> optax.GradientTransformationExtra
                 "GaussNewton.step takes them)"
             )
         g, m = bound.split(params)
-        solution = g.solve(m, state.gn, batches)
-        direction = solution.direction
-        phi = g.line_search_objective(m, direction, line_search_batches)
-        step_size, ls_stats = g.search(
-            phi, solution.stats.model_end.dtype, previous=state.gn.step_size
+        _, gn_state, stats, direction = g._step_with_direction(
+            m, state.gn, batches, line_search_batches
         )
-        _, gn_state, stats = g.accept(m, state.gn, solution, step_size, ls_stats)
         s = stats.step_size  # 0 when rejected or non-finite
         trained = eqx.filter(params, eqx.is_inexact_array)
         new_updates = jax.tree.map(

@@ -18,38 +18,44 @@ any solver. [`eqx_gn.FixedTrust`][] is the paper's rule for the inner-loop solve
 """
 
 import abc
-from typing import final
+from typing import Generic, TypeVar, final
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float
 
 from ._line_search import LineSearchStats
 from ._misc import check_number
 
+#: A trust rule's state: ``None`` for `FixedTrust`, the scale $t$ for the others.
+TrustState = TypeVar("TrustState")
+#: The scale $t > 0$ of the next subproblem, the state of the rules that have one.
+TrustScale = Float[Array, ""]
 
-class AbstractTrustRule(eqx.Module):
-    """A rule that scales the next GN subproblem from the last outer step."""
+
+class AbstractTrustRule(eqx.Module, Generic[TrustState]):
+    """A rule that scales the next GN subproblem from the last outer step, generic
+    over its state (as the solvers are over theirs)."""
 
     @abc.abstractmethod
-    def init(self, dtype) -> PyTree:
+    def init(self, dtype) -> TrustState:
         """The rule's state before the first step."""
 
     @abc.abstractmethod
-    def scale(self, state: PyTree) -> Float[Array, ""] | None:
+    def scale(self, state: TrustState) -> Float[Array, ""] | None:
         """The scale $t$ of the next subproblem; ``None`` for none at all (the
         solvers then compute exactly what they compute without a rule)."""
 
     @abc.abstractmethod
     def update(
         self,
-        state: PyTree,
+        state: TrustState,
         step_size: Float[Array, ""],
         line_search: LineSearchStats,
         predicted_decrease: Float[Array, ""],
         true_decrease: Float[Array, ""] | None = None,
-    ) -> PyTree:
+    ) -> TrustState:
         """The state after an outer step chose ``step_size`` (0: rejected).
 
         ``predicted_decrease`` is the solver's prediction for its direction and
@@ -59,7 +65,7 @@ class AbstractTrustRule(eqx.Module):
 
 
 @final
-class FixedTrust(AbstractTrustRule):
+class FixedTrust(AbstractTrustRule[None]):
     """The paper's rule: no scale, the subproblem is the same at every step."""
 
     def init(self, dtype) -> None:
@@ -78,7 +84,7 @@ class FixedTrust(AbstractTrustRule):
 
 
 @final
-class AdaptiveTrust(AbstractTrustRule):
+class AdaptiveTrust(AbstractTrustRule[TrustScale]):
     r"""The scale follows the step the line search chose.
 
     With $s$ the chosen step size and $\rho$ the actual over the predicted decrease
@@ -151,20 +157,20 @@ class AdaptiveTrust(AbstractTrustRule):
                     f"max_scale], got [{self.min_scale}, {self.max_scale}]."
                 )
 
-    def init(self, dtype) -> Float[Array, ""]:
+    def init(self, dtype) -> TrustScale:
         return jnp.ones((), dtype)
 
-    def scale(self, state: Float[Array, ""]) -> Float[Array, ""]:
+    def scale(self, state: TrustScale) -> TrustScale:
         return state
 
     def update(
         self,
-        state: Float[Array, ""],
+        state: TrustScale,
         step_size: Float[Array, ""],
         line_search: LineSearchStats,
         predicted_decrease: Float[Array, ""],
         true_decrease: Float[Array, ""] | None = None,
-    ) -> Float[Array, ""]:
+    ) -> TrustScale:
         del true_decrease  # the rule reads the search's rho (see above)
         dtype = state.dtype
         s = jnp.asarray(step_size, dtype)
@@ -181,7 +187,7 @@ class AdaptiveTrust(AbstractTrustRule):
 
 
 @final
-class LevenbergMarquardt(AbstractTrustRule):
+class LevenbergMarquardt(AbstractTrustRule[TrustScale]):
     r"""Levenberg-Marquardt's rule, from the agreement of model and loss.
 
     With $\rho = (L(\theta_0) - L(\theta_0 + d)) / (q(0) - q(d))$, the true over
@@ -239,20 +245,20 @@ class LevenbergMarquardt(AbstractTrustRule):
                 f"starts at 1), got [{self.min_scale}, {self.max_scale}]."
             )
 
-    def init(self, dtype) -> Float[Array, ""]:
+    def init(self, dtype) -> TrustScale:
         return jnp.ones((), dtype)
 
-    def scale(self, state: Float[Array, ""]) -> Float[Array, ""]:
+    def scale(self, state: TrustScale) -> TrustScale:
         return state
 
     def update(
         self,
-        state: Float[Array, ""],
+        state: TrustScale,
         step_size: Float[Array, ""],
         line_search: LineSearchStats,
         predicted_decrease: Float[Array, ""],
         true_decrease: Float[Array, ""] | None = None,
-    ) -> Float[Array, ""]:
+    ) -> TrustScale:
         dtype = state.dtype
         actual = line_search.loss_before - line_search.loss_at_unit_step
         if true_decrease is not None:

@@ -18,6 +18,7 @@ from eqx_gn.lm import (
     CheckpointWarning,
     batch_iterator,
 )
+from helpers import RESUMED_RUN
 
 _TOKENS = np.arange(5000, dtype=np.int32) % 251
 
@@ -338,19 +339,7 @@ def test_reserved_meta_key_is_refused(tmp_path):
 
 # -- end to end through the runner ------------------------------------------
 
-_RUN = dict(
-    optimizer="adamw",
-    steps=6,
-    batch_size=8,
-    eval_every=3,
-    checkpoint_every=2,
-    progress=False,
-    seed=0,
-    model="tiny",
-    seq_len=32,
-    eval_batches=1,
-    eval_batch_size=8,
-)
+_RUN = dict(RESUMED_RUN, optimizer="adamw")
 
 
 @pytest.fixture(scope="module")
@@ -454,11 +443,11 @@ def test_a_full_disk_is_one_line_and_resume_ends_bit_exact(tmp_path, uninterrupt
 
     cache, summary, arrays = uninterrupted
     out = tmp_path / "run"
-    argv = ["train", "--out", str(out), "--cache-dir", cache, "--seed", "0"]
-    for name in ("optimizer", "steps", "batch_size", "eval_every", "model"):
-        argv += ["--" + name.replace("_", "-"), str(_RUN[name])]
-    argv += ["--checkpoint-every", "2", "--seq-len", "32", "--eval-batches", "1"]
-    argv += ["--eval-batch-size", "8", "--no-progress"]
+    # _RUN's settings as flags.
+    argv = ["train", "--out", str(out), "--cache-dir", cache, "--no-progress"]
+    for name, value in _RUN.items():
+        if name != "progress":
+            argv += ["--" + name.replace("_", "-"), str(value)]
     # As this process runs (conftest.py): float64 on, 8 simulated devices.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}
     result = subprocess.run(

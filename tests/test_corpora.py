@@ -29,6 +29,7 @@ from eqx_gn.lm import (
     split_documents,
     train,
 )
+from helpers import SMALL
 
 
 @pytest.fixture(scope="module")
@@ -177,11 +178,9 @@ def test_a_tokenizer_file_brings_its_vocabulary_and_end_of_document(
 
 def test_training_on_shards_with_a_tokenizer_file(tmp_path, shards, tokenizer_file):
     config = TrainConfig(
-        text=str(shards), tokenizer=str(tokenizer_file), model="tiny", seq_len=32,
-        steps=16, batch_size=16, optimizer="adamw", lr=1e-2, warmup_fraction=0.0,
-        eval_every=1, eval_batches=2, eval_batch_size=8, progress=False,
+        **SMALL, text=str(shards), tokenizer=str(tokenizer_file), optimizer="adamw",
         cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"),
-    )  # fmt: skip
+    ).replace(steps=16, lr=1e-2, warmup_fraction=0.0, eval_every=1)  # fmt: skip
     summary = train(config)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     losses = [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r]

@@ -14,21 +14,13 @@ from eqx_gn.lm import TrainConfig, Transformer, apply_lm, get_config, train
 from eqx_gn.lm.data._pipeline import batch_iterator, inputs_and_targets
 from eqx_gn.lm.data._token_cache import cached_splits
 from eqx_gn.lm.run._checkpoint import Checkpointer
+from helpers import SMALL
 
+# One AdamW step, then one layerwise GN step.
 RUN = dict(
-    model="tiny",
-    seq_len=32,
-    steps=2,
-    batch_size=8,
-    micro_batches=2,
-    ls_batches=1,
-    warmup_fraction=0.5,  # one AdamW step, then one layerwise GN step
-    blocks="layerwise",
-    eval_every=2,
-    eval_batches=2,
+    SMALL, steps=2, batch_size=8, warmup_fraction=0.5, blocks="layerwise",
     eval_batch_size=4,
-    progress=False,
-)
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 Hessian-free train as well as the paper's solver, and does its damping stay off
 its bounds?
 
-``tiny`` on the bundled text, 256 sequences of 64 bytes, K = 64 micro-batches (the
-study's), 100 steps of which 10 AdamW warm-up, validation every 10 steps; every
+``tiny`` on the bundled text, 256 sequences of 64 bytes, K = ``--micro-batches``
+micro-batches (64 by default, the study's), seed ``--seed`` (0), 100 steps of which 10 AdamW warm-up, validation every 10 steps; every
 other setting the runner's default. The runs:
 
 - ``inner_default``: ``eqx-gn train`` with GN's defaults (the inner solver);
@@ -23,6 +23,7 @@ steps at which the Levenberg-Marquardt scale sat at a bound; ``ratio_to_inner``
 is each final loss over the inner solver's.
 
     python benchmarks/cg_vs_inner.py --runs-dir /tmp/cg_runs
+    python benchmarks/cg_vs_inner.py --runs-dir /tmp/cg_runs_k8 --micro-batches 8
 """
 
 import argparse
@@ -38,10 +39,16 @@ import jax
 from eqx_gn import LevenbergMarquardt, lm
 
 RESULTS = Path(__file__).parent / "results"
-COMMON = [
-    "--batch-size", "256", "--micro-batches", "64", "--steps", "100",
-    "--eval-every", "10",
-]  # fmt: skip
+
+
+def common_flags(micro_batches: int, seed: int) -> list[str]:
+    """The flags every run shares: 256 sequences, K micro-batches, 100 steps."""
+    return [
+        "--batch-size", "256", "--micro-batches", str(micro_batches),
+        "--steps", "100", "--eval-every", "10", "--seed", str(seed),
+    ]  # fmt: skip
+
+
 RUNS = {
     "inner_default": [],
     **{
@@ -102,12 +109,28 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", type=Path, default=Path("cg_vs_inner_runs"))
     p.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS))
-    p.add_argument("--out", type=Path, default=RESULTS / "cg_vs_inner_tiny.json")
+    p.add_argument("--micro-batches", type=int, default=64, help="K")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="default: results/cg_vs_inner_tiny.json at K = 64 and seed 0, else "
+        "results/cg_vs_inner_tiny_k<K>_s<seed>.json",
+    )
     args = p.parse_args()
+    if args.out is None:
+        name = (
+            "cg_vs_inner_tiny"
+            if (args.micro_batches, args.seed) == (64, 0)
+            else f"cg_vs_inner_tiny_k{args.micro_batches}_s{args.seed}"
+        )
+        args.out = RESULTS / f"{name}.json"
+    common = common_flags(args.micro_batches, args.seed)
     result = {
-        "what": "GN with CG against GN's inner solver at 256 sequences, K = 64, on "
-        "tiny (benchmarks/cg_vs_inner.py; issue 34)",
-        "common_flags": COMMON,
+        "what": "GN with CG against GN's inner solver at 256 sequences, K = "
+        f"{args.micro_batches}, seed {args.seed}, on tiny "
+        "(benchmarks/cg_vs_inner.py; issue 34)",
+        "common_flags": common,
         "wall_s_note": "wall_s is as measured, with other runs sharing the 2 cores "
         "for some runs: not a timing comparison",
         "machine": f"{platform.processor() or platform.machine()}, "
@@ -119,7 +142,7 @@ def main():
         out = args.runs_dir / name
         cg = "cg" in flags
         if record(out, cg) is None and name in args.only:
-            command = ["eqx-gn", "train", *COMMON, *flags, "--out", str(out)]
+            command = ["eqx-gn", "train", *common, *flags, "--out", str(out)]
             if out.exists():
                 command.append("--resume")
             print(" ".join(command), flush=True)

@@ -158,8 +158,9 @@ class GNConfig:
         "grid alone); None: fixed (the inner steps' lengths come from the model: "
         "see --inner-step), or levenberg-marquardt with solver cg",
     )
-    # The damping's start is the best of 1e-4 to 1 on ``tiny`` at 256 sequences
-    # (``benchmarks/cg_vs_inner.py``); `eqx_gn.CG`'s own default stays 1e-3.
+    # The damping's start: the best of 1e-4 to 1 on ``tiny`` at 256 sequences and
+    # K = 64, second at K = 8 (where 1e-2 was best; ``benchmarks/cg_vs_inner.py``);
+    # `eqx_gn.CG`'s own default stays 1e-3.
     cg_damping: float = declare(
         1e-1,
         "GN with solver cg: the damping at trust scale 1 (the start; the trust rule "

@@ -47,8 +47,11 @@ phase lint lint
 # alone afterwards: XLA's CPU collectives abort the process when another process
 # starves one device thread for 40 s. A worker that dies fails the run at once
 # (--max-worker-restart=0: restarted workers can hang xdist), and each pytest call
-# is stopped after 45 minutes (three times what it takes on 2 cores) so a hang
-# fails with its phase's name instead of running out CI's time.
+# is stopped after 45 minutes (four times what the longer one takes on 2 cores) so
+# a hang fails with its phase's name instead of running out CI's time. XLA compiles
+# for compile time in every test process and the subprocesses they start
+# (tests/compile_flags.py, applied by tests/conftest.py): most of the suite's time
+# is compiling.
 phase tests timeout -k 60 2700 python -m pytest -n 2 --dist loadfile \
     --max-worker-restart=0 -q --durations=15 -m "not multidevice"
 phase multi-device timeout -k 60 2700 python -m pytest -q --durations=15 -m multidevice

@@ -1,4 +1,5 @@
-"""Test configuration: 8 simulated CPU devices, float64, loud rank promotion.
+"""Test configuration: 8 simulated CPU devices, XLA compiling for compile time
+(`compile_flags`), float64, loud rank promotion.
 
 XLA_FLAGS must be set before JAX initialises its backend, so it is set here, at
 import time of the first conftest, before any test module imports JAX.
@@ -7,8 +8,15 @@ import time of the first conftest, before any test module imports JAX.
 import gc
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+import compile_flags
+
+os.environ.update({**compile_flags.ENVIRONMENT, **os.environ})
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        compile_flags.XLA_FLAGS,
+        "--xla_force_host_platform_device_count=8",
+    ]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

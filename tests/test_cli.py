@@ -1,11 +1,12 @@
 """The ``eqx-gn`` command line, run in subprocesses as a user would."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+
+from compile_flags import subprocess_env
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -13,12 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "",
-        "EQX_GN_CACHE": str(cache),
-    }
+    return subprocess_env(EQX_GN_CACHE=str(cache))
 
 
 def eqx_gn(env, *args, timeout=600):

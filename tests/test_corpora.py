@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import tokenizers
 
+from compile_flags import subprocess_env
 from eqx_gn.lm import (
     ConfigError,
     FileTokenizer,
@@ -295,7 +296,7 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path, documents, case):
         args += ["--text", str(text)]
     if tokenizer is not None:
         args += ["--tokenizer", str(tokenizer)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", "eqx_gn.lm._cli", *args],
         env=env, capture_output=True, text=True, timeout=300,

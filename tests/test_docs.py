@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from compile_flags import subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 SNIPPET_DIRS = (DOCS / "snippets", REPO)  # mkdocs.yml: pymdownx.snippets base_path
@@ -356,7 +358,7 @@ def test_the_readme_tour_runs_as_written():
     code = tour.split("```", 1)[0]
     result = subprocess.run(
         [sys.executable, "-c", code],
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -56,16 +56,23 @@ SETTINGS = {
 
 # Sharding reorders the float64 sums (unit roundoff u = 1.1e-16). Their rounding is
 # relative to the sum of |terms|, that is to a leaf's norm, not to each entry: a
-# small entry of a leaf may differ by far more than u times itself. CG then
-# amplifies the operator's rounding by up to the damped system's condition number,
-# about 600 here (the dense GN matrix's spectrum with damping 1e-3): n u kappa with
-# n = 140 parameters is 1e-11 a solve, 1.05e-11 measured after two steps. So each
-# leaf must agree in norm to 1e-9 of its own norm (1e-12 absolute for leaves near
-# 0), and integer and boolean leaves (counts, decisions) exactly.
+# small entry of a leaf may differ by far more than u times itself. A solver then
+# amplifies the operator's rounding (n u with n = 140 parameters, 1.5e-14): the
+# first-order inner solvers by little, so each leaf must agree in norm to 1e-9 of
+# its own norm (1e-12 absolute for leaves near 0), and integer and boolean leaves
+# (counts, decisions) exactly. CG stopped after 10 iterations, short of
+# convergence, amplifies it by up to the order of kappa^2 (its iterates depend on
+# the operator through the Krylov polynomial as well as through the solve), with
+# kappa about 600 for the damped system (the dense GN matrix's spectrum, damping
+# 1e-3): n u kappa^2 = 5.5e-9, so CG's leaves must agree to 1e-8. Measured after
+# two steps of the full-matrix case: 6.3e-10 with XLA's default compile options,
+# 1.3e-9 with the suite's (tests/compile_flags.py), both above the n u kappa =
+# 9e-12 that a converged solve would allow.
 RTOL, ATOL = 1e-9, 1e-12
+RTOL_CG = 1e-8
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, rtol=RTOL):
     a, b = eqx.filter((a, b), eqx.is_array)
     leaves = jax.tree_util.tree_flatten_with_path(a)[0]
     for (path, x), y in zip(leaves, jax.tree.leaves(b), strict=True):
@@ -79,7 +86,7 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=where)
         x, y = np.nan_to_num(x), np.nan_to_num(y)
         difference = np.linalg.norm((x - y).ravel())
-        bound = RTOL * np.linalg.norm(y.ravel()) + ATOL
+        bound = rtol * np.linalg.norm(y.ravel()) + ATOL
         assert difference <= bound, (
             f"{where}: |difference| {difference:.3g} > {bound:.3g}"
         )
@@ -125,7 +132,8 @@ def test_sharded_step_equals_single_device(solver, layerwise):
     jitted = _two_steps(
         single, model, put(batches), put(ls_batches), eqx.filter_jit(single.step)
     )
-    _assert_same(jitted, reference)
+    rtol = RTOL_CG if solver == "cg" else RTOL
+    _assert_same(jitted, reference, rtol)
 
     # 2. shard_map with the axis named: the library sums each product once.
     mapped = eqx_gn.GaussNewton(
@@ -159,4 +167,4 @@ def test_sharded_step_equals_single_device(solver, layerwise):
         return eqx.combine(new_params, static), state, stats
 
     shmapped = _two_steps(mapped, model, batches, ls_batches, step)
-    _assert_same(shmapped, reference)
+    _assert_same(shmapped, reference, rtol)

@@ -2,10 +2,11 @@
 ``eqx_gn.lm`` and the ``eqx-gn`` command without it fail in one line that says how
 to install it."""
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from compile_flags import subprocess_env
 
 # Run in a fresh interpreter in which the lm extra's packages cannot be imported.
 _BLOCK = textwrap.dedent(
@@ -26,7 +27,7 @@ _BLOCK = textwrap.dedent(
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-c", _BLOCK + textwrap.dedent(code)],
         capture_output=True,

@@ -15,6 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from compile_flags import subprocess_env
 from eqx_gn.lm import ConfigError, TrainConfig, parse_method, train
 from helpers import SMALL, final_arrays, psgdax_config, small
 
@@ -647,7 +648,7 @@ def test_two_processes_equal_one_process_across_a_restart(tmp_path, cache_dir, m
     base = dict(SMALL, optimizer="gn", steps=4, checkpoint_every=2, eval_every=1)
 
     def launch(process_id, num_processes, port, out, xla_flags="", **changes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
+        env = subprocess_env(xla_flags)
         return subprocess.Popen(
             [sys.executable, str(script), str(process_id), str(num_processes),
              str(port), str(out), cache_dir, json.dumps({**base, **changes})],

@@ -240,8 +240,11 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(env, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "eqx_gn.lm._cli", "train", "--out", str(out)]
     args += ["--optimizer", "adamw", "--model", "tiny", "--steps", "100000"]
-    args += ["--batch-size", "16", "--checkpoint-every", "1", "--no-progress"]
-    args += ["--eval-every", "20", "--eval-batches", "1", "--eval-batch-size", "8"]
+    args += ["--batch-size", "16", "--checkpoint-every", "1"]
+    # The first evaluation's line says the run is training: each try waits for it,
+    # then lets the run go on for a while, checkpointing at every step.
+    args += ["--no-progress", "--eval-every", "2", "--eval-batches", "1"]
+    args += ["--eval-batch-size", "8"]
     for i, delay in enumerate((0.1, 0.2, 0.3, 0.5, 0.7, 1.0)):
         process = subprocess.Popen(
             [*args, "--resume"] if i else args,

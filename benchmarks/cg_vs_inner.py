@@ -3,8 +3,9 @@ Hessian-free train as well as the paper's solver, and does its damping stay off
 its bounds?
 
 ``tiny`` on the bundled text, 256 sequences of 64 bytes, K = ``--micro-batches``
-micro-batches (64 by default, the study's), seed ``--seed`` (0), 100 steps of which 10 AdamW warm-up, validation every 10 steps; every
-other setting the runner's default. The runs:
+micro-batches (64 by default, the study's), seed ``--seed`` (0), 100 steps of which
+10 AdamW warm-up, validation every 10 steps; every other setting the runner's
+default. The runs:
 
 - ``inner_default``: ``eqx-gn train`` with GN's defaults (the inner solver);
 - ``cg_damping_X``: ``--solver cg --cg-damping X`` for X from 1e-4 to 1 (CG's
